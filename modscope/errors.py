@@ -1,0 +1,64 @@
+"""The exceptions and warnings modscope raises.
+
+``ModscopeError`` is the one base to catch. Each subclass also inherits the builtin exception a caller would
+expect (``ValueError`` for bad values, ``NotImplementedError`` for unsupported operators ...), so code written
+against the builtins keeps working. The command line turns any ``ModscopeError`` into one line on stderr and exit
+code 2.
+"""
+
+from __future__ import annotations
+
+
+class ModscopeError(Exception):
+    """Base class of every error modscope raises on purpose."""
+
+
+class InvalidParameterError(ModscopeError, ValueError, TypeError):
+    """An argument or configuration value is out of range or of the wrong type."""
+
+
+class DataError(ModscopeError, ValueError):
+    """Task data is unusable: empty, mismatched lengths, NaN, wrong width, missing targets."""
+
+
+class ShapeError(ModscopeError, ValueError):
+    """Tensors do not have the shapes an operation needs."""
+
+
+class ModelLoadError(ModscopeError, ValueError):
+    """A model file or object cannot be read: missing, empty, truncated, corrupt or of an unknown format."""
+
+
+class UntrustedFileError(ModelLoadError):
+    """Loading the file would execute code from it (a pickle) and the caller did not pass ``trust=True``."""
+
+
+class UnsupportedOperatorError(ModscopeError, NotImplementedError):
+    """The model uses an operator modscope cannot convert.
+
+    Attributes:
+        op_type: the ONNX operator (or torch op) name.
+        domain: the operator's domain ("" is the default ONNX domain).
+        opset: the opset version the model imports for that domain.
+        node: the name of the offending node (may be empty).
+    """
+
+    def __init__(self, op_type: str, domain: str = "", opset: int | None = None, node: str = "", hint: str = ""):
+        self.op_type, self.domain, self.opset, self.node = op_type, domain, opset, node
+        where = f" in node '{node}'" if node else ""
+        dom = domain or "ai.onnx"
+        msg = f"unsupported operator {dom}::{op_type} (opset {opset}){where}"
+        msg += f"; {hint}" if hint else "; pass op_handlers={...} to modscope.load to supply an implementation"
+        super().__init__(msg)
+
+
+class NotTrainedError(ModscopeError, AttributeError):
+    """A result was asked for before the object that holds it was computed."""
+
+
+class PolicyError(ModscopeError, ValueError):
+    """A `modscope check` policy file cannot be read or names unknown quantities."""
+
+
+class ModscopeWarning(UserWarning):
+    """Warnings modscope emits (once per cause) about a default it applied or a slower path it took."""

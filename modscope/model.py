@@ -1,0 +1,216 @@
+"""`Model`: a frozen torch module plus the registry of its maskable weights.
+
+Every loader (in-memory module, ONNX file, torch checkpoint) ends in a `Model`. modscope never mutates the module it
+was given: weights are substituted per call with `torch.func.functional_call`, and the evaluation-mode switch used
+while training masks is undone in a ``finally`` block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .errors import InvalidParameterError
+
+WeightKind = Literal["weight", "bias", "norm", "embedding"]
+
+_NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+
+@dataclass(frozen=True)
+class WeightInfo:
+    """One float parameter of the model.
+
+    Attributes:
+        name: the parameter's name in the torch module (the key for `functional_call`).
+        shape: its shape.
+        kind: "weight", "bias", "norm" (a normalization layer's scale) or "embedding".
+        layer: the layer it belongs to (a weight and its bias share one), used for per-layer metrics.
+        source_name: its name in the file it came from (an ONNX initializer name, a state_dict key).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    kind: WeightKind
+    layer: str
+    source_name: str
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a model came from.
+
+    Attributes:
+        format: "torch" (in-memory module), "onnx", "torchscript", "export" (.pt2), "state_dict", "pickle".
+        path: the file it was read from, if any.
+        checksum: sha256 of the file, or of the weights for in-memory modules.
+        opset: the ONNX default-domain opset, if any.
+        details: anything else a loader wants to keep (producer name, torch version ...).
+    """
+
+    format: str
+    path: str | None = None
+    checksum: str = ""
+    opset: int | None = None
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+def weights_checksum(params: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over parameter names, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(params):
+        t = params[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _infer_weight_info(module: nn.Module) -> list[WeightInfo]:
+    owners = {id(p): (mod_name, mod) for mod_name, mod in module.named_modules() for p in mod.parameters(recurse=False)}
+    infos = []
+    for name, p in module.named_parameters():
+        if not p.is_floating_point():
+            continue
+        layer, _, leaf = name.rpartition(".")
+        _, owner = owners.get(id(p), ("", None))
+        kind: WeightKind
+        if isinstance(owner, nn.Embedding | nn.EmbeddingBag):
+            kind = "embedding"
+        elif "bias" in leaf:
+            kind = "bias"
+        elif isinstance(owner, _NORM_TYPES):
+            kind = "norm"
+        else:
+            kind = "weight"
+        infos.append(WeightInfo(name, tuple(p.shape), kind, layer or name, name))
+    return infos
+
+
+class Model:
+    """A frozen network and the list of its maskable (float) weights.
+
+    Args:
+        module: the torch module to analyse. It is never modified.
+        weights: the weight registry; inferred from the module's parameters when omitted.
+        source: where the module came from; an in-memory module when omitted.
+
+    Example:
+        >>> import torch, modscope
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> model = modscope.load(net)
+        >>> [w.name for w in model.weights]
+        ['0.weight', '0.bias', '2.weight', '2.bias']
+        >>> model(torch.zeros(1, 3)).shape
+        torch.Size([1, 2])
+    """
+
+    def __init__(self, module: nn.Module, *, weights: list[WeightInfo] | None = None, source: Source | None = None):
+        if not isinstance(module, nn.Module):
+            raise InvalidParameterError(f"Model needs a torch.nn.Module, got {type(module).__name__}")
+        self.module = module
+        self.weights: tuple[WeightInfo, ...] = tuple(weights if weights is not None else _infer_weight_info(module))
+        params = dict(module.named_parameters())
+        missing = [w.name for w in self.weights if w.name not in params]
+        if missing:
+            raise InvalidParameterError(f"weights {missing[:3]} are not parameters of the module")
+        self.source = source or Source("torch", checksum=weights_checksum({w.name: params[w.name] for w in self.weights}))
+        self._by_name = {w.name: w for w in self.weights}
+        self._copies: dict[str, nn.Module] = {}
+
+    # -- registry -------------------------------------------------------------------------------------------------
+    def weight(self, name: str) -> WeightInfo:
+        """The `WeightInfo` of a weight by its torch name or its source name."""
+        if name in self._by_name:
+            return self._by_name[name]
+        for w in self.weights:
+            if w.source_name == name:
+                return w
+        raise InvalidParameterError(f"no weight named {name!r}; see model.weights for the names")
+
+    @property
+    def checksum(self) -> str:
+        return self.source.checksum
+
+    def parameters(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """The registered weights as detached tensors (on ``device`` if given)."""
+        module = self.module_on(device)
+        params = dict(module.named_parameters())
+        return {w.name: params[w.name].detach() for w in self.weights}
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.module.parameters():
+            return p.device
+        for b in self.module.buffers():
+            return b.device
+        return torch.device("cpu")
+
+    def module_on(self, device: torch.device | str | None) -> nn.Module:
+        """The module on ``device``: the original if it is already there, else a private copy (made once)."""
+        if device is None or torch.device(device) == self.device:
+            return self.module
+        key = str(torch.device(device))
+        if key not in self._copies:
+            self._copies[key] = copy.deepcopy(self.module).to(device)
+        return self._copies[key]
+
+    # -- running --------------------------------------------------------------------------------------------------
+    def __call__(self, *inputs: Any, **kwargs: Any) -> Any:
+        return self.module(*inputs, **kwargs)
+
+    def functional_call(self, params: Mapping[str, torch.Tensor], *inputs: Any, device: torch.device | str | None = None) -> Any:
+        """Run the module with some parameters replaced by ``params`` (the module is not changed)."""
+        return torch.func.functional_call(self.module_on(device), dict(params), inputs, strict=False, tie_weights=False)
+
+    @contextlib.contextmanager
+    def frozen(self, device: torch.device | str | None = None, *, train: bool = False) -> Iterator[nn.Module]:
+        """Put the module in eval mode (or train mode) and turn off the attention fast path, restoring both on exit."""
+        module = self.module_on(device)
+        modes = [(m, m.training) for m in module.modules()]
+        fastpath = _mha_fastpath_enabled()
+        try:
+            module.train(train)
+            _set_mha_fastpath(False)
+            yield module
+        finally:
+            for m, was_training in modes:
+                m.training = was_training
+            _set_mha_fastpath(fastpath)
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+    def __repr__(self) -> str:
+        n = sum(w.numel for w in self.weights)
+        return f"Model(format={self.source.format!r}, weights={len(self.weights)}, parameters={n:,})"
+
+
+def _mha_fastpath_enabled() -> bool:
+    getter = getattr(torch.backends.mha, "get_fastpath_enabled", None)
+    return bool(getter()) if getter else False
+
+
+def _set_mha_fastpath(enabled: bool) -> None:
+    setter = getattr(torch.backends.mha, "set_fastpath_enabled", None)
+    if setter:
+        setter(enabled)
