@@ -10,8 +10,21 @@ from .registry import Handler, NodeContext, OpKey, OpSet, OpTable
 #: the op family modules whose `ops` make up the default table (one file per family).
 FAMILY_MODULES = (
     "ops_elementwise",
+    "ops_activation",
     "ops_linalg",
     "ops_misc",
+    "ops_shape",
+    "ops_indexing",
+    "ops_reduction",
+    "ops_sequence",
+    "ops_normalization",
+    "ops_pooling",
+    "ops_nn",
+    "ops_signal",
+    "ops_recurrent",
+    "ops_control_flow",
+    "ops_quantization",
+    "ops_detection",
 )
 
 

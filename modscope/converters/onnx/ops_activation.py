@@ -1,0 +1,7 @@
+"""Activations and softmax-like ops."""
+
+from __future__ import annotations
+
+from .registry import OpSet
+
+ops = OpSet()

@@ -1,0 +1,7 @@
+"""Detection ops: NonMaxSuppression, RoiAlign."""
+
+from __future__ import annotations
+
+from .registry import OpSet
+
+ops = OpSet()

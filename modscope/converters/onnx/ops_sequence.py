@@ -1,0 +1,7 @@
+"""ONNX sequences and optionals."""
+
+from __future__ import annotations
+
+from .registry import OpSet
+
+ops = OpSet()
