@@ -1,0 +1,1 @@
+"""The mask learner: Gumbel-sigmoid weight masks trained with a straight-through estimator."""

@@ -1,0 +1,68 @@
+"""Saving and resuming mask training: logits, optimizer, random generators, curves and step, in one file."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import InvalidParameterError
+
+
+@dataclass
+class TrainingState:
+    step: int
+    curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+
+
+def save_checkpoint(
+    path: Path,
+    identity: dict[str, Any],
+    state: TrainingState,
+    logits: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    noise_gen: torch.Generator,
+    data_gen: torch.Generator,
+) -> None:
+    """Write the state to ``path`` atomically (temporary file, then rename)."""
+    payload = {
+        "identity": identity,
+        "step": state.step,
+        "curves": state.curves,
+        "logits": logits.detach().cpu(),
+        "optimizer": optimizer.state_dict(),
+        "noise_gen": noise_gen.get_state(),
+        "data_gen": data_gen.get_state(),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(
+    path: Path,
+    identity: dict[str, Any],
+    logits: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    noise_gen: torch.Generator,
+    data_gen: torch.Generator,
+) -> TrainingState:
+    """Restore a state saved by `save_checkpoint` into the given objects; the run must be the same."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means the file cannot be used
+        raise InvalidParameterError(f"checkpoint {path} cannot be read ({exc}); delete it to start over") from exc
+    if payload.get("identity") != identity:
+        raise InvalidParameterError(
+            f"checkpoint {path} belongs to a different run (other tasks, config or model); delete it or resume the same run"
+        )
+    with torch.no_grad():
+        logits.copy_(payload["logits"])
+    optimizer.load_state_dict(payload["optimizer"])
+    noise_gen.set_state(payload["noise_gen"])
+    data_gen.set_state(payload["data_gen"])
+    return TrainingState(step=int(payload["step"]), curves=payload["curves"])

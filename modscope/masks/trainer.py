@@ -1,0 +1,326 @@
+"""`train_masks`: learn one binary weight mask per task on a frozen network.
+
+Method (Csordás et al., ICLR 2021; ``paper-method.md`` sections 2-3): every masked weight W gets a logit l per task,
+initialised to ``init``. At each step, S hard Gumbel-sigmoid samples of every task's mask are drawn
+(`sampling.sample_masks`); the batch of B examples is split into S contiguous chunks, chunk s runs the network with
+the effective weights W ⊙ m_s. The loss is the task loss plus (β/b)·Σ l; Adam updates the logits only; each task's
+mask gradients are clipped to ``grad_clip`` by global norm. After training the mask is m = [l > 0].
+
+modscope runs the user's unmodified module: `torch.func.functional_call` substitutes the effective weights and
+`torch.func.vmap` batches the K tasks x S samples into one call. Where an operator has no batching rule, the step
+falls back to a loop over (task, sample) and says so once. Tasks are trained jointly but independently: losses are
+summed, clipping is per task and Adam is element-wise, so a task's mask does not depend on the others.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from ..errors import InvalidParameterError, ModscopeWarning
+from ..model import Model, WeightInfo
+from ..tasks import Task
+from .checkpoint import TrainingState, load_checkpoint, save_checkpoint
+from .config import MaskConfig
+from .maskset import MaskSet
+from .progress import Progress
+from .sampling import draw_uniforms, sample_masks
+from .selection import frozen_weights, select_weights
+
+_NO_BATCHING_RULE = "not yet implemented the batching rule"
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device``, or cuda when present, else cpu."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise InvalidParameterError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidParameterError("device 'cuda' was asked for but CUDA is not available; use device='cpu'")
+    return dev
+
+
+@dataclass
+class _Layout:
+    """Where each masked weight lives in the flat (K, N) logit matrix."""
+
+    weights: list[WeightInfo]
+    offsets: list[int]
+    total: int
+
+    @classmethod
+    def of(cls, weights: list[WeightInfo]) -> _Layout:
+        offsets = [0]
+        for w in weights:
+            offsets.append(offsets[-1] + w.numel)
+        return cls(weights, offsets[:-1], offsets[-1])
+
+    def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``(..., N)`` -> ``{name: (..., *shape)}`` views."""
+        lead = flat.shape[:-1]
+        return {
+            w.name: flat[..., a : a + w.numel].reshape(*lead, *w.shape) for w, a in zip(self.weights, self.offsets)
+        }
+
+
+class _StepRunner:
+    """Runs the network for one step: K tasks x S mask samples, vectorized with vmap or looped."""
+
+    def __init__(self, model: Model, module: torch.nn.Module, tasks: Sequence[Task], layout: _Layout, config: MaskConfig, device: torch.device):
+        self.model, self.module, self.tasks, self.layout, self.config, self.device = model, module, tasks, layout, config, device
+        self.mode = "loop" if config.vectorize == "loop" else "vmap"
+        self.settled = config.vectorize != "auto"
+        params = model.parameters(device)
+        self.masked = {w.name: params[w.name] for w in layout.weights}
+        self.fixed = {n: p for n, p in params.items() if n not in self.masked}
+        groups: dict[Any, list[int]] = {}
+        for k, task in enumerate(tasks):
+            groups.setdefault(task.signature(), []).append(k)
+        self.groups = list(groups.values())
+
+    def first_outputs(self, masks: torch.Tensor, batches: list) -> list[torch.Tensor] | None:
+        """`outputs` on the first step in "auto" mode: try vmap, and settle on the loop if it cannot batch."""
+        self.settled = True
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                outputs = self.outputs(masks, batches)
+        except RuntimeError as exc:
+            reason = str(exc).splitlines()[0][:160]
+        else:
+            slow = [w for w in caught if _NO_BATCHING_RULE in str(w.message)]
+            for w in caught:
+                if w not in slow:
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            if not slow:
+                return outputs
+            reason = str(slow[0].message).split(";")[0][:160]
+        self.mode = "loop"
+        _announce_loop(reason)
+        return None
+
+    def _call(self, params: dict[str, torch.Tensor], *xs: torch.Tensor) -> Any:
+        return torch.func.functional_call(self.module, {**self.fixed, **params}, xs, strict=False, tie_weights=False)
+
+    def outputs(self, masks: torch.Tensor, batches: list[tuple[tuple[torch.Tensor, ...], torch.Tensor]]) -> list[torch.Tensor]:
+        """Each task's selected output ``(B, ...)`` with its S mask samples applied to consecutive batch chunks."""
+        S = self.config.n_samples
+        results: list[torch.Tensor] = [torch.empty(0)] * len(self.tasks)
+        for group in self.groups:
+            per_weight = self.layout.split(masks[group])  # {name: (G, S, *shape)}
+            if self.mode == "vmap":
+                eff = {n: self.masked[n] * m.flatten(0, 1).to(self.masked[n].dtype) for n, m in per_weight.items()}
+                n_inputs = len(batches[group[0]][0])
+                stacked = (torch.stack([batches[k][0][i] for k in group]) for i in range(n_inputs))  # (G, B, ...)
+                xs = tuple(x.reshape(len(group) * S, x.shape[1] // S, *x.shape[2:]) for x in stacked)
+                out = torch.func.vmap(self._call)(eff, *xs)
+                for g, k in enumerate(group):
+                    chunk = pytree.tree_map(lambda t: t[g * S : (g + 1) * S].flatten(0, 1), out)
+                    results[k] = self.tasks[k].select_output(chunk)
+            else:
+                for g, k in enumerate(group):
+                    xs = batches[k][0]
+                    chunks = []
+                    for s in range(S):
+                        eff = {n: self.masked[n] * m[g, s].to(self.masked[n].dtype) for n, m in per_weight.items()}
+                        part = tuple(x.chunk(S)[s] for x in xs)
+                        chunks.append(self.tasks[k].select_output(self._call(eff, *part)))
+                    results[k] = torch.cat(chunks)
+        return results
+
+
+def _announce_loop(reason: str) -> None:
+    warnings.warn(
+        f"torch.func.vmap cannot batch this model ({reason}); training masks with a loop over samples instead "
+        "(same masks, slower). Pass MaskConfig(vectorize='loop') to skip the attempt.",
+        ModscopeWarning,
+        stacklevel=3,
+    )
+
+
+def _clip_per_task(grad: torch.Tensor, max_norm: float) -> None:
+    norms = grad.norm(dim=1, keepdim=True)
+    grad.mul_(torch.clamp(max_norm / (norms + 1e-6), max=1.0))
+
+
+def train_masks(
+    model: Model | torch.nn.Module,
+    tasks: Sequence[Task] | Task,
+    config: MaskConfig | None = None,
+    *,
+    progress: bool | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 500,
+    resume: bool = False,
+    initial_logits: dict[str, torch.Tensor] | None = None,
+) -> MaskSet:
+    """Train one mask per task on the frozen ``model``.
+
+    Args:
+        model: a `Model` (from `modscope.load`) or a torch module.
+        tasks: the tasks, or one task; names must be unique.
+        config: a `MaskConfig`; the paper's defaults when omitted.
+        progress: show a progress line on stderr; by default when stderr is a terminal.
+        checkpoint: a file to save the training state to every ``checkpoint_every`` steps and on Ctrl-C.
+        checkpoint_every: steps between checkpoints.
+        resume: continue from ``checkpoint`` if it exists (same tasks, config and model required); the result is
+            the same as that of an uninterrupted run.
+        initial_logits: ``{weight name: logits}`` to start from instead of ``config.init`` (for every task), e.g. the
+            control mask's logits of layers listed in ``config.freeze``.
+
+    Returns:
+        A `MaskSet` with one mask per task, the logits, the config and the training curves.
+
+    Raises:
+        InvalidParameterError: no tasks, duplicate names, or a bad config/device.
+        DataError: a task's data does not fit the model.
+
+    Example:
+        >>> import torch, modscope
+        >>> torch.manual_seed(0) and None
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> x = torch.randn(64, 4); y = (x[:, 0] > 0).long()
+        >>> config = modscope.MaskConfig(n_steps=20, batch_size=32)
+        >>> masks = modscope.train_masks(net, [modscope.Task("sign", x, y)], config, progress=False)
+        >>> masks.tasks
+        ('sign',)
+    """
+    from ..converters import load
+
+    model = load(model)
+    tasks = [tasks] if isinstance(tasks, Task) else list(tasks)
+    config = config or MaskConfig()
+    _check_tasks(tasks)
+    device = resolve_device(config.device)
+    weights = select_weights(model, config)
+    layout = _Layout.of(weights)
+    K, S, N = len(tasks), config.n_samples, layout.total
+
+    logits = torch.full((K, N), config.init, device=device)
+    if initial_logits:
+        _set_initial(logits, layout, initial_logits)
+    logits = torch.nn.Parameter(logits)
+    trainable = torch.ones(N, dtype=torch.bool, device=device)
+    for name in frozen_weights(weights, config):
+        i = [w.name for w in weights].index(name)
+        trainable[layout.offsets[i] : layout.offsets[i] + weights[i].numel] = False
+    optimizer = torch.optim.Adam([logits], lr=config.lr)
+    noise_gen = torch.Generator().manual_seed(config.seed)
+    data_gen = torch.Generator().manual_seed(config.seed + 0x5EED)
+    state = TrainingState(step=0, curves={t.name: {"step": [], "loss": [], "density": []} for t in tasks})
+
+    ckpt_path = Path(checkpoint) if checkpoint else None
+    identity = {"tasks": [t.name for t in tasks], "config": config.to_dict(), "model": model.checksum, "n_masked": N}
+    if resume and ckpt_path and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path, identity, logits, optimizer, noise_gen, data_gen)
+
+    show = progress if progress is not None else os.isatty(2)
+    bar = Progress(config.n_steps, enabled=show)
+    with model.frozen(device, train=config.train_mode) as module:
+        runner = _StepRunner(model, module, tasks, layout, config, device)
+        window_loss = torch.zeros(K, device=device)
+        window_n = 0
+        bar.start(state.step)
+        try:
+            while state.step < config.n_steps:
+                losses = _train_step(runner, tasks, logits, optimizer, trainable, noise_gen, data_gen, config, device)
+                state.step += 1
+                window_loss += losses
+                window_n += 1
+                if state.step % config.log_every == 0 or state.step == config.n_steps:
+                    _record(state, tasks, window_loss / window_n, logits)
+                    window_loss.zero_()
+                    window_n = 0
+                    last = {t.name: state.curves[t.name] for t in tasks}
+                    bar.update(state.step, {t: c["loss"][-1] for t, c in last.items()}, {t: c["density"][-1] for t, c in last.items()})
+                if ckpt_path and state.step % checkpoint_every == 0 and state.step < config.n_steps:
+                    save_checkpoint(ckpt_path, identity, state, logits, optimizer, noise_gen, data_gen)
+        except KeyboardInterrupt:
+            if ckpt_path:
+                save_checkpoint(ckpt_path, identity, state, logits, optimizer, noise_gen, data_gen)
+            raise
+        finally:
+            bar.close()
+    per_task = layout.split(logits.detach().cpu())
+    result = {t.name: {w.name: per_task[w.name][k] for w in weights} for k, t in enumerate(tasks)}
+    return MaskSet(result, weights, config=config, curves=state.curves, model_checksum=model.checksum,
+                   extra={"vectorize": runner.mode})
+
+
+def _train_step(
+    runner: _StepRunner,
+    tasks: list[Task],
+    logits: torch.nn.Parameter,
+    optimizer: torch.optim.Optimizer,
+    trainable: torch.Tensor,
+    noise_gen: torch.Generator,
+    data_gen: torch.Generator,
+    config: MaskConfig,
+    device: torch.device,
+) -> torch.Tensor:
+    K, N = logits.shape
+    uniforms = draw_uniforms((K, config.n_samples, N), noise_gen, device)
+    batches = [t.batch(torch.randint(len(t), (config.batch_size,), generator=data_gen), device) for t in tasks]
+    task_losses = _forward_losses(runner, tasks, logits, uniforms, batches)
+    loss = task_losses.sum() + config.alpha * logits.sum()
+    optimizer.zero_grad(set_to_none=False)
+    loss.backward()
+    grad = logits.grad
+    assert grad is not None
+    grad.mul_(trainable)
+    if config.grad_clip is not None:
+        _clip_per_task(grad, config.grad_clip)
+    optimizer.step()
+    return task_losses.detach()
+
+
+def _forward_losses(runner: _StepRunner, tasks: list[Task], logits: torch.Tensor, uniforms: torch.Tensor, batches: list) -> torch.Tensor:
+    masks = sample_masks(logits, uniforms, runner.config.tau)
+    outputs = runner.first_outputs(masks, batches) if not runner.settled else runner.outputs(masks, batches)
+    if outputs is None:  # vmap failed part-way: rebuild the graph on the loop path
+        outputs = runner.outputs(sample_masks(logits, uniforms, runner.config.tau), batches)
+    return torch.stack([t.loss_fn()(out, y) for t, out, (_, y) in zip(tasks, outputs, batches)])
+
+
+def _record(state: TrainingState, tasks: list[Task], losses: torch.Tensor, logits: torch.Tensor) -> None:
+    density = (logits.detach() > 0).float().mean(dim=1).cpu()
+    for k, t in enumerate(tasks):
+        curve = state.curves[t.name]
+        curve["step"].append(state.step)
+        curve["loss"].append(float(losses[k]))
+        curve["density"].append(float(density[k]))
+
+
+def _check_tasks(tasks: list[Task]) -> None:
+    if not tasks:
+        raise InvalidParameterError("train_masks needs at least one Task")
+    for t in tasks:
+        if not isinstance(t, Task):
+            raise InvalidParameterError(f"tasks must be modscope.Task objects, got {type(t).__name__}")
+    names = [t.name for t in tasks]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise InvalidParameterError(f"task names must be unique; {dupes} appear more than once")
+
+
+def _set_initial(logits: torch.Tensor, layout: _Layout, initial: dict[str, torch.Tensor]) -> None:
+    views = layout.split(logits)
+    for name, value in initial.items():
+        if name not in views:
+            raise InvalidParameterError(f"initial_logits names {name!r}, which is not a masked weight")
+        target = views[name]
+        if tuple(value.shape) != tuple(target.shape[1:]):
+            raise InvalidParameterError(f"initial_logits[{name!r}] has shape {tuple(value.shape)}, expected {tuple(target.shape[1:])}")
+        target.copy_(value.to(target)[None].expand_as(target))
+
+

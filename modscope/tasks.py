@@ -1,0 +1,222 @@
+"""`Task`: what a mask is trained for — data, a loss, a metric, and which model output to read.
+
+Losses (``loss=``):
+    - ``"ce"``: cross-entropy with the classes on the **last** axis of the output: logits ``(N, ..., C)`` and integer
+      targets ``(N, ...)``; mean over all positions.
+    - ``"seq_ce"``: the same for padded sequences: positions whose target is ``-1`` are ignored; the loss is the sum
+      over positions divided by the number of sequences (the paper's SCAN loss).
+    - ``"bce"``: binary cross-entropy on logits, targets of the output's shape.
+    - ``"mse"``: mean squared error.
+    - a callable ``loss(outputs, targets) -> scalar tensor`` (mean over the batch).
+
+Metrics (``metric=``): ``"accuracy"`` (default for the classification losses; an example counts as correct only if
+all of its positions are), ``"mse"`` (default for ``"mse"``; lower is better), or a callable
+``metric(outputs, targets) -> float`` over the whole evaluation set (higher is better unless ``higher_is_better``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import DataError, InvalidParameterError
+
+LossName = Literal["ce", "seq_ce", "bce", "mse"]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+MetricFn = Callable[[torch.Tensor, torch.Tensor], float]
+IGNORE_INDEX = -1
+
+
+def _as_tensor(value: Any, what: str, task: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    try:
+        array = np.asarray(value)
+    except Exception as exc:  # noqa: BLE001 - any conversion failure is a data error
+        raise DataError(f"task {task!r}: {what} cannot be read as an array ({exc})") from exc
+    if array.dtype == object:
+        raise DataError(f"task {task!r}: {what} is not a numeric array (got dtype object); pass numbers")
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _check_finite(t: torch.Tensor, what: str, task: str) -> None:
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        n = int((~torch.isfinite(t)).sum())
+        raise DataError(f"task {task!r}: {what} contains {n} NaN or infinite values; clean or drop those examples")
+
+
+def _accuracy(outputs: torch.Tensor, targets: torch.Tensor, kind: str) -> float:
+    if kind == "bce":
+        correct = (outputs > 0) == (targets > 0.5)
+    else:
+        correct = outputs.argmax(-1) == targets
+        if kind == "seq_ce":
+            correct = correct | (targets == IGNORE_INDEX)
+    correct = correct.reshape(correct.shape[0], -1).all(dim=1)
+    return float(correct.float().mean())
+
+
+def _mse(outputs: torch.Tensor, targets: torch.Tensor) -> float:
+    return float(F.mse_loss(outputs.float(), targets.float()))
+
+
+def _ce(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1).long())
+
+
+def _seq_ce(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    total = F.cross_entropy(
+        outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1).long(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return total / outputs.shape[0]
+
+
+def _bce(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(outputs, targets.to(outputs.dtype))
+
+
+def _mse_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(outputs, targets.to(outputs.dtype))
+
+
+_LOSSES: dict[str, LossFn] = {"ce": _ce, "seq_ce": _seq_ce, "bce": _bce, "mse": _mse_loss}
+
+
+@dataclass(eq=False)
+class Task:
+    """A sub-task to find the weights of.
+
+    Args:
+        name: a short identifier ("add", "class_3" ...), unique among the tasks trained together.
+        x: the inputs: an array or tensor ``(N, ...)``, a tuple of them for models with several inputs, or a
+            ``torch.utils.data.Dataset`` whose items are ``(x, y)`` (then ``y`` must be omitted).
+        y: the targets ``(N, ...)``.
+        loss: "ce", "seq_ce", "bce", "mse" or a callable ``loss(outputs, targets) -> scalar tensor``.
+        metric: "accuracy", "mse" or a callable ``metric(outputs, targets) -> float``; by default accuracy for
+            classification losses and mse for "mse".
+        output: which model output to read when the model returns several: an index into a tuple/list or a key
+            into a dict. ``None`` takes the output as it is.
+        higher_is_better: whether a larger metric is better; derived from the metric when omitted.
+
+    Raises:
+        DataError: empty data, mismatched lengths, NaN or infinite values, missing targets.
+        InvalidParameterError: an empty name or an unknown loss or metric name.
+
+    Example:
+        >>> import torch, modscope
+        >>> task = modscope.Task("parity", torch.randn(8, 3), torch.randint(0, 2, (8,)), loss="ce")
+        >>> len(task), task.metric_name
+        (8, 'accuracy')
+    """
+
+    name: str
+    x: Any
+    y: Any = None
+    loss: LossName | LossFn = "ce"
+    metric: Literal["accuracy", "mse"] | MetricFn | None = None
+    output: int | str | None = None
+    higher_is_better: bool | None = None
+    inputs: tuple[torch.Tensor, ...] = field(init=False, repr=False)
+    targets: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise InvalidParameterError("a task needs a non-empty name, e.g. Task('add', x, y)")
+        if isinstance(self.loss, str) and self.loss not in _LOSSES:
+            raise InvalidParameterError(f"task {self.name!r}: unknown loss {self.loss!r}; use one of {sorted(_LOSSES)} or a callable")
+        if self.metric is None:
+            self.metric = "mse" if self.loss == "mse" else "accuracy"
+        if isinstance(self.metric, str) and self.metric not in ("accuracy", "mse"):
+            raise InvalidParameterError(f"task {self.name!r}: unknown metric {self.metric!r}; use 'accuracy', 'mse' or a callable")
+        if self.higher_is_better is None:
+            self.higher_is_better = self.metric != "mse"
+        self.inputs, self.targets = self._read_data()
+
+    def _read_data(self) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        x, y = self.x, self.y
+        if isinstance(x, torch.utils.data.Dataset) and not isinstance(x, torch.Tensor):
+            if y is not None:
+                raise InvalidParameterError(f"task {self.name!r}: a Dataset carries its own targets; omit y")
+            x, y = _collate_dataset(x, self.name)
+        if y is None:
+            raise DataError(f"task {self.name!r} has no targets; pass y (or a Dataset of (x, y) pairs)")
+        xs = tuple(x) if isinstance(x, tuple | list) and not _is_numeric_list(x) else (x,)
+        inputs = tuple(_as_tensor(v, f"input {i}", self.name) for i, v in enumerate(xs))
+        targets = _as_tensor(y, "targets", self.name)
+        lengths = {len(t) if t.dim() else 0 for t in inputs} | {len(targets) if targets.dim() else 0}
+        if 0 in lengths:
+            raise DataError(f"task {self.name!r} has no examples; pass at least one (x, y) pair")
+        if len(lengths) > 1:
+            sizes = [len(t) for t in inputs] + [len(targets)]
+            raise DataError(f"task {self.name!r}: inputs and targets have different lengths {sizes}; they must all have one row per example")
+        for i, t in enumerate(inputs):
+            _check_finite(t, f"input {i}", self.name)
+        _check_finite(targets, "targets", self.name)
+        if self.loss in ("ce", "seq_ce") and targets.is_floating_point():
+            if not torch.equal(targets, targets.round()):
+                raise DataError(f"task {self.name!r}: loss {self.loss!r} needs integer class targets, got fractional values")
+            targets = targets.long()
+        return inputs, targets
+
+    # -- used by the trainer and evaluation ------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    @property
+    def metric_name(self) -> str:
+        return self.metric if isinstance(self.metric, str) else getattr(self.metric, "__name__", "metric")
+
+    def loss_fn(self) -> LossFn:
+        return _LOSSES[self.loss] if isinstance(self.loss, str) else self.loss
+
+    def compute_metric(self, outputs: torch.Tensor, targets: torch.Tensor) -> float:
+        if self.metric == "accuracy":
+            kind = self.loss if isinstance(self.loss, str) else "ce"
+            return _accuracy(outputs, targets, kind)
+        if self.metric == "mse":
+            return _mse(outputs, targets)
+        return float(self.metric(outputs, targets))  # type: ignore[operator]
+
+    def select_output(self, outputs: Any) -> torch.Tensor:
+        if self.output is None:
+            if isinstance(outputs, tuple | list) and len(outputs) != 1:
+                raise InvalidParameterError(
+                    f"task {self.name!r}: the model returns {len(outputs)} outputs; pick one with Task(..., output=INDEX)"
+                )
+            return outputs[0] if isinstance(outputs, tuple | list) else outputs
+        try:
+            return outputs[self.output]
+        except (IndexError, KeyError, TypeError) as exc:
+            raise InvalidParameterError(f"task {self.name!r}: the model has no output {self.output!r}") from exc
+
+    def batch(self, index: torch.Tensor, device: torch.device | str | None = None) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """The examples at ``index`` (inputs, targets), on ``device``."""
+        xs = tuple(t[index].to(device) for t in self.inputs)
+        return xs, self.targets[index].to(device)
+
+    def signature(self) -> tuple[tuple[tuple[int, ...], torch.dtype], ...]:
+        """Per-example input shapes and dtypes; tasks with equal signatures are batched together."""
+        return tuple((tuple(t.shape[1:]), t.dtype) for t in self.inputs)
+
+
+def _is_numeric_list(x: Sequence[Any]) -> bool:
+    return bool(x) and not isinstance(x[0], torch.Tensor | np.ndarray | list | tuple)
+
+
+def _collate_dataset(ds: torch.utils.data.Dataset, name: str) -> tuple[Any, Any]:
+    try:
+        n = len(ds)  # type: ignore[arg-type]
+    except TypeError as exc:
+        raise DataError(f"task {name!r}: the Dataset has no length; modscope needs a map-style Dataset") from exc
+    if n == 0:
+        raise DataError(f"task {name!r} has no examples; the Dataset is empty")
+    items = [ds[i] for i in range(n)]
+    if not all(isinstance(it, tuple | list) and len(it) == 2 for it in items[:1]):
+        raise DataError(f"task {name!r}: Dataset items must be (x, y) pairs")
+    batch = torch.utils.data.default_collate(items)
+    return batch[0], batch[1]
