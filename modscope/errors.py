@@ -52,6 +52,21 @@ class UnsupportedOperatorError(ModscopeError, NotImplementedError):
         super().__init__(msg)
 
 
+class OperatorError(ModscopeError, RuntimeError):
+    """An operator failed while a converted model ran (usually an input of the wrong shape or dtype).
+
+    Attributes:
+        op_type: the ONNX operator.
+        node: the name of the node that failed (its first output when it has no name).
+
+    The original exception is kept as ``__cause__``.
+    """
+
+    def __init__(self, message: str, *, op_type: str = "", node: str = ""):
+        self.op_type, self.node = op_type, node
+        super().__init__(message)
+
+
 class NotTrainedError(ModscopeError, AttributeError):
     """A result was asked for before the object that holds it was computed."""
 
