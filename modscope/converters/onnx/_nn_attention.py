@@ -1,0 +1,5 @@
+"""placeholder"""
+
+from .registry import OpSet
+
+ops = OpSet()
