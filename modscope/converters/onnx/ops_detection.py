@@ -19,6 +19,9 @@ from .registry import NodeContext, OpSet
 
 ops = OpSet()
 
+#: RoiAlign gathers (rois, oh, gh, ow, gw, C) sample values; rois are processed in chunks of about this many.
+_CHUNK_ELEMENTS = 1 << 22
+
 
 def _corners(boxes: torch.Tensor, center_point_box: int) -> torch.Tensor:
     """Boxes (..., 4) as (y_min, x_min, y_max, x_max)."""
@@ -159,8 +162,7 @@ def roi_align(ctx: NodeContext, x: Any, rois: Any, batch_indices: Any) -> torch.
     xs = _axis_samples(start_w, bin_w, grid_w, out_w, n_gw, width)
     table = x.permute(0, 2, 3, 1).reshape(-1, channels)  # features as rows (N*H*W, C)
     base = batch_indices * (height * width)
-    # bound the (rois, oh, gh, ow, gw, C) intermediates to about 2**22 elements per chunk
-    chunk = max(1, (1 << 22) // max(1, out_h * n_gh * out_w * n_gw * channels))
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, out_h * n_gh * out_w * n_gw * channels))
     pooled = [
         _pool(table, base[i : i + chunk], [a[i : i + chunk] for a in ys], [a[i : i + chunk] for a in xs],
               grid_h[i : i + chunk], grid_w[i : i + chunk], width, mode)
