@@ -126,9 +126,12 @@ def detect_format(path: str | os.PathLike) -> FileFormat:
     for magic, what in _FOREIGN_MAGIC:
         if head.startswith(magic):
             raise ModelLoadError(f"{p} is not a model file: it is {what}")
-    if _is_onnx(p):
+    status = _onnx_status(p)
+    if status == "model":
         return "onnx"
-    if p.suffix.lower() == ".onnx" or head[:1] == b"\x08":
+    if status == "no_graph":
+        raise ModelLoadError(f"{p} is not an ONNX model: it is protobuf data without a graph (another kind of message, or truncated)")
+    if p.suffix.lower() == ".onnx" or _onnx_like_head(head):
         raise ModelLoadError(f"{p} looks like an ONNX file but cannot be parsed (truncated or corrupt); export it again")
     raise ModelLoadError(
         f"{p} is not a model file modscope recognises (expected ONNX, a torch.export .pt2, TorchScript, "
@@ -239,7 +242,12 @@ def _looks_like_safetensors(p: Path, head: bytes) -> bool:
     return True
 
 
-def _is_onnx(p: Path) -> bool:
+def _onnx_like_head(head: bytes) -> bool:
+    """ModelProto bytes start with ir_version (field 1, a small varint) followed by another ModelProto field."""
+    return len(head) >= 3 and head[0] == 0x08 and 1 <= head[1] <= 20 and head[2] in (0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42)
+
+
+def _onnx_status(p: Path) -> Literal["model", "no_graph", "unparsable"]:
     import onnx
     from google.protobuf.message import DecodeError
 
@@ -247,7 +255,8 @@ def _is_onnx(p: Path) -> bool:
     try:
         proto.ParseFromString(p.read_bytes())
     except (DecodeError, RuntimeError, ValueError):
-        return False
+        return "unparsable"
     except OSError as exc:
         raise ModelLoadError(f"model file {p} cannot be read ({exc.strerror or exc})") from exc
-    return proto.ir_version > 0 and proto.HasField("graph") and (len(proto.graph.node) > 0 or len(proto.graph.output) > 0)
+    has_graph = proto.HasField("graph") and (len(proto.graph.node) > 0 or len(proto.graph.output) > 0)
+    return "model" if proto.ir_version > 0 and has_graph else "no_graph"

@@ -25,6 +25,7 @@ What runs code, and what modscope does about it:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import io
 import json
@@ -32,7 +33,7 @@ import pickle
 import re
 import warnings
 import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -275,7 +276,7 @@ def _script_to_onnx(script: Any, inputs: tuple[torch.Tensor, ...], opset: int | 
     dynamic = {name: {d: f"{name}_d{d}" for d in range(t.dim())} for name, t in zip(names, inputs)}
     buffer = io.BytesIO()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _onnx_log_to_stderr():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 script,
@@ -293,6 +294,20 @@ def _script_to_onnx(script: Any, inputs: tuple[torch.Tensor, ...], opset: int | 
             "save the model with torch.export (.pt2) or export it to ONNX yourself"
         ) from exc
     return onnx.load_from_string(buffer.getvalue())
+
+
+@contextlib.contextmanager
+def _onnx_log_to_stderr() -> Iterator[None]:
+    """The TorchScript exporter prints the graph to stdout when it fails; stdout is for modscope's JSON output."""
+    set_stream = getattr(torch._C, "_jit_set_onnx_log_output_stream", None)
+    if set_stream is None:
+        yield
+        return
+    set_stream("stderr")
+    try:
+        yield
+    finally:
+        set_stream("stdout")  # torch's default
 
 
 def _script_weight_infos(script: Any, converted: Sequence[WeightInfo]) -> list[WeightInfo]:
