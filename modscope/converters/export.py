@@ -259,14 +259,17 @@ class _ExternalData:
         self.tensors: list[Any] = []
 
     def add(self, init: Any, raw: bytes) -> None:
-        from onnx import TensorProto, external_data_helper
+        from onnx import TensorProto
 
         offset = -(-self.size // _ALIGN) * _ALIGN
         self.chunks += [b"\0" * (offset - self.size), raw]
         self.size = offset + len(raw)
         init.ClearField("raw_data")
         init.data_location = TensorProto.EXTERNAL
-        external_data_helper.set_external_data(init, location=self.file_name, offset=offset, length=len(raw))
+        del init.external_data[:]
+        for key, value in (("location", self.file_name), ("offset", str(offset)), ("length", str(len(raw)))):
+            entry = init.external_data.add()
+            entry.key, entry.value = key, value
         self.tensors.append(init)
 
     def point_to(self, location: str) -> None:
