@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .oputil import normalize_axis
 from .registry import NodeContext, OpSet
 
 ops = OpSet()
@@ -22,6 +23,10 @@ Tensor = torch.Tensor
 
 _SELU_ALPHA = 1.67326319217681884765625
 _SELU_GAMMA = 1.05070102214813232421875
+
+# float16/bfloat16 softmax is computed step by step in the input's precision, as ONNX's function body does, so it
+# rounds like the reference; torch's fused kernel rounds once and differs from it by an ulp.
+_HALF_TYPES = (torch.float16, torch.bfloat16)
 
 
 # -- rectifiers -----------------------------------------------------------------------------------------------------
@@ -133,7 +138,7 @@ def _along_axis(ctx: NodeContext, x: Tensor, fn: Callable[[Tensor, int], Tensor]
         return fn(x, ctx.attr("axis", -1))
     if x.dim() == 0:
         return fn(x.reshape(1), 0).reshape(x.shape)
-    axis = ctx.attr("axis", 1) % x.dim()
+    axis = normalize_axis(ctx.attr("axis", 1), x.dim())
     return fn(x.flatten(start_dim=axis), -1).reshape(x.shape)
 
 
@@ -142,16 +147,30 @@ def _hardmax(x: Tensor, dim: int) -> Tensor:
     return torch.zeros_like(x).scatter(dim, x.argmax(dim, keepdim=True), 1)
 
 
+def _softmax(x: Tensor, dim: int) -> Tensor:
+    if x.dtype not in _HALF_TYPES:
+        return torch.softmax(x, dim)
+    shifted = torch.exp(x - x.amax(dim, keepdim=True))
+    return shifted / shifted.sum(dim, keepdim=True)
+
+
+def _log_softmax(x: Tensor, dim: int) -> Tensor:
+    if x.dtype not in _HALF_TYPES:
+        return torch.log_softmax(x, dim)
+    shifted = x - x.amax(dim, keepdim=True)
+    return shifted - torch.log(torch.exp(shifted).sum(dim, keepdim=True))
+
+
 @ops.register("Softmax")
 def softmax(ctx: NodeContext, x: Tensor) -> Tensor:
     """exp(x) normalised to sum 1 along ``axis`` (see `_along_axis` for the opset rules)."""
-    return _along_axis(ctx, x, torch.softmax)
+    return _along_axis(ctx, x, _softmax)
 
 
 @ops.register("LogSoftmax")
 def log_softmax(ctx: NodeContext, x: Tensor) -> Tensor:
     """log(softmax(x)) along ``axis``."""
-    return _along_axis(ctx, x, torch.log_softmax)
+    return _along_axis(ctx, x, _log_softmax)
 
 
 @ops.register("Hardmax")

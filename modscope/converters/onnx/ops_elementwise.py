@@ -23,6 +23,7 @@ import torch
 from onnx import TensorProto
 
 from ...errors import InvalidParameterError, UnsupportedOperatorError
+from .oputil import as_tensor
 from .registry import NodeContext, OpSet
 
 ops = OpSet()
@@ -93,11 +94,6 @@ def torch_dtype(ctx: NodeContext, onnx_type: int | str) -> torch.dtype:
 
 
 # -- dtype helpers --------------------------------------------------------------------------------------------------
-def _tensor(value: Any) -> Tensor:
-    """Numpy scalars and python numbers (as some callers pass for scalar inputs) as tensors."""
-    return value if isinstance(value, Tensor) else torch.as_tensor(value)
-
-
 def _widen(x: Tensor) -> Tensor:
     """A signed stand-in for unsigned types torch lacks kernels for (see the module docstring)."""
     if x.dtype == torch.uint64:
@@ -140,7 +136,7 @@ def _binary(fn: Callable[[Tensor, Tensor], Tensor]) -> Callable[..., Tensor]:
     """A handler applying ``fn`` after the legacy broadcast; ``fn`` sees the raw inputs."""
 
     def handler(ctx: NodeContext, a: Tensor, b: Tensor) -> Tensor:
-        return fn(*_legacy_broadcast(ctx, _tensor(a), _tensor(b)))
+        return fn(*_legacy_broadcast(ctx, as_tensor(a), as_tensor(b)))
 
     handler.__doc__ = f"Element-wise {fn.__name__.strip('_')} with numpy broadcasting."
     return handler
@@ -329,16 +325,18 @@ def bitshift(ctx: NodeContext, x: Tensor, y: Tensor) -> Tensor:
 @ops.register("Where", since=9)
 def where(ctx: NodeContext, condition: Tensor, x: Tensor, y: Tensor) -> Tensor:
     """``x`` where ``condition`` holds, else ``y``, broadcasting all three."""
-    return torch.where(_tensor(condition).to(torch.bool), _tensor(x), _tensor(y))
+    return torch.where(as_tensor(condition).to(torch.bool), as_tensor(x), as_tensor(y))
 
 
 def _clip(x: Tensor, low: Tensor | float | None, high: Tensor | float | None) -> Tensor:
     if low is None and high is None:
         return x
-    if isinstance(low, Tensor) or isinstance(high, Tensor):
-        low = None if low is None else _widen(_tensor(low)).to(x.dtype if x.is_floating_point() else torch.int64)
-        high = None if high is None else _widen(_tensor(high)).to(x.dtype if x.is_floating_point() else torch.int64)
-    return _same_dtype(lambda v: torch.clamp(v, low, high), x)
+    wide = _widen(x)
+
+    def bound(value: Tensor | float | None) -> Tensor | float | None:
+        return _widen(value).to(wide.dtype) if isinstance(value, Tensor) else value
+
+    return _narrow(torch.clamp(wide, bound(low), bound(high)), x.dtype)
 
 
 @ops.register("Clip", since=1)
@@ -350,8 +348,8 @@ def clip_attrs(ctx: NodeContext, x: Tensor) -> Tensor:
 @ops.register("Clip", since=11)
 def clip(ctx: NodeContext, x: Tensor, low: Any = None, high: Any = None) -> Tensor:
     """Clamp to [``min``, ``max``] given as optional scalar inputs; where min > max every value becomes max."""
-    low = None if low is None else _tensor(low)
-    high = None if high is None else _tensor(high)
+    low = None if low is None else as_tensor(low)
+    high = None if high is None else as_tensor(high)
     return _clip(x, low, high)
 
 
