@@ -86,7 +86,9 @@ def scatter_nd(ctx: NodeContext, x: torch.Tensor, indices: Any, updates: torch.T
 
 
 @ops.register("TensorScatter", since=24)
-def tensor_scatter(ctx: NodeContext, cache: torch.Tensor, update: torch.Tensor, write_indices: Any = None) -> torch.Tensor:
+def tensor_scatter(
+    ctx: NodeContext, cache: torch.Tensor, update: torch.Tensor, write_indices: Any = None
+) -> torch.Tensor:
     axis = normalize_axis(ctx.attr("axis", -2), cache.dim())
     if axis == 0:
         raise ShapeError("TensorScatter axis must not be the batch axis 0; pick the sequence axis")

@@ -149,7 +149,9 @@ def arg_min(ctx: NodeContext, x: torch.Tensor) -> torch.Tensor:
     return _arg_extreme(ctx, x, torch.argmin)
 
 
-def _cumulative(ctx: NodeContext, x: torch.Tensor, axis: Any, fn: Callable[..., torch.Tensor], start: int) -> torch.Tensor:
+def _cumulative(
+    ctx: NodeContext, x: torch.Tensor, axis: Any, fn: Callable[..., torch.Tensor], start: int
+) -> torch.Tensor:
     """CumSum/CumProd with ONNX's ``exclusive`` (shift in ``start``) and ``reverse`` attributes."""
     dim = normalize_axis(as_int(axis), x.dim())
     reverse = bool(ctx.attr("reverse", 0))

@@ -220,7 +220,9 @@ def _pad_indices(n: int, begin: int, end: int, mode: str) -> torch.Tensor:
     return torch.where(idx >= n, period - idx, idx)
 
 
-def pad_tensor(x: torch.Tensor, begins: list[int], ends: list[int], mode: str = "constant", value: Any = 0) -> torch.Tensor:
+def pad_tensor(
+    x: torch.Tensor, begins: list[int], ends: list[int], mode: str = "constant", value: Any = 0
+) -> torch.Tensor:
     """``x`` padded by ``begins[i]``/``ends[i]`` on each axis ``i`` (negative amounts crop), ONNX Pad semantics.
 
     Args:

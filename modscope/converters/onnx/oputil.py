@@ -82,7 +82,9 @@ def normalize_axis(axis: int, rank: int) -> int:
     """
     axis = int(axis)
     if not -rank <= axis < rank:
-        raise ShapeError(f"axis {axis} is out of range for a tensor of rank {rank}; use an axis in [{-rank}, {rank - 1}]")
+        raise ShapeError(
+            f"axis {axis} is out of range for a tensor of rank {rank}; use an axis in [{-rank}, {rank - 1}]"
+        )
     return axis + rank if axis < 0 else axis
 
 
