@@ -16,7 +16,12 @@ from safetensors.torch import load_file
 import modscope
 from modscope.converters import export as export_mod
 from modscope.converters.export import export_masked
-from modscope.errors import InvalidParameterError, ModelLoadError, ModscopeError, ShapeError
+from modscope.errors import (
+    InvalidParameterError,
+    ModelLoadError,
+    ModscopeError,
+    ShapeError,
+)
 
 # onnxruntime's Gemm and torch's addmm sum in different orders: float32 round-off only.
 TOL = {"rtol": 1e-5, "atol": 1e-6}

@@ -2,8 +2,8 @@
 
 `load` accepts a path, an ``onnx.ModelProto``, a ``torch.nn.Module`` or a ``torch.export.ExportedProgram`` and
 detects a file's format from its content, not only its suffix (`detect_format`). `export_masked` writes a model
-with some weights zeroed (an edited copy of its ONNX file, or a state_dict); `verify` compares a converted model
-with its ONNX original in onnxruntime.
+with some weights zeroed (an edited copy of its ONNX file, or a state_dict); `modscope.converters.verify.verify`
+compares a converted model with its ONNX original in onnxruntime.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from ..errors import InvalidParameterError
 from ..model import Model
 from .export import export_masked
 from .files import detect_format
-from .verify import VerifyResult, verify
 
-__all__ = ["VerifyResult", "detect_format", "export_masked", "load", "verify"]
+# `verify` stays in its module (``modscope.converters.verify.verify``): re-exporting the function here would hide
+# the submodule of the same name.
+__all__ = ["detect_format", "export_masked", "load"]
 
 
 def load(source: Any, **options: Any) -> Model:

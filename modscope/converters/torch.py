@@ -373,7 +373,7 @@ def load_torch_file(path: Path, *, factory: Factory | None = None, trust: bool =
         if not trust:
             found = re.search(r"GLOBAL (\S+) was not an allowed global", str(exc))
             _refuse(path, f"it references {found.group(1)}" if found else "it holds more than tensors")
-        obj = _load_trusted(path, exc)
+        obj = _load_trusted(path)
     except Exception as exc:
         raise ModelLoadError(f"cannot read torch checkpoint {path} (truncated or corrupt?): {_first_line(exc)}") from exc
     if isinstance(obj, nn.Module):
@@ -389,7 +389,7 @@ def load_torch_file(path: Path, *, factory: Factory | None = None, trust: bool =
     return _model_from_state_dict(state, factory, path, "torch")
 
 
-def _load_trusted(path: Path, first_error: Exception) -> Any:
+def _load_trusted(path: Path) -> Any:
     try:
         return torch.load(str(path), map_location="cpu", weights_only=False)
     except Exception as exc:
@@ -397,9 +397,9 @@ def _load_trusted(path: Path, first_error: Exception) -> Any:
             raise ModelLoadError(f"cannot unpickle {path}: {_first_line(exc)}") from exc
     try:  # a plain pickle.dump, not torch.save
         with open(path, "rb") as f:
-            return pickle.load(f)  # noqa: S301 - the caller passed trust=True
+            return pickle.load(f)  # the caller passed trust=True
     except Exception as exc:
-        raise ModelLoadError(f"cannot unpickle {path}: {_first_line(exc)}") from first_error
+        raise ModelLoadError(f"cannot unpickle {path}: {_first_line(exc)}") from exc
 
 
 def _refuse(path: Path, why: str) -> None:

@@ -18,7 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InvalidParameterError, ModelLoadError, ModscopeError, ModscopeWarning, ShapeError
+from ..errors import (
+    InvalidParameterError,
+    ModelLoadError,
+    ModscopeError,
+    ModscopeWarning,
+    ShapeError,
+)
 from ..model import Model
 
 _ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino", "onnxruntime-qnn")
