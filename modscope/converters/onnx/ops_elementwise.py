@@ -55,13 +55,13 @@ ONNX_TO_TORCH_DTYPE = MappingProxyType({
     TensorProto.FLOAT8E5M2FNUZ: torch.float8_e5m2fnuz,
 })
 
-# float8 type -> (largest finite value, smallest magnitude that overflows when rounded, the overflow value)
-# The thresholds follow from round-to-nearest-even at the top of each format.
+# float8 type -> (largest finite value, the halfway point above it, whether that tie rounds up and overflows).
+# Round-to-nearest-even decides the tie: E4M3FN's largest value has an even mantissa, the others an odd one.
 _FLOAT8_LIMITS = MappingProxyType({
-    torch.float8_e4m3fn: (448.0, 464.0 + 1e-3, float("nan")),
-    torch.float8_e4m3fnuz: (240.0, 248.0, float("nan")),
-    torch.float8_e5m2: (57344.0, 61440.0, float("inf")),
-    torch.float8_e5m2fnuz: (57344.0, 61440.0, float("nan")),
+    torch.float8_e4m3fn: (448.0, 464.0, False),
+    torch.float8_e4m3fnuz: (240.0, 248.0, True),
+    torch.float8_e5m2: (57344.0, 61440.0, True),
+    torch.float8_e5m2fnuz: (57344.0, 61440.0, True),
 })
 
 
@@ -355,16 +355,18 @@ def clip(ctx: NodeContext, x: Tensor, low: Any = None, high: Any = None) -> Tens
 
 # -- casts ----------------------------------------------------------------------------------------------------------
 def _cast(x: Tensor, dtype: torch.dtype, saturate: bool) -> Tensor:
-    """``x`` converted to ``dtype`` with ONNX's float8 overflow rules (saturate to the largest finite value, or
-    overflow to NaN/inf)."""
+    """``x`` converted to ``dtype``, with ONNX's float8 overflow rules: saturate to the largest finite value, or
+    overflow to NaN (to ±inf for E5M2, the one float8 type with infinities)."""
     limits = _FLOAT8_LIMITS.get(dtype)
-    if limits is not None and x.is_floating_point():
-        largest, overflows_from, overflow = limits
-        if saturate:
-            x = x.clamp(-largest, largest)
-        else:
-            x = torch.where(x.abs() >= overflows_from, torch.copysign(torch.full_like(x, overflow), x), x)
-    return x.to(dtype)
+    if limits is None:
+        return x.to(dtype)
+    largest, halfway, tie_overflows = limits
+    x = x if x.is_floating_point() else x.to(torch.float32)
+    if saturate:
+        return x.clamp(-largest, largest).to(dtype)
+    overflows = (x.abs() >= halfway) if tie_overflows else (x.abs() > halfway)
+    overflow = torch.full_like(x, float("inf") if dtype == torch.float8_e5m2 else float("nan"))
+    return torch.where(overflows, torch.copysign(overflow, x), x).to(dtype)
 
 
 @ops.register("Cast")
