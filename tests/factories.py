@@ -60,6 +60,19 @@ class Net(nn.Module):
         return self.head(self.body(x))
 
 
+class SmallCNN(nn.Module):
+    """A convolution, a fresh batch norm (weight equal to running_var, bias to running_mean) and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3)))
+
+
 class Doubler(nn.Module):
     """Its input first goes into an elementwise op, so the input shape cannot be inferred."""
 

@@ -9,7 +9,7 @@ import zipfile
 
 import pytest
 import torch
-from factories import Doubler, Encoder, Net, Unexportable, seeded, tiny_mlp, tiny_mlp_bn
+from factories import Doubler, Encoder, Net, SmallCNN, Unexportable, seeded, tiny_mlp, tiny_mlp_bn
 from safetensors.torch import save_file
 
 import modscope
@@ -265,6 +265,20 @@ def test_torchscript_embedding_input_is_inferred(tmp_path):
     ids = torch.tensor([[0, 3, 5, 1]])
     torch.testing.assert_close(model(ids), net(ids), **TOL)
     assert model.weight("emb.weight").kind == "embedding" and model.weight("norm.weight").kind == "norm"
+
+
+def test_torchscript_cnn_keeps_every_weight_distinct(tmp_path):
+    # A fresh batch norm's weight equals its running_var: the exporter must not merge the two initializers.
+    net = seeded(SmallCNN)
+    path = tmp_path / "cnn.pt"
+    torch.jit.save(torch.jit.script(net), path)
+    model = modscope.load(path)  # the conv input (1, 3, H, W) is inferred from the weight
+    x = torch.randn(2, 3, 9, 7)
+    torch.testing.assert_close(model(x), net(x), **TOL)
+    assert {w.source_name: w.kind for w in model.weights} == {
+        "conv.weight": "weight", "conv.bias": "bias", "bn.weight": "norm", "bn.bias": "bias",
+        "fc.weight": "weight", "fc.bias": "bias",
+    }
 
 
 def test_torchscript_input_that_cannot_be_inferred_asks_for_example_inputs(tmp_path):

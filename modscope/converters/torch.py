@@ -286,6 +286,7 @@ def _script_to_onnx(script: Any, inputs: tuple[torch.Tensor, ...], opset: int | 
                 input_names=names,
                 dynamic_axes=dynamic,
                 do_constant_folding=False,  # keeps weights as they are (no BN folding, no pre-transposed copies)
+                keep_initializers_as_inputs=True,  # no merging of equal-valued weights (a fresh BN weight = running_var)
                 **({"opset_version": opset} if opset is not None else {}),
             )
     except Exception as exc:
