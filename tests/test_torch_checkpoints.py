@@ -9,7 +9,16 @@ import zipfile
 
 import pytest
 import torch
-from factories import Doubler, Encoder, Net, SmallCNN, Unexportable, seeded, tiny_mlp, tiny_mlp_bn
+from factories import (
+    Doubler,
+    Encoder,
+    Net,
+    SmallCNN,
+    Unexportable,
+    seeded,
+    tiny_mlp,
+    tiny_mlp_bn,
+)
 from safetensors.torch import save_file
 
 import modscope
