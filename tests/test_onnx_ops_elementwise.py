@@ -377,3 +377,23 @@ def test_gradients_are_exact_in_float64(op: str, attrs: dict[str, Any], opset: i
     w0 = model.module.get_parameter(name).detach().clone().requires_grad_(True)
     xt = torch.from_numpy(x)
     assert torch.autograd.gradcheck(lambda w: model.functional_call({name: w}, xt), (w0,))
+
+
+@pytest.mark.parametrize(
+    "op,attrs,opset",
+    [
+        ("Softmax", {}, 11), ("Hardmax", {"axis": 0}, 11), ("LogSoftmax", {"axis": 0}, 13), ("Shrink", {}, 9),
+        ("ThresholdedRelu", {}, 22), ("Clip", {"min": -0.5, "max": 0.5}, 6), ("Round", {}, 22), ("Sign", {}, 13),
+        ("Celu", {}, 12), ("HardSwish", {}, 22), ("IsInf", {}, 20), ("Cast", {"to": TensorProto.FLOAT16}, 21),
+    ],
+)
+def test_unary_ops_on_a_weighted_input_run_under_vmap(op: str, attrs: dict[str, Any], opset: int) -> None:
+    """Masks are trained with vmap over stacked weights: every op fed by a weight must batch like a loop."""
+    x = _f(3, 4)
+    nodes = [helper.make_node("Mul", ["x", "w"], ["h"]), helper.make_node(op, ["h"], ["y"], **attrs)]
+    model = modscope.load(_graph_model(nodes, {"x": x}, ["y"], opset, initializers={"w": _f(4)}))
+    (name,) = [w.name for w in model.weights]
+    xt, ws = torch.from_numpy(x), torch.randn(3, 4)
+    batched = torch.func.vmap(lambda w: model.functional_call({name: w}, xt))(ws)
+    looped = torch.stack([model.functional_call({name: w}, xt) for w in ws])
+    torch.testing.assert_close(batched, looped)
