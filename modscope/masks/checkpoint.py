@@ -24,8 +24,7 @@ def save_checkpoint(
     state: TrainingState,
     logits: torch.Tensor,
     optimizer: torch.optim.Optimizer,
-    noise_gen: torch.Generator,
-    data_gen: torch.Generator,
+    generators: list[torch.Generator],
 ) -> None:
     """Write the state to ``path`` atomically (temporary file, then rename)."""
     payload = {
@@ -34,8 +33,7 @@ def save_checkpoint(
         "curves": state.curves,
         "logits": logits.detach().cpu(),
         "optimizer": optimizer.state_dict(),
-        "noise_gen": noise_gen.get_state(),
-        "data_gen": data_gen.get_state(),
+        "generators": [g.get_state() for g in generators],
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -48,8 +46,7 @@ def load_checkpoint(
     identity: dict[str, Any],
     logits: torch.Tensor,
     optimizer: torch.optim.Optimizer,
-    noise_gen: torch.Generator,
-    data_gen: torch.Generator,
+    generators: list[torch.Generator],
 ) -> TrainingState:
     """Restore a state saved by `save_checkpoint` into the given objects; the run must be the same."""
     try:
@@ -63,6 +60,6 @@ def load_checkpoint(
     with torch.no_grad():
         logits.copy_(payload["logits"])
     optimizer.load_state_dict(payload["optimizer"])
-    noise_gen.set_state(payload["noise_gen"])
-    data_gen.set_state(payload["data_gen"])
+    for gen, gen_state in zip(generators, payload["generators"], strict=True):
+        gen.set_state(gen_state)
     return TrainingState(step=int(payload["step"]), curves=payload["curves"])

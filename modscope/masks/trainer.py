@@ -15,8 +15,12 @@ summed, clipping is per task and Adam is element-wise, so a task's mask does not
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import warnings
-from collections.abc import Sequence
+import zlib
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,6 +143,46 @@ class _StepRunner:
         return results
 
 
+class _TaskGenerators:
+    """One noise and one data generator per task, seeded from the config seed and the task's name.
+
+    A task's random streams therefore do not depend on which other tasks are trained with it: training "a" alone or
+    together with "b" gives "a" the same mask.
+    """
+
+    def __init__(self, tasks: Sequence[Task], seed: int):
+        keys = [zlib.crc32(t.name.encode()) for t in tasks]
+        self.noise = [torch.Generator().manual_seed(seed * 0x100000001 + k) for k in keys]
+        self.data = [torch.Generator().manual_seed(seed * 0x100000001 + k + 0x5EED) for k in keys]
+
+    def all(self) -> list[torch.Generator]:
+        return self.noise + self.data
+
+
+@contextlib.contextmanager
+def _deferred_interrupts() -> Iterator[Callable[[], bool]]:
+    """Turn SIGINT/SIGTERM into a flag checked between steps, so a checkpoint always holds a whole step.
+
+    Handlers are installed only in the main thread and restored on exit; a second signal interrupts at once.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    flag = {"set": False}
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag["set"]:
+            raise KeyboardInterrupt
+        flag["set"] = True
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: flag["set"]
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def _announce_loop(reason: str) -> None:
     warnings.warn(
         f"torch.func.vmap cannot batch this model ({reason}); training masks with a loop over samples instead "
@@ -215,14 +259,13 @@ def train_masks(
         i = [w.name for w in weights].index(name)
         trainable[layout.offsets[i] : layout.offsets[i] + weights[i].numel] = False
     optimizer = torch.optim.Adam([logits], lr=config.lr)
-    noise_gen = torch.Generator().manual_seed(config.seed)
-    data_gen = torch.Generator().manual_seed(config.seed + 0x5EED)
+    gens = _TaskGenerators(tasks, config.seed)
     state = TrainingState(step=0, curves={t.name: {"step": [], "loss": [], "density": []} for t in tasks})
 
     ckpt_path = Path(checkpoint) if checkpoint else None
     identity = {"tasks": [t.name for t in tasks], "config": config.to_dict(), "model": model.checksum, "n_masked": N}
     if resume and ckpt_path and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, identity, logits, optimizer, noise_gen, data_gen)
+        state = load_checkpoint(ckpt_path, identity, logits, optimizer, gens.all())
 
     show = progress if progress is not None else os.isatty(2)
     bar = Progress(config.n_steps, enabled=show)
@@ -232,22 +275,25 @@ def train_masks(
         window_n = 0
         bar.start(state.step)
         try:
-            while state.step < config.n_steps:
-                losses = _train_step(runner, tasks, logits, optimizer, trainable, noise_gen, data_gen, config, device)
-                state.step += 1
-                window_loss += losses
-                window_n += 1
-                if state.step % config.log_every == 0 or state.step == config.n_steps:
-                    _record(state, tasks, window_loss / window_n, logits)
-                    window_loss.zero_()
-                    window_n = 0
-                    last = {t.name: state.curves[t.name] for t in tasks}
-                    bar.update(state.step, {t: c["loss"][-1] for t, c in last.items()}, {t: c["density"][-1] for t, c in last.items()})
-                if ckpt_path and state.step % checkpoint_every == 0 and state.step < config.n_steps:
-                    save_checkpoint(ckpt_path, identity, state, logits, optimizer, noise_gen, data_gen)
+            with _deferred_interrupts() as interrupted:
+                while state.step < config.n_steps and not interrupted():
+                    losses = _train_step(runner, tasks, logits, optimizer, trainable, gens, config, device)
+                    state.step += 1
+                    window_loss += losses
+                    window_n += 1
+                    if state.step % config.log_every == 0 or state.step == config.n_steps:
+                        _record(state, tasks, window_loss / window_n, logits)
+                        window_loss.zero_()
+                        window_n = 0
+                        last = {t.name: state.curves[t.name] for t in tasks}
+                        bar.update(state.step, {t: c["loss"][-1] for t, c in last.items()}, {t: c["density"][-1] for t, c in last.items()})
+                    if ckpt_path and state.step % checkpoint_every == 0 and state.step < config.n_steps:
+                        save_checkpoint(ckpt_path, identity, state, logits, optimizer, gens.all())
+            if state.step < config.n_steps:  # stopped by Ctrl-C or SIGTERM at a step boundary
+                raise KeyboardInterrupt
         except KeyboardInterrupt:
             if ckpt_path:
-                save_checkpoint(ckpt_path, identity, state, logits, optimizer, noise_gen, data_gen)
+                save_checkpoint(ckpt_path, identity, state, logits, optimizer, gens.all())
             raise
         finally:
             bar.close()
@@ -263,14 +309,13 @@ def _train_step(
     logits: torch.nn.Parameter,
     optimizer: torch.optim.Optimizer,
     trainable: torch.Tensor,
-    noise_gen: torch.Generator,
-    data_gen: torch.Generator,
+    gens: _TaskGenerators,
     config: MaskConfig,
     device: torch.device,
 ) -> torch.Tensor:
-    K, N = logits.shape
-    uniforms = draw_uniforms((K, config.n_samples, N), noise_gen, device)
-    batches = [t.batch(torch.randint(len(t), (config.batch_size,), generator=data_gen), device) for t in tasks]
+    N = logits.shape[1]
+    uniforms = torch.stack([draw_uniforms((config.n_samples, N), g, device) for g in gens.noise])
+    batches = [t.batch(torch.randint(len(t), (config.batch_size,), generator=g), device) for t, g in zip(tasks, gens.data)]
     task_losses = _forward_losses(runner, tasks, logits, uniforms, batches)
     loss = task_losses.sum() + config.alpha * logits.sum()
     optimizer.zero_grad(set_to_none=False)

@@ -1,0 +1,175 @@
+"""Pieces the experiments share: options, base-network training, claim tables, and report files."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..tasks import Task
+
+
+@dataclass(frozen=True)
+class ExperimentOptions:
+    """Options every experiment takes.
+
+    Attributes:
+        quick: the small preset (minutes on 2 CPU cores) instead of the paper's settings.
+        seeds: how many seeds to run; figures are reported as mean ± std.
+        out: folder for the JSON (and HTML) report.
+        device: torch device; cuda when present by default.
+        data: a data file or folder for experiments that can read one (CIFAR-10).
+        progress: show progress on stderr.
+        overrides: experiment-specific settings to replace (e.g. {"base_steps": 100}) — used by tests.
+    """
+
+    quick: bool = False
+    seeds: int = 1
+    out: Path = Path("runs")
+    device: str | None = None
+    data: Path | None = None
+    progress: bool = True
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def log(message: str) -> None:
+    """Progress and log lines go to stderr."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def train_network(
+    net: torch.nn.Module,
+    task: Task,
+    *,
+    n_steps: int,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    grad_clip: float | None = 1.0,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    forward: Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], torch.Tensor] | None = None,
+    progress: bool = False,
+) -> list[float]:
+    """Train ``net`` in place with Adam on batches drawn with replacement from ``task``; returns the loss curve."""
+    gen = torch.Generator().manual_seed(seed)
+    net.to(device).train()
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    loss_fn = task.loss_fn()
+    curve = []
+    start = time.perf_counter()
+    for step in range(1, n_steps + 1):
+        xs, y = task.batch(torch.randint(len(task), (batch_size,), generator=gen), device)
+        out = forward(net, xs) if forward else task.select_output(net(*xs))
+        loss = loss_fn(out, y)
+        optimizer.zero_grad()
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+        optimizer.step()
+        if step % 100 == 0 or step == n_steps:
+            curve.append(float(loss))
+            if progress:
+                rate = step / (time.perf_counter() - start)
+                print(f"\rbase network {step}/{n_steps} {rate:6.1f} steps/s loss {float(loss):.4f}\033[K", end="", file=sys.stderr)
+    if progress:
+        print(file=sys.stderr)
+    net.eval()
+    return curve
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One line of an experiment's table: a measured figure beside what the paper reports."""
+
+    what: str
+    measured: str
+    paper: str
+    holds: bool | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"what": self.what, "measured": self.measured, "paper": self.paper, "holds": self.holds}
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    arr = np.asarray(values, dtype=np.float64)
+    return float(arr.mean()), float(arr.std()) if len(arr) > 1 else 0.0
+
+
+def fmt(values: Sequence[float] | float, percent: bool = True) -> str:
+    """``12.3%`` for one value, ``12.3 ± 0.4%`` for several."""
+    vals = [values] if isinstance(values, int | float) else list(values)
+    scale, unit = (100.0, "%") if percent else (1.0, "")
+    m, s = mean_std(vals)
+    return f"{m * scale:.1f}{unit}" if len(vals) == 1 else f"{m * scale:.1f} ± {s * scale:.1f}{unit}"
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain-text table with aligned columns."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def claims_table(claims: Sequence[Claim]) -> str:
+    verdict = {True: "yes", False: "NO", None: "-"}
+    return format_table(["measurement", "measured", "paper", "holds"], [[c.what, c.measured, c.paper, verdict[c.holds]] for c in claims])
+
+
+def write_json(path: Path, data: dict[str, Any]) -> Path:
+    """Write JSON atomically (temporary file in the same folder, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=_jsonable))
+    os.replace(tmp, path)
+    return path
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.ndarray | torch.Tensor):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def write_html(path: Path, title: str, sections: Sequence[tuple[str, str]]) -> Path:
+    """A self-contained HTML page of preformatted text sections (tables as printed)."""
+    import html
+
+    body = "\n".join(f"<h2>{html.escape(h)}</h2>\n<pre>{html.escape(text)}</pre>" for h, text in sections)
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>{t}</title>"
+        "<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}}"
+        "pre{{background:#f6f8fa;padding:1em;overflow-x:auto}}</style></head><body><h1>{t}</h1>{b}</body></html>"
+    ).format(t=html.escape(title), b=body)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(page)
+    os.replace(tmp, path)
+    return path
+
+
+def resolve_settings(defaults: dict[str, Any], quick: dict[str, Any], options: ExperimentOptions) -> dict[str, Any]:
+    """The paper's settings, the quick preset over them if asked for, then the caller's overrides."""
+    settings = dict(defaults)
+    if options.quick:
+        settings.update(quick)
+    unknown = sorted(set(options.overrides) - set(settings))
+    if unknown:
+        from ..errors import InvalidParameterError
+
+        raise InvalidParameterError(f"unknown experiment settings {unknown}; known: {sorted(settings)}")
+    settings.update(options.overrides)
+    return settings

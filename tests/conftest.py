@@ -1,0 +1,70 @@
+"""Shared fixtures: seeding, a device option, tiny models and a toy network with planted disjoint pathways."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--device", default="cpu", help="device for tests that can run on a GPU (default cpu)")
+
+
+@pytest.fixture
+def device(request: pytest.FixtureRequest) -> str:
+    return request.config.getoption("--device")
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def tiny_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+class TwoPathways(nn.Module):
+    """Two independent sub-networks in one module: output 0 reads x[:, :2] through `a`, output 1 x[:, 2:] via `b`."""
+
+    def __init__(self, hidden: int = 16, n_classes: int = 4):
+        super().__init__()
+        self.a = nn.Sequential(nn.Linear(2, hidden), nn.ReLU(), nn.Linear(hidden, n_classes))
+        self.b = nn.Sequential(nn.Linear(2, hidden), nn.ReLU(), nn.Linear(hidden, n_classes))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.a(x[:, :2]), self.b(x[:, 2:])
+
+
+def quadrant(x: torch.Tensor) -> torch.Tensor:
+    return (x[:, 0] > 0).long() * 2 + (x[:, 1] > 0).long()
+
+
+@pytest.fixture(scope="session")
+def toy_modular() -> tuple[TwoPathways, dict]:
+    """A trained TwoPathways net and its two tasks ("a": quadrant of x[:2], read from output 0; "b": of x[2:])."""
+    import modscope
+
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    net = TwoPathways()
+    x = torch.randn(1024, 4, generator=gen)
+    ya, yb = quadrant(x[:, :2]), quadrant(x[:, 2:])
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(400):
+        out_a, out_b = net(x)
+        loss = nn.functional.cross_entropy(out_a, ya) + nn.functional.cross_entropy(out_b, yb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    net.eval()
+    tasks = {"a": modscope.Task("a", x, ya, output=0), "b": modscope.Task("b", x, yb, output=1)}
+    return net, tasks
