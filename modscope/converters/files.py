@@ -176,10 +176,11 @@ def _loader(fmt: FileFormat) -> Callable[..., Model]:
 
         return load_onnx
     from . import torch as torch_loaders
+    from .torchscript import load_torchscript
 
     return {
         "export": torch_loaders.load_pt2,
-        "torchscript": torch_loaders.load_torchscript,
+        "torchscript": load_torchscript,
         "torch_zip": torch_loaders.load_torch_file,
         "pickle": torch_loaders.load_torch_file,
         "safetensors": torch_loaders.load_safetensors,

@@ -13,19 +13,12 @@ What runs code, and what modscope does about it:
   layouts) and plain ``pickle.loads`` for opaque objects. Before calling it, modscope opens every such member
   with ``weights_only=True`` (and refuses opaque objects): an archive whose pickles hold anything but tensors
   needs ``trust=True``.
-- **TorchScript archives** are read by TorchScript's own C++ unpickler, which resolves class names only to
-  TorchScript types compiled from the archive's ``code/`` folder and never imports or calls Python objects
-  (a ``data.pkl`` naming ``os.system`` fails with "Unknown type name"; ``tests/test_torch_checkpoints.py``
-  checks this). The TorchScript code itself can call any registered torch operator, so a hostile archive is
-  still not harmless when *run*; modscope does not run it, it exports it. We treat TorchScript as safe to load
-  without ``trust``. Script modules' parameters cannot be swapped reliably with ``torch.func.functional_call``,
-  so the archive is exported to ONNX in memory (``torch.onnx.export(..., dynamo=False)``) and loaded through
-  the ONNX converter; weight names stay the script module's parameter names wherever the exporter keeps them.
+
+TorchScript archives are handled in ``torchscript.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import io
 import json
@@ -33,7 +26,7 @@ import pickle
 import re
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -97,7 +90,7 @@ def load_pt2(path: Path, *, trust: bool = False) -> Model:
             warnings.simplefilter("ignore")
             program = torch.export.load(str(path))
     except Exception as exc:  # torch raises many types for corrupt archives
-        raise ModelLoadError(f"cannot load torch.export archive {path}: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"cannot load torch.export archive {path}: {first_line(exc)}") from exc
     source = Source("export", str(path), file_sha256(path), details={"torch": torch.__version__})
     return _model_from_program(program, source)
 
@@ -109,7 +102,7 @@ def _model_from_program(program: Any, source: Source) -> Model:
     for name, p in module.named_parameters():
         if p.is_floating_point():
             layer = name.rpartition(".")[0] or name
-            kind = _weight_kind(name.rpartition(".")[2], owners.get(name.rpartition(".")[0], ""))
+            kind = weight_kind(name.rpartition(".")[2], owners.get(name.rpartition(".")[0], ""))
             weights.append(WeightInfo(name, tuple(p.shape), kind, layer, name))
     return Model(module, weights=weights, source=source)
 
@@ -123,7 +116,8 @@ def _program_module_types(program: Any) -> dict[str, str]:
     return types
 
 
-def _weight_kind(leaf: str, owner_class: str) -> WeightKind:
+def weight_kind(leaf: str, owner_class: str) -> WeightKind:
+    """The kind of a parameter from its leaf name and the class name of the module that owns it."""
     cls = owner_class.rsplit(".", 1)[-1]
     if cls.startswith("Embedding"):
         return "embedding"
@@ -159,169 +153,7 @@ def _check_pt2_pickles(path: Path) -> None:
             except pickle.UnpicklingError:
                 _refuse(path, f"member {member} holds pickled Python objects")
             except Exception as exc:
-                raise ModelLoadError(f"torch.export archive {path} has a corrupt member {member}: {_first_line(exc)}") from exc
-
-
-# -- TorchScript ----------------------------------------------------------------------------------------------------
-def load_torchscript(
-    path: Path,
-    *,
-    example_inputs: Any = None,
-    op_handlers: Mapping[Any, Callable[..., Any]] | None = None,
-    opset: int | None = None,
-    trust: bool = False,
-) -> Model:
-    """Load a TorchScript archive by exporting it to ONNX in memory and converting that.
-
-    Args:
-        path: the archive (``torch.jit.save``).
-        example_inputs: a tensor or tuple of tensors with the right rank and dtype (sizes do not matter: every
-            dimension is exported as dynamic). When omitted, modscope infers them when each input goes straight
-            into a linear, convolution or embedding layer.
-        op_handlers: extra ONNX op handlers for the converter (see `modscope.load`).
-        opset: the ONNX opset to export with (torch's default when omitted).
-        trust: accepted for symmetry with other torch files; TorchScript archives are read without running
-            Python code (see the module docstring).
-
-    Returns:
-        A `Model` of format ``"torchscript"`` whose weights carry the script module's parameter names.
-
-    Raises:
-        ModelLoadError: the archive cannot be read, its input shapes cannot be inferred, or the ONNX export or
-            conversion fails (the message names what failed and suggests torch.export or ONNX).
-    """
-    del trust
-    try:
-        script = torch.jit.load(str(path), map_location="cpu")
-    except Exception as exc:
-        raise ModelLoadError(f"cannot load TorchScript archive {path}: {_first_line(exc)}") from exc
-    inputs = _as_tuple(example_inputs) if example_inputs is not None else _infer_script_inputs(script, path)
-    proto = _script_to_onnx(script, inputs, opset, path)
-    from .onnx.loader import load_onnx
-
-    try:
-        converted = load_onnx(proto, op_handlers=op_handlers)
-    except Exception as exc:
-        raise ModelLoadError(
-            f"TorchScript archive {path} exported to ONNX but the ONNX graph cannot be converted ({_first_line(exc)}); "
-            "save the model with torch.export (.pt2) or export it to ONNX yourself"
-        ) from exc
-    weights = _script_weight_infos(script, converted.weights)
-    opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
-    source = Source("torchscript", str(path), file_sha256(path), opset_used, {"converted_via": "onnx"})
-    return Model(converted.module, weights=weights, source=source)
-
-
-def _as_tuple(inputs: Any) -> tuple[torch.Tensor, ...]:
-    items = tuple(inputs) if isinstance(inputs, list | tuple) else (inputs,)
-    if not items or not all(isinstance(t, torch.Tensor) for t in items):
-        raise InvalidParameterError("example_inputs must be a tensor or a tuple of tensors")
-    return items
-
-
-def _infer_script_inputs(script: Any, path: Path) -> tuple[torch.Tensor, ...]:
-    graph = script.graph.copy()
-    torch._C._jit_pass_inline(graph)
-    graph_inputs = list(graph.inputs())
-    tensors = dict(script.named_parameters())
-    tensors.update(dict(script.named_buffers()))
-    order = {node: i for i, node in enumerate(graph.nodes())}
-    inferred = []
-    for value in graph_inputs[1:]:
-        users = sorted((u.user for u in value.uses() if u.user in order), key=lambda n: order[n])
-        guess = _guess_input(users[0], value, tensors, graph_inputs[0]) if users else None
-        if guess is None:
-            first = users[0].kind() if users else "nothing"
-            raise ModelLoadError(
-                f"cannot tell the input shape of TorchScript archive {path} (input {value.debugName()!r} goes into "
-                f"{first}); pass example_inputs=(tensor, ...) with the right rank and dtype"
-            )
-        inferred.append(guess)
-    return tuple(inferred)
-
-
-def _guess_input(node: Any, value: Any, tensors: Mapping[str, torch.Tensor], self_value: Any) -> torch.Tensor | None:
-    kind = node.kind()
-    args = list(node.inputs())
-    weight_path = _attr_path(args[1] if kind != "aten::embedding" else args[0], self_value)
-    weight = tensors.get(weight_path or "")
-    if weight is None:
-        return None
-    if kind == "aten::linear" and args[0] is value:
-        return torch.zeros(2, weight.shape[-1])
-    if kind in ("aten::conv1d", "aten::conv2d", "aten::conv3d", "aten::_convolution") and args[0] is value:
-        groups = args[-1].toIValue() if kind != "aten::_convolution" else args[8].toIValue()
-        n_spatial = weight.dim() - 2
-        return torch.zeros(1, weight.shape[1] * int(groups or 1), *[32] * n_spatial)
-    if kind == "aten::embedding" and args[1] is value:
-        return torch.zeros(2, 4, dtype=torch.long)
-    return None
-
-
-def _attr_path(value: Any, self_value: Any) -> str | None:
-    parts = []
-    while value is not self_value:
-        node = value.node()
-        if node.kind() != "prim::GetAttr":
-            return None
-        parts.append(node.s("name"))
-        value = node.input()
-    return ".".join(reversed(parts))
-
-
-def _script_to_onnx(script: Any, inputs: tuple[torch.Tensor, ...], opset: int | None, path: Path) -> Any:
-    import onnx
-
-    names = [f"input_{i}" for i in range(len(inputs))]
-    dynamic = {name: {d: f"{name}_d{d}" for d in range(t.dim())} for name, t in zip(names, inputs)}
-    buffer = io.BytesIO()
-    try:
-        with warnings.catch_warnings(), _onnx_log_to_stderr():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                script,
-                inputs,
-                buffer,
-                dynamo=False,
-                input_names=names,
-                dynamic_axes=dynamic,
-                do_constant_folding=False,  # keeps weights as they are (no BN folding, no pre-transposed copies)
-                keep_initializers_as_inputs=True,  # no merging of equal-valued weights (a fresh BN weight = running_var)
-                **({"opset_version": opset} if opset is not None else {}),
-            )
-    except Exception as exc:
-        raise ModelLoadError(
-            f"TorchScript archive {path} cannot be converted: exporting it to ONNX failed ({_first_line(exc)}); "
-            "save the model with torch.export (.pt2) or export it to ONNX yourself"
-        ) from exc
-    return onnx.load_from_string(buffer.getvalue())
-
-
-@contextlib.contextmanager
-def _onnx_log_to_stderr() -> Iterator[None]:
-    """The TorchScript exporter prints the graph to stdout when it fails; stdout is for modscope's JSON output."""
-    set_stream = getattr(torch._C, "_jit_set_onnx_log_output_stream", None)
-    if set_stream is None:
-        yield
-        return
-    set_stream("stderr")
-    try:
-        yield
-    finally:
-        set_stream("stdout")  # torch's default
-
-
-def _script_weight_infos(script: Any, converted: Sequence[WeightInfo]) -> list[WeightInfo]:
-    """Give converted weights the kind and layer of the script parameter of the same name, where there is one."""
-    params = dict(script.named_parameters())
-    classes = {name: getattr(m, "original_name", "") for name, m in script.named_modules()}
-    out = []
-    for w in converted:
-        if w.source_name in params:
-            layer, _, leaf = w.source_name.rpartition(".")
-            w = replace(w, kind=_weight_kind(leaf, classes.get(layer, "")), layer=layer or w.source_name)
-        out.append(w)
-    return out
+                raise ModelLoadError(f"torch.export archive {path} has a corrupt member {member}: {first_line(exc)}") from exc
 
 
 # -- state_dicts and pickles ----------------------------------------------------------------------------------------
@@ -346,7 +178,7 @@ def load_safetensors(path: Path, *, factory: Factory | None = None, trust: bool 
     try:
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read safetensors file {path}: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"cannot read safetensors file {path}: {first_line(exc)}") from exc
     return _model_from_state_dict(state, factory, path, "safetensors")
 
 
@@ -376,7 +208,7 @@ def load_torch_file(path: Path, *, factory: Factory | None = None, trust: bool =
             _refuse(path, f"it references {found.group(1)}" if found else "it holds more than tensors")
         obj = _load_trusted(path)
     except Exception as exc:
-        raise ModelLoadError(f"cannot read torch checkpoint {path} (truncated or corrupt?): {_first_line(exc)}") from exc
+        raise ModelLoadError(f"cannot read torch checkpoint {path} (truncated or corrupt?): {first_line(exc)}") from exc
     if isinstance(obj, nn.Module):
         if factory is not None:
             raise InvalidParameterError(f"{path} holds a whole module, so factory= does not apply; leave it out")
@@ -395,12 +227,12 @@ def _load_trusted(path: Path) -> Any:
         return torch.load(str(path), map_location="cpu", weights_only=False)
     except Exception as exc:
         if "magic number" not in str(exc):
-            raise ModelLoadError(f"cannot unpickle {path}: {_first_line(exc)}") from exc
+            raise ModelLoadError(f"cannot unpickle {path}: {first_line(exc)}") from exc
     try:  # a plain pickle.dump, not torch.save
         with open(path, "rb") as f:
             return pickle.load(f)  # the caller passed trust=True
     except Exception as exc:
-        raise ModelLoadError(f"cannot unpickle {path}: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"cannot unpickle {path}: {first_line(exc)}") from exc
 
 
 def _refuse(path: Path, why: str) -> None:
@@ -434,7 +266,7 @@ def _model_from_state_dict(state: dict[str, torch.Tensor], factory: Factory | No
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ModelLoadError(f"the state_dict in {path} does not fit the module from factory {_name(factory)}: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"the state_dict in {path} does not fit the module from factory {_name(factory)}: {first_line(exc)}") from exc
     module.eval()
     details = {"container": container, "factory": _name(factory), "key_prefix": prefix}
     model = Model(module, source=Source("state_dict", str(path), file_sha256(path), details=details))
@@ -455,7 +287,7 @@ def build_module(factory: Factory) -> nn.Module:
     try:
         module = fn()
     except Exception as exc:
-        raise ModelLoadError(f"factory {_name(factory)} raised {type(exc).__name__}: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"factory {_name(factory)} raised {type(exc).__name__}: {first_line(exc)}") from exc
     if not isinstance(module, nn.Module):
         raise ModelLoadError(f"factory {_name(factory)} returned a {type(module).__name__}, not a torch.nn.Module")
     return module
@@ -472,7 +304,7 @@ def resolve_factory(factory: Factory) -> Callable[[], nn.Module]:
         obj: Any = importlib.import_module(module_name)
     except Exception as exc:
         raise ModelLoadError(
-            f"cannot import factory module {module_name!r} ({type(exc).__name__}: {_first_line(exc)}); "
+            f"cannot import factory module {module_name!r} ({type(exc).__name__}: {first_line(exc)}); "
             "check the name and that its folder is on PYTHONPATH"
         ) from exc
     for part in attr.split("."):
@@ -512,6 +344,7 @@ def _name(factory: Factory) -> str:
     return repr(factory) if isinstance(factory, str) else getattr(factory, "__qualname__", repr(factory))
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (torch's messages run over many lines)."""
     text = str(exc).strip()
     return next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
