@@ -444,3 +444,29 @@ def test_roi_align_in_chunks_equals_one_pass(monkeypatch: pytest.MonkeyPatch) ->
     torch.testing.assert_close(modscope.load(model)(x, rois), whole)
     np.testing.assert_allclose(whole.detach().numpy(), _ort(model, {"x": x.numpy(), "rois": rois.numpy()})[0],
                                rtol=1e-5, atol=1e-5)
+
+
+# -- ai.onnx.ml (scikit-learn models through skl2onnx) --------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["forest_regressor", "forest_classifier_3", "boosting_classifier_2"])
+def test_tree_ensembles_from_sklearn_match_onnxruntime(kind: str) -> None:
+    skl2onnx = pytest.importorskip("skl2onnx")
+    from sklearn.ensemble import GradientBoostingClassifier, RandomForestClassifier, RandomForestRegressor
+
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(120, 4)).astype(np.float32)
+    if kind == "forest_regressor":
+        est, y = RandomForestRegressor(n_estimators=5, max_depth=4, random_state=0), x[:, 0] - x[:, 1] ** 2
+    elif kind == "forest_classifier_3":
+        est, y = RandomForestClassifier(n_estimators=5, max_depth=4, random_state=0), np.digitize(x[:, 0], [-0.5, 0.5])
+    else:
+        est, y = GradientBoostingClassifier(n_estimators=5, random_state=0), (x[:, 0] + x[:, 2] > 0).astype(int)
+    est.fit(x, y)
+    options = None if kind == "forest_regressor" else {id(est): {"zipmap": False}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        proto = skl2onnx.to_onnx(est, x[:1], target_opset={"": 17, "ai.onnx.ml": 3}, options=options)
+    assert any(n.op_type.startswith("TreeEnsemble") for n in proto.graph.node)
+    test_x = rng.normal(size=(30, 4)).astype(np.float32)
+    _assert_matches_ort(proto, {proto.graph.input[0].name: test_x})
+    if kind != "forest_regressor":
+        assert (_ours(proto, {"x": test_x})[0] == est.predict(test_x)).all()

@@ -25,6 +25,7 @@ FAMILY_MODULES = (
     "ops_control_flow",
     "ops_quantization",
     "ops_detection",
+    "ops_ml",
 )
 
 
