@@ -88,7 +88,7 @@ def run_case(case, timeout_s: int = 20) -> CaseResult:
     try:
         model = modscope.load(case.model)
         for inputs, expected in case.data_sets:
-            tensors = [torch.from_numpy(np.ascontiguousarray(i)) if isinstance(i, np.ndarray) else i for i in inputs]
+            tensors = [torch.from_numpy(np.array(i, copy=True)) if isinstance(i, np.ndarray) else i for i in inputs]
             with torch.no_grad():
                 outs = model(*tensors)
             outs = list(outs) if isinstance(outs, tuple) else [outs]
