@@ -88,7 +88,7 @@ def non_max_suppression(
         )
     limit = int(as_tensor(max_output_boxes_per_class).reshape(-1)[0]) if max_output_boxes_per_class is not None else 0
     if limit <= 0 or boxes.shape[1] == 0:
-        return torch.zeros((0, 3), dtype=torch.int64)
+        return torch.zeros((0, 3), dtype=torch.int64, device=boxes.device)
     iou = _optional_float(iou_threshold) or 0.0
     min_score = _optional_float(score_threshold)
     corners = _corners(boxes, int(ctx.attr("center_point_box", 0)))
@@ -96,7 +96,7 @@ def non_max_suppression(
     for b in range(boxes.shape[0]):
         for c in range(scores.shape[1]):
             rows += [[b, c, i] for i in _greedy(scores[b, c], corners[b], limit, iou, min_score)]
-    return torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
+    return torch.tensor(rows, dtype=torch.int64, device=boxes.device).reshape(-1, 3)
 
 
 def _axis_samples(
