@@ -14,12 +14,12 @@ summed, clipping is per task and Adam is element-wise, so a task's mask does not
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
 import warnings
 import zlib
-import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,87 +246,104 @@ def train_masks(
     config = config or MaskConfig()
     _check_tasks(tasks)
     device = resolve_device(config.device)
-    weights = select_weights(model, config)
-    layout = _Layout.of(weights)
-    K, S, N = len(tasks), config.n_samples, layout.total
-
-    logits = torch.full((K, N), config.init, device=device)
-    if initial_logits:
-        _set_initial(logits, layout, initial_logits)
-    logits = torch.nn.Parameter(logits)
-    trainable = torch.ones(N, dtype=torch.bool, device=device)
-    for name in frozen_weights(weights, config):
-        i = [w.name for w in weights].index(name)
-        trainable[layout.offsets[i] : layout.offsets[i] + weights[i].numel] = False
-    optimizer = torch.optim.Adam([logits], lr=config.lr)
-    gens = _TaskGenerators(tasks, config.seed)
-    state = TrainingState(step=0, curves={t.name: {"step": [], "loss": [], "density": []} for t in tasks})
-
-    ckpt_path = Path(checkpoint) if checkpoint else None
-    identity = {"tasks": [t.name for t in tasks], "config": config.to_dict(), "model": model.checksum, "n_masked": N}
-    if resume and ckpt_path and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, identity, logits, optimizer, gens.all())
-
     show = progress if progress is not None else os.isatty(2)
     bar = Progress(config.n_steps, enabled=show)
+    ckpt_path = Path(checkpoint) if checkpoint else None
     with model.frozen(device, train=config.train_mode) as module:
-        runner = _StepRunner(model, module, tasks, layout, config, device)
-        window_loss = torch.zeros(K, device=device)
-        window_n = 0
+        trainer = MaskTrainer(model, module, tasks, config, device, initial_logits=initial_logits)
+        state = TrainingState(step=0, curves={t.name: {"step": [], "loss": [], "density": []} for t in tasks})
+        if resume and ckpt_path and ckpt_path.exists():
+            state = load_checkpoint(ckpt_path, trainer.identity, trainer.logits, trainer.optimizer, trainer.gens.all())
+        window_loss, window_n = torch.zeros(len(tasks), device=device), 0
         bar.start(state.step)
         try:
             with _deferred_interrupts() as interrupted:
                 while state.step < config.n_steps and not interrupted():
-                    losses = _train_step(runner, tasks, logits, optimizer, trainable, gens, config, device)
-                    state.step += 1
-                    window_loss += losses
+                    window_loss += trainer.step()
                     window_n += 1
+                    state.step += 1
                     if state.step % config.log_every == 0 or state.step == config.n_steps:
-                        _record(state, tasks, window_loss / window_n, logits)
+                        _record(state, tasks, window_loss / window_n, trainer.logits)
                         window_loss.zero_()
                         window_n = 0
-                        last = {t.name: state.curves[t.name] for t in tasks}
-                        bar.update(state.step, {t: c["loss"][-1] for t, c in last.items()}, {t: c["density"][-1] for t, c in last.items()})
+                        bar.update(state.step, *_last_point(state))
                     if ckpt_path and state.step % checkpoint_every == 0 and state.step < config.n_steps:
-                        save_checkpoint(ckpt_path, identity, state, logits, optimizer, gens.all())
+                        trainer.save(ckpt_path, state)
             if state.step < config.n_steps:  # stopped by Ctrl-C or SIGTERM at a step boundary
                 raise KeyboardInterrupt
         except KeyboardInterrupt:
             if ckpt_path:
-                save_checkpoint(ckpt_path, identity, state, logits, optimizer, gens.all())
+                trainer.save(ckpt_path, state)
             raise
         finally:
             bar.close()
-    per_task = layout.split(logits.detach().cpu())
-    result = {t.name: {w.name: per_task[w.name][k] for w in weights} for k, t in enumerate(tasks)}
-    return MaskSet(result, weights, config=config, curves=state.curves, model_checksum=model.checksum,
-                   extra={"vectorize": runner.mode})
+    return trainer.result(state.curves)
 
 
-def _train_step(
-    runner: _StepRunner,
-    tasks: list[Task],
-    logits: torch.nn.Parameter,
-    optimizer: torch.optim.Optimizer,
-    trainable: torch.Tensor,
-    gens: _TaskGenerators,
-    config: MaskConfig,
-    device: torch.device,
-) -> torch.Tensor:
-    N = logits.shape[1]
-    uniforms = torch.stack([draw_uniforms((config.n_samples, N), g, device) for g in gens.noise])
-    batches = [t.batch(torch.randint(len(t), (config.batch_size,), generator=g), device) for t, g in zip(tasks, gens.data)]
-    task_losses = _forward_losses(runner, tasks, logits, uniforms, batches)
-    loss = task_losses.sum() + config.alpha * logits.sum()
-    optimizer.zero_grad(set_to_none=False)
-    loss.backward()
-    grad = logits.grad
-    assert grad is not None
-    grad.mul_(trainable)
-    if config.grad_clip is not None:
-        _clip_per_task(grad, config.grad_clip)
-    optimizer.step()
-    return task_losses.detach()
+class MaskTrainer:
+    """The state of one mask-training run and its step; `train_masks` drives it (benchmarks time `step`).
+
+    Logits of all K tasks live in one (K, N) matrix over the N masked elements, so one noise draw, one sampler call
+    and one Adam update serve every task and weight.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        module: torch.nn.Module,
+        tasks: Sequence[Task],
+        config: MaskConfig,
+        device: torch.device,
+        *,
+        initial_logits: dict[str, torch.Tensor] | None = None,
+    ):
+        self.model, self.tasks, self.config, self.device = model, list(tasks), config, device
+        self.weights = select_weights(model, config)
+        self.layout = _Layout.of(self.weights)
+        K, N = len(self.tasks), self.layout.total
+        logits = torch.full((K, N), config.init, device=device)
+        if initial_logits:
+            _set_initial(logits, self.layout, initial_logits)
+        self.logits = torch.nn.Parameter(logits)
+        self.trainable = torch.ones(N, dtype=torch.bool, device=device)
+        frozen = frozen_weights(self.weights, config)
+        for w, offset in zip(self.weights, self.layout.offsets):
+            if w.name in frozen:
+                self.trainable[offset : offset + w.numel] = False
+        self.optimizer = torch.optim.Adam([self.logits], lr=config.lr)
+        self.gens = _TaskGenerators(self.tasks, config.seed)
+        self.runner = _StepRunner(model, module, self.tasks, self.layout, config, device)
+        self.identity = {"tasks": [t.name for t in self.tasks], "config": config.to_dict(), "model": model.checksum, "n_masked": N}
+
+    def step(self) -> torch.Tensor:
+        """One optimisation step of every task's mask; returns the task losses (K,)."""
+        config, N = self.config, self.layout.total
+        uniforms = torch.stack([draw_uniforms((config.n_samples, N), g, self.device) for g in self.gens.noise])
+        batches = [t.batch(torch.randint(len(t), (config.batch_size,), generator=g), self.device) for t, g in zip(self.tasks, self.gens.data)]
+        task_losses = _forward_losses(self.runner, self.tasks, self.logits, uniforms, batches)
+        loss = task_losses.sum() + config.alpha * self.logits.sum()
+        self.optimizer.zero_grad(set_to_none=False)
+        loss.backward()
+        grad = self.logits.grad
+        assert grad is not None
+        grad.mul_(self.trainable)
+        if config.grad_clip is not None:
+            _clip_per_task(grad, config.grad_clip)
+        self.optimizer.step()
+        return task_losses.detach()
+
+    def save(self, path: Path, state: TrainingState) -> None:
+        save_checkpoint(path, self.identity, state, self.logits, self.optimizer, self.gens.all())
+
+    def result(self, curves: dict[str, dict[str, list[float]]]) -> MaskSet:
+        per_weight = self.layout.split(self.logits.detach().cpu())
+        logits = {t.name: {w.name: per_weight[w.name][k] for w in self.weights} for k, t in enumerate(self.tasks)}
+        return MaskSet(logits, self.weights, config=self.config, curves=curves, model_checksum=self.model.checksum,
+                       extra={"vectorize": self.runner.mode})
+
+
+def _last_point(state: TrainingState) -> tuple[dict[str, float], dict[str, float]]:
+    return ({t: c["loss"][-1] for t, c in state.curves.items()}, {t: c["density"][-1] for t, c in state.curves.items()})
 
 
 def _forward_losses(runner: _StepRunner, tasks: list[Task], logits: torch.Tensor, uniforms: torch.Tensor, batches: list) -> torch.Tensor:
