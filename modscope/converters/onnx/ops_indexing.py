@@ -1,6 +1,6 @@
 """Indexing: Gather*, Scatter*, TensorScatter, Slice, Compress, NonZero, TopK, Unique, ReverseSequence, Trilu.
 
-Data moves through torch indexing (``x[..., idx]``, ``gather``, ``scatter``, ``index_select``), so gradients reach
+Data moves through torch indexing (``x[..., idx]``, ``gather``, ``scatter``), so gradients reach
 float data and updates, and the handlers run under ``torch.func.vmap`` when the data is batched. Index tensors may
 be negative (counted from the end, as ONNX allows); they are wrapped once with `_wrap`. Slice bounds, k and
 sequence lengths are shape-like and read as python ints.
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ...errors import InvalidParameterError, ShapeError
-from .oputil import as_int, as_ints, as_tensor, normalize_axes, normalize_axis, widen
+from .oputil import as_int, as_ints, as_tensor, normalize_axes, normalize_axis, take, widen
 from .registry import NodeContext, OpSet
 
 ops = OpSet()
@@ -31,23 +31,24 @@ def _wrap(indices: Any, size: int | torch.Tensor) -> torch.Tensor:
 
 def _scatter(data: torch.Tensor, dim: int, index: torch.Tensor, updates: torch.Tensor, reduction: str) -> torch.Tensor:
     """Out-of-place ``data.scatter`` with an ONNX ``reduction`` (none, add, mul, max, min)."""
+    wide, updates = widen(data), widen(updates.to(data.dtype))
     if reduction == "none":
-        return data.scatter(dim, index, updates)
+        return wide.scatter(dim, index, updates).to(data.dtype)
     if reduction not in _REDUCE:
         raise InvalidParameterError(f"scatter reduction must be none, add, mul, max or min, got {reduction!r}")
-    return data.scatter_reduce(dim, index, updates, _REDUCE[reduction], include_self=True)
+    return wide.scatter_reduce(dim, index, updates, _REDUCE[reduction], include_self=True).to(data.dtype)
 
 
 @ops.register("Gather")
 def gather(ctx: NodeContext, x: torch.Tensor, indices: Any) -> torch.Tensor:
     axis = normalize_axis(ctx.attr("axis", 0), x.dim())
-    return x[(slice(None),) * axis + (_wrap(indices, x.shape[axis]),)]
+    return take(x, axis, _wrap(indices, x.shape[axis]))
 
 
 @ops.register("GatherElements")
 def gather_elements(ctx: NodeContext, x: torch.Tensor, indices: Any) -> torch.Tensor:
     axis = normalize_axis(ctx.attr("axis", 0), x.dim())
-    return torch.gather(x, axis, _wrap(indices, x.shape[axis]))
+    return torch.gather(widen(x), axis, _wrap(indices, x.shape[axis])).to(x.dtype)
 
 
 @ops.register("GatherND")
@@ -67,7 +68,7 @@ def gather_nd(ctx: NodeContext, x: torch.Tensor, indices: Any) -> torch.Tensor:
 @ops.register("Scatter", "ScatterElements")
 def scatter_elements(ctx: NodeContext, x: torch.Tensor, indices: Any, updates: torch.Tensor) -> torch.Tensor:
     axis = normalize_axis(ctx.attr("axis", 0), x.dim())
-    return _scatter(x, axis, _wrap(indices, x.shape[axis]), updates.to(x.dtype), ctx.attr("reduction", "none"))
+    return _scatter(x, axis, _wrap(indices, x.shape[axis]), updates, ctx.attr("reduction", "none"))
 
 
 @ops.register("ScatterND")
@@ -80,7 +81,7 @@ def scatter_nd(ctx: NodeContext, x: torch.Tensor, indices: Any, updates: torch.T
     flat = flat.reshape(-1)
     n_rest = math.prod(rest)
     data = x.reshape(math.prod(lead), n_rest)
-    upd = updates.to(x.dtype).reshape(flat.numel(), n_rest)
+    upd = updates.reshape(flat.numel(), n_rest)
     index = flat[:, None].expand(flat.numel(), n_rest)
     return _scatter(data, 0, index, upd, ctx.attr("reduction", "none")).reshape(x.shape)
 
@@ -100,7 +101,7 @@ def tensor_scatter(
     if ctx.attr("mode", "linear") == "circular":
         pos = pos.remainder(length)
     index = pos.reshape(shape).expand(update.shape)
-    return cache.scatter(axis, index, update.to(cache.dtype))
+    return _scatter(cache, axis, index, update, "none")
 
 
 def slice_axis(x: torch.Tensor, axis: int, start: int, end: int, step: int = 1) -> torch.Tensor:
@@ -125,7 +126,7 @@ def slice_axis(x: torch.Tensor, axis: int, start: int, end: int, step: int = 1) 
         start, end = min(max(start, 0), n), min(max(end, 0), n)
         return x[(slice(None),) * axis + (slice(start, end, step),)]
     start, end = min(max(start, 0), n - 1), min(max(end, -1), n - 1)
-    return x.index_select(axis, torch.arange(start, end, step, dtype=torch.int64))
+    return take(x, axis, torch.arange(start, end, step, dtype=torch.int64))
 
 
 @ops.register("Slice")
@@ -151,7 +152,7 @@ def compress(ctx: NodeContext, x: torch.Tensor, condition: Any) -> torch.Tensor:
         x, axis = x.reshape(-1), 0
     axis = normalize_axis(axis, x.dim())
     keep = as_tensor(condition).bool().reshape(-1)[: x.shape[axis]]
-    return x.index_select(axis, torch.nonzero(keep).reshape(-1))
+    return take(x, axis, torch.nonzero(keep).reshape(-1))
 
 
 @ops.register("NonZero")
@@ -185,7 +186,7 @@ def unique(ctx: NodeContext, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     first = first.scatter_reduce(0, inverse, positions, "amin")
     if not ctx.attr("sorted", 1):  # order of first occurrence
         order = torch.argsort(first)
-        values, first, counts = values.index_select(dim, order), first[order], counts[order]
+        values, first, counts = take(values, dim, order), first[order], counts[order]
         inverse = torch.argsort(order)[inverse]
     return values.to(x.dtype), first, inverse, counts
 
@@ -200,7 +201,7 @@ def reverse_sequence(ctx: NodeContext, x: torch.Tensor, sequence_lens: Any) -> t
         source = source.T
     shape = [1] * x.dim()
     shape[time_axis], shape[batch_axis] = x.shape[time_axis], x.shape[batch_axis]
-    return torch.gather(x, time_axis, source.reshape(shape).expand(x.shape))
+    return torch.gather(widen(x), time_axis, source.reshape(shape).expand(x.shape)).to(x.dtype)
 
 
 @ops.register("Trilu", since=14)

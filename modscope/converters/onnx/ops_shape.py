@@ -1,6 +1,6 @@
 """Shape manipulation: Reshape, Flatten, Transpose, (Un)Squeeze, Concat, Split, Expand, Tile, Shape, Size, Range ...
 
-Every handler moves data with torch views, ``reshape``/``permute``/``cat``/``index_select``, so gradients flow to
+Every handler moves data with torch views, ``reshape``/``permute``/``cat``/indexing, so gradients flow to
 float inputs and the ops run under ``torch.func.vmap`` (``x.shape`` is the per-sample shape there). Shape-like
 inputs (target shapes, axes, repeats) are read as python ints. `pad_tensor` serves Pad and CenterCropPad.
 """
@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ...errors import InvalidParameterError, ShapeError
-from .oputil import as_int, as_ints, normalize_axes, normalize_axis, torch_dtype
+from .oputil import as_int, as_ints, normalize_axes, normalize_axis, take, torch_dtype
 from .registry import NodeContext, OpSet
 
 ops = OpSet()
@@ -253,7 +253,7 @@ def pad_tensor(
         if b or e:
             if x.shape[axis] == 0:
                 raise InvalidParameterError(f"Pad mode {mode!r} cannot pad an empty axis {axis}; use constant mode")
-            x = x.index_select(axis, _pad_indices(x.shape[axis], b, e, mode))
+            x = take(x, axis, _pad_indices(x.shape[axis], b, e, mode))
     return x
 
 

@@ -141,3 +141,16 @@ def as_tensor(value: Any) -> torch.Tensor:
 def widen(x: torch.Tensor) -> torch.Tensor:
     """``x`` as int64 when its unsigned dtype lacks torch kernels (uint16/32/64); otherwise ``x`` itself."""
     return x.to(torch.int64) if x.dtype in _SPARSE_SUPPORT else x
+
+
+def take(x: torch.Tensor, axis: int, indices: torch.Tensor) -> torch.Tensor:
+    """``x`` indexed by int64 ``indices`` along ``axis`` (like ``index_select``, but for every dtype, any index rank).
+
+    The indexed axis is replaced by the dimensions of ``indices``; differentiable and usable under ``vmap``.
+
+    Example:
+        >>> take(torch.arange(6).reshape(2, 3), 1, torch.tensor([2, 0]))
+        tensor([[2, 0],
+                [5, 3]])
+    """
+    return x[(slice(None),) * axis + (indices,)]
