@@ -1,4 +1,10 @@
-"""Reading ONNX files and ModelProtos into a `Model`."""
+"""Reading ONNX files and ModelProtos into a `Model`.
+
+The file is parsed with protobuf only (nothing in it is executed), checked for the damage a truncated or foreign
+file shows (no graph, no opset, values that nothing defines), and compiled into an `OnnxGraphModule`. The weight
+registry comes from how the graph uses each initializer (``roles.py``): every weight keeps its ONNX initializer
+name as ``WeightInfo.source_name``, so masks and ablations can be written back into the original file.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +14,14 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import onnx
+from google.protobuf.message import DecodeError
 
 from ...errors import ModelLoadError
 from ...model import Model, Source, WeightInfo
 from . import make_table
 from .graph import OnnxGraphModule
 from .registry import Handler, OpKey
+from .roles import find_weights
 
 
 def load_onnx(
@@ -21,26 +29,110 @@ def load_onnx(
     *,
     op_handlers: Mapping[str | OpKey, Handler] | None = None,
 ) -> Model:
-    """Convert an ONNX model to a `Model` whose module runs the graph with torch operations."""
-    path = None
+    """Convert an ONNX model to a `Model` whose module runs the graph with torch operations.
+
+    Args:
+        source: a path to an ``.onnx`` file (external data files are read from its folder only), or a ModelProto
+            (not modified; its external data must already be loaded, as ``onnx.load(path)`` does).
+        op_handlers: extra or replacement op handlers, keyed by op type (default domain) or (domain, op_type);
+            each is ``handler(ctx, *inputs)`` as in ``modscope.converters.onnx.registry``.
+
+    Returns:
+        A `Model`: ``model.module`` is an `OnnxGraphModule`, ``model.weights`` lists the float initializers that
+        act as weights (kind and layer filled in), ``model.source`` records the file, its sha256 and the opset.
+
+    Raises:
+        ModelLoadError: the file is missing, empty, truncated, corrupt or not ONNX, or its external data is
+            missing or lies outside the model's folder.
+        UnsupportedOperatorError: an operator has no handler (all of them are named).
+
+    Example:
+        >>> import numpy as np
+        >>> from onnx import helper, numpy_helper, TensorProto
+        >>> w = numpy_helper.from_array(np.ones((3, 2), np.float32), "fc.weight")
+        >>> graph = helper.make_graph(
+        ...     [helper.make_node("MatMul", ["x", "fc.weight"], ["y"])], "g",
+        ...     [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+        ...     [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], initializer=[w])
+        >>> model = load_onnx(helper.make_model(graph))
+        >>> [(w.name, w.kind, w.layer, w.source_name) for w in model.weights]
+        [('params.fc_weight', 'weight', 'fc', 'fc.weight')]
+    """
     if isinstance(source, onnx.ModelProto):
-        proto = source
-        checksum = hashlib.sha256(proto.SerializeToString()).hexdigest()
-        base_dir = None
+        proto, path, base_dir = source, None, None
+        checksum = _proto_checksum(proto)
+        _check_model(proto, "the ModelProto")
     else:
         path = Path(source)
-        try:
-            data = path.read_bytes()
-            proto = onnx.load_from_string(data)
-        except (OSError, Exception) as exc:  # refined by the converter issue
-            raise ModelLoadError(f"cannot read ONNX model {path}: {exc}") from exc
+        data = _read(path)
+        proto = _parse(data, path)
         checksum = hashlib.sha256(data).hexdigest()
-        base_dir = str(path.parent)
-    module = OnnxGraphModule(proto, make_table(op_handlers), base_dir=base_dir)
-    weights = [
-        WeightInfo(torch_name, tuple(module.get_parameter(torch_name).shape), "weight", onnx_name, onnx_name)
-        for onnx_name, torch_name in module.param_names.items()
-    ]
-    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
-    src = Source("onnx", str(path) if path else None, checksum, opset, {"producer": proto.producer_name})
+        base_dir = str(path.resolve().parent)
+    roles = find_weights(proto.graph)
+    module = OnnxGraphModule(proto, make_table(op_handlers), weight_initializers=roles, base_dir=base_dir)
+    weights = []
+    for onnx_name, torch_name in module.param_names.items():
+        role = roles[onnx_name]
+        shape = tuple(module.get_parameter(torch_name).shape)
+        weights.append(WeightInfo(torch_name, shape, role.kind, role.layer, onnx_name))
+    opsets = {o.domain or "ai.onnx": o.version for o in proto.opset_import}
+    details = {
+        "producer": proto.producer_name,
+        "producer_version": proto.producer_version,
+        "ir_version": proto.ir_version,
+        "opsets": opsets,
+    }
+    src = Source("onnx", str(path) if path else None, checksum, opsets.get("ai.onnx"), details)
     return Model(module, weights=weights, source=src)
+
+
+def _read(path: Path) -> bytes:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise ModelLoadError(f"ONNX file {path} does not exist") from exc
+    except OSError as exc:
+        raise ModelLoadError(f"ONNX file {path} cannot be read ({exc.strerror or exc})") from exc
+    if not data:
+        raise ModelLoadError(f"ONNX file {path} is empty (0 bytes); export or download it again")
+    return data
+
+
+def _parse(data: bytes, path: Path) -> onnx.ModelProto:
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise ModelLoadError(
+            f"{path} is not a readable ONNX model: its bytes do not parse as an ONNX protobuf (the file is "
+            "truncated, corrupt or of another format)"
+        ) from exc
+    _check_model(proto, str(path))
+    return proto
+
+
+def _check_model(proto: onnx.ModelProto, what: str) -> None:
+    """Reject messages that parse but cannot be a model: no graph, no outputs, or no operator set."""
+    if not proto.HasField("graph"):
+        raise ModelLoadError(f"{what} is not an ONNX model: it has no graph (truncated, or another kind of file)")
+    if not proto.graph.output:
+        raise ModelLoadError(f"{what} is not a usable ONNX model: its graph has no outputs (truncated or corrupt)")
+    if proto.ir_version >= 3 and not proto.opset_import:
+        raise ModelLoadError(
+            f"{what} names no operator set (opset_import is empty); the file is truncated or corrupt, re-export it"
+        )
+
+
+def _proto_checksum(proto: onnx.ModelProto) -> str:
+    try:
+        return hashlib.sha256(proto.SerializeToString()).hexdigest()
+    except ValueError:  # over protobuf's 2 GB limit: hash the structure and each tensor's bytes instead
+        h = hashlib.sha256()
+        graph = onnx.GraphProto()
+        graph.CopyFrom(proto.graph)
+        graph.ClearField("initializer")
+        h.update(graph.SerializeToString())
+        for init in proto.graph.initializer:
+            h.update(init.name.encode())
+            h.update(init.raw_data)
+        return h.hexdigest()

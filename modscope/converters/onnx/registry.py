@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import onnx
-import torch
 from onnx import numpy_helper
+
+from .tensors import tensor_from_proto
 
 Handler = Callable[..., Any]
 OpKey = tuple[str, str]  # (domain, op_type); "" is the default ONNX domain
@@ -57,6 +58,7 @@ class OpTable:
 
     def __init__(self, entries: Iterable[tuple[str, str, int, Handler]] = ()):
         self._ops: dict[OpKey, list[tuple[int, Handler]]] = {}
+        self.overridden: set[OpKey] = set()  # ops whose handlers the caller supplied
         for domain, op_type, since, fn in entries:
             self.add(op_type, fn, domain=domain, since=since)
 
@@ -69,9 +71,11 @@ class OpTable:
         """A copy with ``handlers`` added; keys are op types (default domain) or (domain, op_type)."""
         table = OpTable()
         table._ops = {k: list(v) for k, v in self._ops.items()}
+        table.overridden = set(self.overridden)
         for key, fn in handlers.items():
             domain, op_type = key if isinstance(key, tuple) else ("", key)
             table._ops[(_norm_domain(domain), op_type)] = [(1, fn)]
+            table.overridden.add((_norm_domain(domain), op_type))
         return table
 
     def lookup(self, domain: str, op_type: str, opset: int) -> Handler | None:
@@ -132,31 +136,23 @@ class NodeContext:
 
 
 def decode_attribute(attr: onnx.AttributeProto) -> Any:
-    """An AttributeProto as a python value (tensors as torch tensors, strings as str, graphs as GraphProto)."""
+    """An AttributeProto as a python value (tensors as torch tensors, strings as str, graphs as GraphProto).
+
+    String tensors stay numpy arrays of bytes, since torch has no string type.
+    """
     value = onnx.helper.get_attribute_value(attr)
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="replace")
     if isinstance(value, onnx.TensorProto):
-        return tensor_from_proto(value)
+        return _decode_tensor(value)
     if isinstance(value, list) and value and isinstance(value[0], bytes):
         return [v.decode("utf-8", errors="replace") for v in value]
     if isinstance(value, list) and value and isinstance(value[0], onnx.TensorProto):
-        return [tensor_from_proto(v) for v in value]
+        return [_decode_tensor(v) for v in value]
     return value
 
 
-def tensor_from_proto(proto: onnx.TensorProto, base_dir: str | None = None) -> torch.Tensor:
-    """A TensorProto as a torch tensor (a copy; external data read from ``base_dir``)."""
-    array = numpy_helper.to_array(proto, base_dir or "")
-    if array.dtype.kind in "OUS":
-        raise TypeError("string tensors are not supported")
-    if array.dtype == bool or array.dtype.kind in "fiuc":
-        try:
-            return torch.from_numpy(array.copy())
-        except TypeError:  # dtypes torch lacks (uint16 ...)
-            return torch.from_numpy(array.astype(_widen(array.dtype)))
-    return torch.from_numpy(array.astype("float32"))
-
-
-def _widen(dtype: Any) -> str:
-    return {"H": "int32", "I": "int64", "L": "int64", "e": "float16"}.get(dtype.char, "float32")
+def _decode_tensor(proto: onnx.TensorProto) -> Any:
+    if proto.data_type == onnx.TensorProto.STRING:
+        return numpy_helper.to_array(proto)
+    return tensor_from_proto(proto)

@@ -1,0 +1,198 @@
+"""Compiling an ONNX graph into an execution plan: node order, value slots and when each value can be freed.
+
+A plan numbers every value of a graph with a *slot*; running the plan fills a python list indexed by slot, which is
+faster than a dict keyed by name. Slot 0 always holds ``None`` (an omitted optional input reads it) and slot 1
+swallows the outputs a node leaves unnamed. After each step the plan drops the values no later step reads, so
+intermediate tensors are freed as soon as possible.
+
+Sub-graphs (If branches, Loop and Scan bodies) get their own plans. The names they read from enclosing graphs are
+their *free variables*, copied in from the enclosing scope when the sub-graph runs; the node that owns a sub-graph
+counts as reading them, so they stay alive until it has run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import onnx
+
+from ...errors import ModelLoadError
+from .roles import subgraphs
+
+NONE_SLOT, SINK_SLOT, FIRST_SLOT = 0, 1, 2
+
+
+class Step(NamedTuple):
+    """One node to run: ``handler(ctx, *values[inputs])`` stored into ``outputs``, then ``free`` cleared.
+
+    A tuple, because the interpreter unpacks it on every call.
+    """
+
+    handler: Callable[..., Any]
+    ctx: Any
+    inputs: tuple[int, ...]
+    outputs: tuple[int, ...]
+    free: tuple[int, ...]
+    scoped: bool  # the node owns sub-graphs, so its handler needs ``ctx.env``
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A compiled graph.
+
+    Attributes:
+        steps: the nodes in execution order.
+        slot_of: value name -> slot.
+        n_slots: the length of the value list.
+        inputs: the slots of the graph's formal inputs, in order.
+        outputs: the slots of the graph's outputs, in order.
+        free_vars: (name, slot) for each value read from enclosing scopes (empty for the main graph).
+    """
+
+    steps: tuple[Step, ...]
+    slot_of: dict[str, int]
+    n_slots: int
+    inputs: tuple[int, ...]
+    outputs: tuple[int, ...]
+    free_vars: tuple[tuple[str, int], ...]
+
+
+def free_names(graph: onnx.GraphProto, skip: set[int]) -> set[str]:
+    """Names ``graph`` (or a sub-graph of it) reads but does not define; nodes in ``skip`` (by id) define nothing.
+
+    Initializers of ``graph`` count as free: modscope keeps every initializer in the main graph's scope.
+    """
+    defined = {i.name for i in graph.input}
+    used = {o.name for o in graph.output}  # an output may be an outer value or a folded constant
+    for node in graph.node:
+        used.update(name for name in node.input if name)
+        for sub in subgraphs(node):
+            used |= free_names(sub, skip)
+        if id(node) not in skip:
+            defined.update(node.output)
+    return used - defined
+
+
+def order_nodes(
+    nodes: Sequence[onnx.NodeProto], defined: set[str], reads: Callable[[onnx.NodeProto], Iterable[str]]
+) -> list[onnx.NodeProto]:
+    """``nodes`` in an order where each runs after the values it reads exist (the file's order when it is valid).
+
+    Raises:
+        ModelLoadError: a node reads a value that nothing defines, or the nodes form a cycle.
+    """
+    known = set(defined)
+    in_order = True
+    for node in nodes:
+        if any(name not in known for name in reads(node)):
+            in_order = False
+            break
+        known.update(node.output)
+    if in_order:
+        return list(nodes)
+    known, pending, ordered = set(defined), list(nodes), []
+    while pending:
+        ready = [n for n in pending if all(name in known for name in reads(n))]
+        if not ready:
+            node = pending[0]
+            missing = next(name for name in reads(node) if name not in known)
+            producers = {out for n in pending for out in n.output}
+            why = "the nodes form a cycle" if missing in producers else "nothing in the graph defines it"
+            raise ModelLoadError(
+                f"node '{node.name or node.output[0]}' ({node.op_type}) reads '{missing}', but {why}; "
+                "the file is truncated or corrupt, re-export it"
+            )
+        ready_ids = {id(n) for n in ready}
+        pending = [n for n in pending if id(n) not in ready_ids]
+        for node in ready:
+            known.update(node.output)
+        ordered += ready
+    return ordered
+
+
+def build_plan(
+    entries: Sequence[tuple[onnx.NodeProto, Sequence[str], Callable[..., Any], Any, frozenset[str]]],
+    *,
+    inputs: Sequence[str],
+    outputs: Sequence[str],
+    presets: Sequence[str] = (),
+    free_vars: Sequence[str] = (),
+    aliases: dict[str, str] | None = None,
+) -> Plan:
+    """Number the values and work out when each can be freed.
+
+    Args:
+        entries: (node, the names it reads, handler, ctx, the names its sub-graphs read from outside), in
+            execution order.
+        inputs: the graph's formal inputs (fed by the caller).
+        outputs: the graph's outputs.
+        presets: values filled before the run starts, given slots ``FIRST_SLOT`` on in this order (weights and
+            constants of the main graph).
+        free_vars: values copied in from enclosing scopes (sub-graphs).
+        aliases: value -> the earlier value it is identical to (Identity outputs): both share one slot and the
+            node that made the alias is left out of ``entries``.
+
+    Raises:
+        ModelLoadError: a graph output that nothing computes.
+    """
+    slot_of: dict[str, int] = {"": NONE_SLOT}
+    n_slots = FIRST_SLOT
+
+    def slot(name: str) -> int:
+        nonlocal n_slots
+        if name not in slot_of:
+            slot_of[name], n_slots = n_slots, n_slots + 1
+        return slot_of[name]
+
+    for name in [*presets, *free_vars, *inputs]:
+        slot(name)
+    raw_steps = []
+    pending_aliases = dict(aliases or {})
+    for node, names, handler, ctx, outer in entries:
+        _bind_aliases(pending_aliases, slot_of)
+        ins = tuple(slot_of.get(name, NONE_SLOT) if name else NONE_SLOT for name in names)
+        reads = set(ins) | {slot_of[name] for name in outer if name in slot_of}
+        outs = tuple(slot(name) if name else SINK_SLOT for name in node.output)
+        raw_steps.append((node, handler, ctx, ins, outs, reads, bool(outer) or bool(subgraphs(node))))
+    _bind_aliases(pending_aliases, slot_of)
+    missing = [name for name in outputs if name not in slot_of]
+    if missing:
+        raise ModelLoadError(f"graph output '{missing[0]}' is never computed; the file is truncated or corrupt")
+    out_slots = tuple(slot_of[name] for name in outputs)
+    keep = set(out_slots) | {NONE_SLOT, SINK_SLOT} | set(range(FIRST_SLOT, FIRST_SLOT + len(presets)))
+    last_use: dict[int, int] = {}
+    for index, (_, _, _, _, outs, reads, _) in enumerate(raw_steps):
+        for s in outs:
+            last_use.setdefault(s, index)  # an output nobody reads is freed right away
+        for s in reads:
+            last_use[s] = index
+    free_at: dict[int, list[int]] = {}
+    for s, index in last_use.items():
+        if s not in keep:
+            free_at.setdefault(index, []).append(s)
+    steps = tuple(
+        Step(handler, ctx, ins, outs, tuple(free_at.get(index, ())), scoped)
+        for index, (_, handler, ctx, ins, outs, _, scoped) in enumerate(raw_steps)
+    )
+    return Plan(
+        steps=steps,
+        slot_of=slot_of,
+        n_slots=n_slots,
+        inputs=tuple(slot_of[name] for name in inputs),
+        outputs=out_slots,
+        free_vars=tuple((name, slot_of[name]) for name in free_vars),
+    )
+
+
+def _bind_aliases(pending: dict[str, str], slot_of: dict[str, int]) -> None:
+    """Give each alias whose source has a slot by now that same slot (chains resolve over repeated calls)."""
+    changed = True
+    while changed and pending:
+        changed = False
+        for alias, source in list(pending.items()):
+            if source in slot_of:
+                slot_of[alias] = slot_of[source]
+                del pending[alias]
+                changed = True
