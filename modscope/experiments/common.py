@@ -75,10 +75,10 @@ def train_network(
             torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
         optimizer.step()
         if step % 100 == 0 or step == n_steps:
-            curve.append(float(loss))
+            curve.append(float(loss.detach()))
             if progress:
                 rate = step / (time.perf_counter() - start)
-                print(f"\rbase network {step}/{n_steps} {rate:6.1f} steps/s loss {float(loss):.4f}\033[K", end="", file=sys.stderr)
+                print(f"\rbase network {step}/{n_steps} {rate:6.1f} steps/s loss {curve[-1]:.4f}\033[K", end="", file=sys.stderr)
     if progress:
         print(file=sys.stderr)
     net.eval()

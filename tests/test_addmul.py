@@ -1,0 +1,55 @@
+"""The add/mul experiment: data, model, report contents; the quick preset's guarantees (slow)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from modscope.experiments import addmul, get_experiment
+from modscope.experiments.common import ExperimentOptions
+
+
+def test_encoding_is_little_endian_one_hot():
+    x = addmul.encode(np.array([47]), np.array([5]), np.array([1]))
+    assert x.shape == (1, 42) and x.sum() == 5
+    assert np.flatnonzero(x[0]).tolist() == [7, 14, 25, 30, 41]  # 7, 4, 5, 0 (digits), op × at 40 + 1
+    assert addmul.targets(np.array([47]), np.array([5]), np.array([1])).tolist() == [[5, 3]]  # 235 mod 100 = 35
+    assert addmul.targets(np.array([99]), np.array([3]), np.array([0])).tolist() == [[2, 0]]  # 102 mod 100 = 2
+
+
+def test_training_tasks_cover_every_combination_once():
+    train, valid = addmul.make_tasks(n_valid=100)
+    assert len(train["control"]) == 20_000 and len(train["add"]) == len(train["mul"]) == 10_000
+    assert torch.all(train["add"].inputs[0][:, 40] == 1) and torch.all(train["mul"].inputs[0][:, 41] == 1)
+    assert len(valid["iid"]) == 100 and len(valid["add"]) + len(valid["mul"]) == 100
+
+
+def test_network_reads_two_digits():
+    net = addmul.AddMulNet((16, 8))
+    assert net(torch.zeros(3, 42)).shape == (3, 2, 10)
+
+
+def test_tiny_run_reports_every_claimed_quantity(tmp_path):
+    tiny = {"hidden": (32, 16), "base_steps": 30, "mask_steps": 10, "n_valid": 200, "batch_size": 32}
+    report = get_experiment("addmul").run(ExperimentOptions(out=tmp_path, progress=False, overrides=tiny))
+    run = report["runs"][0]
+    assert set(run["accuracy"]) == {"full", "control", "add", "mul", "not_control", "not_add", "not_mul"}
+    assert all(set(v) == {"add", "mul"} for v in run["accuracy"].values())
+    assert set(run["sharing"]["per_layer"]) == set(run["layers"]) == {"layers.0", "layers.2", "layers.4"}
+    assert len(run["iou"]["per_layer"]["layers.0"]) == 2
+    assert any("also used by ×" in c["what"] for c in report["claims"])
+    saved = json.loads((tmp_path / "addmul.json").read_text())
+    assert saved["claims"] == report["claims"]
+    assert (tmp_path / "addmul.html").read_text().count("<pre>") == 3
+
+
+@pytest.mark.slow
+def test_quick_preset_shows_what_the_method_must_do(tmp_path):
+    report = addmul.run(ExperimentOptions(quick=True, out=tmp_path, progress=False))
+    acc = report["runs"][0]["accuracy"]
+    for op in ("add", "mul"):
+        assert acc[op][op] >= 0.9 * acc["full"][op], f"the {op} mask must keep its task"
+        assert acc[f"not_{op}"][op] < 0.1, f"removing the {op} mask must break its task"
