@@ -1,0 +1,235 @@
+"""`modscope fit`: train one mask per task on a model file and write a run folder."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import InvalidParameterError
+from ..masks.config import MaskConfig
+from ._common import add_model_options, log, model_options, parse_assignment, text_table
+from .config_flags import add_dataclass_flags, dataclass_values
+
+HELP = "train one mask per task and write a run folder (masks, config, curves, report.json)"
+DESCRIPTION = """\
+Train a binary weight mask for each task on the frozen model, measure the masks, and write a run folder.
+
+Task data files (.npz, .pt or .safetensors) hold the inputs as x (or x0, x1, ... for several inputs) and the
+targets as y, one row per example. --loss, --metric and --output apply to every task, or to one task as
+TASK=VALUE. The mask-training flags are the fields of modscope.MaskConfig and default to its (the paper's) values.
+
+The run folder gets masks.safetensors, config.json, curves.json and report.json, each written atomically.
+Ctrl-C or SIGTERM leaves a checkpoint in the folder: run the same command with --resume to continue it to the masks
+an uninterrupted run gives."""
+EXAMPLE = "modscope fit model.onnx --task add=add.npz --task mul=mul.npz --n-steps 2000 --out runs/addmul"
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..runs import RunFolder
+
+
+def _task_spec(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"a task needs a name: NAME=FILE, e.g. --task add=add.npz (got {text!r})")
+    return name, path
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="the model file (ONNX, .pt2, TorchScript, state_dict with --factory ...)")
+    p.add_argument("--task", action="append", required=True, type=_task_spec, metavar="NAME=FILE",
+                   help="a task and its data file; repeat for each task")
+    p.add_argument("--eval", action="append", type=_task_spec, default=[], metavar="NAME=FILE",
+                   help="held-out data of a task for the report's metrics (default: its training data)")
+    p.add_argument("--loss", action="append", metavar="[TASK=]LOSS",
+                   help="ce, seq_ce, bce or mse, for every task or for one (default: ce)")
+    p.add_argument("--metric", action="append", metavar="[TASK=]METRIC",
+                   help="accuracy or mse (default: accuracy; mse for the mse loss)")
+    p.add_argument("--output", action="append", metavar="[TASK=]INDEX",
+                   help="which model output a task reads, for models with several outputs")
+    p.add_argument("--out", "-o", required=True, metavar="RUN", help="the run folder to write")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in RUN")
+    p.add_argument("--force", action="store_true", help="replace the run that RUN holds")
+    p.add_argument("--checkpoint-every", type=_positive, metavar="N",
+                   help="steps between checkpoints (default: that of modscope.train_masks)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction,
+                   help="show a progress line on stderr (default: when stderr is a terminal)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no log lines on stderr")
+    add_model_options(p)
+    add_dataclass_flags(p.add_argument_group("mask training (the fields of modscope.MaskConfig)"), MaskConfig)
+
+
+def _per_task(values: list[str] | None, flag: str, names: list[str]) -> dict[str, str]:
+    """``--flag VALUE`` for every task, then ``--flag TASK=VALUE`` for one (the specific value wins)."""
+    general: dict[str, str] = {}
+    specific: dict[str, str] = {}
+    for text in values or []:
+        try:
+            name, value = parse_assignment(text, flag)
+        except argparse.ArgumentTypeError as exc:
+            raise InvalidParameterError(str(exc)) from None
+        if name is None:
+            general.update(dict.fromkeys(names, value))
+        elif name not in names:
+            raise InvalidParameterError(f"{flag} {text}: there is no task {name!r} (the tasks are {', '.join(names)})")
+        else:
+            specific[name] = value
+    return {**general, **specific}
+
+
+def _task_options(args: argparse.Namespace, names: list[str]) -> dict[str, dict[str, Any]]:
+    losses = _per_task(args.loss, "--loss", names)
+    metrics = _per_task(args.metric, "--metric", names)
+    outputs = _per_task(args.output, "--output", names)
+    return {n: {"loss": losses.get(n), "metric": metrics.get(n),
+                "output": int(outputs[n]) if n in outputs and outputs[n].lstrip("-").isdigit() else outputs.get(n)}
+            for n in names}
+
+
+def _check_names(tasks: list[tuple[str, str]], evals: list[tuple[str, str]]) -> list[str]:
+    names = [n for n, _ in tasks]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise InvalidParameterError(f"task names must be unique; {', '.join(dupes)} is given twice")
+    eval_names = [n for n, _ in evals]
+    stray = [n for n in eval_names if n not in names]
+    if stray or len(set(eval_names)) < len(eval_names):
+        raise InvalidParameterError(f"--eval must name each task at most once, and only tasks given with --task (got {eval_names})")
+    return names
+
+
+def _prepare_folder(run: RunFolder, args: argparse.Namespace) -> bool:
+    """Check what ``--out`` holds; return whether this command creates it."""
+    path = run.path
+    if path.exists() and not path.is_dir():
+        raise InvalidParameterError(f"--out {path} is a file; give a folder for the run")
+    if not path.exists():
+        return True
+    if args.force:
+        return False
+    if run.checkpoint_path.exists() and not args.resume:
+        raise InvalidParameterError(f"{path} holds an interrupted run; continue it with --resume, or start over with --force")
+    if run.report_path.exists() and not args.resume:
+        raise InvalidParameterError(f"{path} already holds a finished run; choose another --out, or pass --force to replace it")
+    return False
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt, so that a kill saves a checkpoint just as Ctrl-C does."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run(args: argparse.Namespace) -> int:
+    import shutil
+
+    from ..runs import RunFolder
+
+    config = MaskConfig(**dataclass_values(args, MaskConfig))
+    names = _check_names(args.task, args.eval)
+    options = _task_options(args, names)
+    folder = RunFolder(args.out)
+    created = _prepare_folder(folder, args)
+    with _sigterm_as_interrupt():
+        try:
+            return _fit(args, config, names, options, folder, created)
+        except KeyboardInterrupt:
+            if folder.checkpoint_path.exists():
+                print(f"modscope fit: interrupted; the training state is saved in {folder.checkpoint_path}: "
+                      "run the same command with --resume to continue", file=sys.stderr)
+            else:
+                print("modscope fit: interrupted before the first checkpoint", file=sys.stderr)
+                if created:
+                    shutil.rmtree(folder.path, ignore_errors=True)
+            return 130
+        except BaseException:
+            if created:  # no partial run folder is left behind
+                shutil.rmtree(folder.path, ignore_errors=True)
+            raise
+
+
+def _fit(args: argparse.Namespace, config: MaskConfig, names: list[str], options: dict[str, dict[str, Any]],
+         folder: RunFolder, created: bool) -> int:
+    from .. import __version__
+    from ..converters import load
+    from ..masks.selection import select_weights
+    from ..masks.trainer import train_masks
+    from ..report import Report
+    from ..runs import RUN_FILES, file_checksum, write_json
+    from ..taskdata import check_fits, load_task
+
+    log(args, f"loading {args.model}")
+    model = load(args.model, **model_options(args))
+    data = dict(args.task)
+    tasks = [load_task(n, data[n], **options[n]) for n in names]
+    eval_files = dict(args.eval)
+    eval_tasks = [load_task(n, eval_files[n], **options[n]) if n in eval_files else t for n, t in zip(names, tasks)]
+    for task in tasks + [t for t in eval_tasks if t not in tasks]:
+        check_fits(model, task)
+    n_masked = sum(w.numel for w in select_weights(model, config))
+    if args.force:  # only now that the new run's inputs have been checked
+        for name in RUN_FILES:
+            (folder.path / name).unlink(missing_ok=True)
+    folder.path.mkdir(parents=True, exist_ok=True)
+
+    masks = _reuse_masks(folder, model, names, config) if args.resume else None
+    if masks is None:
+        log(args, f"training {len(tasks)} mask(s) over {n_masked:,} weights for {config.n_steps} steps")
+        extra = {"checkpoint_every": args.checkpoint_every} if args.checkpoint_every else {}
+        masks = train_masks(model, tasks, config, progress=False if args.quiet else args.progress,
+                            checkpoint=folder.checkpoint_path, resume=args.resume, **extra)
+        masks.save(folder.masks_path)
+    log(args, "measuring sharing, overlap, ablation and clustering")
+    report = Report.from_masks(masks, model, eval_tasks, device=config.device)
+    write_json(folder.curves_path, {"curves": masks.curves})
+    write_json(folder.config_path, {
+        "modscope_version": __version__,
+        "model": {"path": str(Path(args.model).resolve()), "checksum": file_checksum(args.model),
+                  "format": model.source.format, "options": model_options(args)},
+        "tasks": {n: {"data": str(Path(data[n]).resolve()),
+                      "eval": str(Path(eval_files[n]).resolve()) if n in eval_files else None, **options[n]}
+                  for n in names},
+        "mask_config": config.to_dict(),
+    })
+    report.save(folder.report_path)
+    folder.checkpoint_path.unlink(missing_ok=True)
+    table = report.tables()[0]
+    print(text_table(table.headers, table.rows))
+    log(args, f"run written to {folder.path}")
+    return 0
+
+
+def _reuse_masks(folder: RunFolder, model: Any, names: list[str], config: MaskConfig) -> Any:
+    """The masks of an earlier, interrupted invocation that finished training, if they belong to this run."""
+    if not folder.masks_path.exists():
+        return None
+    masks = folder.masks()
+    same = list(masks.tasks) == names and masks.config == config and masks.model_checksum == model.checksum
+    return masks if same else None

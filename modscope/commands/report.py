@@ -1,0 +1,72 @@
+"""`modscope report`: render a run's measurements as text, JSON, Markdown, CSV or a self-contained HTML page."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import InvalidParameterError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..report import Report
+
+HELP = "show a run's metrics; write them as HTML (with plots), Markdown, CSV or JSON"
+DESCRIPTION = """\
+Show the measurements of a run made by `modscope fit`: per task the metric with the full model and with only its
+mask, sharing per layer, pairwise IoU and IoMin with the chance level, the ablation matrix, clustering with a
+dendrogram, density per layer and the training curves.
+
+Without an output flag the report is printed to stdout as Markdown. --html writes one self-contained page (plots
+embedded, readable offline); --csv writes one CSV file per table. Every file is written atomically."""
+EXAMPLE = "modscope report runs/addmul --html addmul.html --csv addmul-tables/"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", metavar="RUN", help="a run folder made by `modscope fit` (or its report.json)")
+    p.add_argument("--html", metavar="FILE", help="write a self-contained HTML page with plots")
+    p.add_argument("--md", metavar="FILE", help="write the report as Markdown")
+    p.add_argument("--csv", metavar="DIR", help="write one CSV file per table into DIR")
+    p.add_argument("--json", action="store_true", help="print the report as JSON (with schema_version) on stdout")
+    p.add_argument("--title", metavar="TEXT", help="the report's title (default: 'modscope report: RUN')")
+
+
+def read_report(path: str) -> Report:
+    """The `Report` of a run folder, or of a report.json file."""
+    from ..report import Report
+    from ..runs import RunFolder
+
+    p = Path(path)
+    if p.is_dir():
+        return Report.load(RunFolder(p).report_path)
+    if p.is_file():
+        return Report.load(p)
+    raise InvalidParameterError(f"run folder {p} does not exist; make one with `modscope fit MODEL --task NAME=FILE --out {p}`")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..runs import write_text
+
+    report = read_report(args.run)
+    title = args.title or f"modscope report: {Path(args.run).name}"
+    # render everything first, so that a failure leaves no output behind
+    html = report.to_html(title=title) if args.html else None
+    markdown = report.to_markdown(title=title) if args.md or not (args.html or args.csv or args.json) else None
+    for target in (args.html, args.md):
+        if target and not Path(target).parent.is_dir():
+            raise InvalidParameterError(f"the folder of {target} does not exist; create it first")
+    if args.html:
+        write_text(args.html, html or "")
+    if args.md:
+        write_text(args.md, markdown or "")
+    if args.csv:
+        report.write_csv(args.csv)
+    if args.json:
+        sys.stdout.write(report.to_json())
+    elif not (args.html or args.md or args.csv):
+        sys.stdout.write(markdown or "")
+    for target in (args.html, args.md, args.csv):
+        if target:
+            print(f"wrote {target}", file=sys.stderr)
+    return 0

@@ -1,0 +1,38 @@
+"""`modscope reproduce`: run one of the paper's experiments end to end."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..experiments import EXPERIMENTS
+
+HELP = "run one of the paper's experiments end to end and compare with the paper's figures"
+DESCRIPTION = f"""\
+Run one of the paper's experiments: train the network, the masks, measure, and print the measured figures beside
+the paper's. --quick runs a small preset (minutes on a CPU). Experiments: {", ".join(EXPERIMENTS)}."""
+EXAMPLE = "modscope reproduce addmul --quick --out runs/reproduce"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", metavar="NAME", choices=list(EXPERIMENTS), help=f"the experiment: {', '.join(EXPERIMENTS)}")
+    p.add_argument("--quick", action="store_true", help="the small preset instead of the paper's settings")
+    p.add_argument("--seeds", type=int, metavar="N", help="how many seeds to run (default: 1)")
+    p.add_argument("--out", metavar="DIR", help="folder for the JSON and HTML reports (default: runs)")
+    p.add_argument("--device", metavar="NAME", help="torch device (default: cuda when present)")
+    p.add_argument("--data", metavar="PATH", help="a data file or folder, for experiments that read one")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress lines on stderr")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import InvalidParameterError
+    from ..experiments import get_experiment
+    from ..experiments.common import ExperimentOptions
+
+    if args.seeds is not None and args.seeds < 1:
+        raise InvalidParameterError(f"--seeds must be at least 1, got {args.seeds}")
+    given = {"seeds": args.seeds, "device": args.device,
+             "out": Path(args.out) if args.out else None, "data": Path(args.data) if args.data else None}
+    options = ExperimentOptions(quick=args.quick, progress=not args.quiet, **{k: v for k, v in given.items() if v is not None})
+    get_experiment(args.name).run(options)
+    return 0

@@ -1,0 +1,53 @@
+"""A report as Markdown: the same sections and tables as the HTML page, without the plots."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .tables import SECTIONS, Table, build_tables, cell
+
+
+def markdown_table(table: Table) -> str:
+    """A GitHub-flavoured pipe table."""
+
+    def line(values: list[Any]) -> str:
+        return "| " + " | ".join(cell(v).replace("|", "\\|") for v in values) + " |"
+
+    numeric = [all(isinstance(r[i], int | float) or r[i] is None for r in table.rows) for i in range(len(table.headers))]
+    rule = "|" + "|".join("---:" if n and table.rows else "---" for n in numeric) + "|"
+    return "\n".join([line(table.headers), rule, *(line(r) for r in table.rows)])
+
+
+def header_lines(data: dict[str, Any]) -> list[str]:
+    """What the report is about: the model, the tasks and the masked weights."""
+    model = data.get("model") or {}
+    masked = model.get("n_masked")
+    total = model.get("n_weights")
+    lines = [f"- model: `{model.get('path') or '(in memory)'}` ({model.get('format', '?')})",
+             f"- tasks: {', '.join(data['tasks'])}"]
+    if masked is not None and total:
+        lines.append(f"- masked weights: {masked:,} of {total:,}")
+    config = data.get("config") or {}
+    if config:
+        lines.append(f"- mask training: {config.get('n_steps')} steps, batch {config.get('batch_size')}, seed {config.get('seed')}")
+    return lines
+
+
+def to_markdown(data: dict[str, Any], *, title: str = "modscope report", skip: tuple[str, ...] = ("curves",)) -> str:
+    """The report as Markdown.
+
+    Args:
+        data: the report's data (`Report.to_dict`).
+        title: the top heading.
+        skip: table keys to leave out (the training curves are long; they are in the CSV and HTML outputs).
+    """
+    tables = [t for t in build_tables(data) if t.key not in skip]
+    parts = [f"# {title}", "", *header_lines(data)]
+    for key, heading, what in SECTIONS:
+        mine = [t for t in tables if t.section == key]
+        if not mine:
+            continue
+        parts += ["", f"## {heading}", "", what]
+        for t in mine:
+            parts += ["", f"### {t.title}", "", markdown_table(t)]
+    return "\n".join(parts) + "\n"

@@ -1,0 +1,164 @@
+"""The report's plots, drawn with matplotlib's object API (no pyplot state) and returned as PNG bytes.
+
+matplotlib is an optional dependency (``pip install modscope[report]``); it is imported when a plot is drawn.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ..errors import ModscopeError
+from .tables import drop
+
+_DPI = 100
+
+
+def _figure(width: float, height: float, ncols: int = 1) -> tuple[Any, Any]:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise ModscopeError("plots need matplotlib; install it with `pip install modscope[report]`") from exc
+    fig = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
+    axes = fig.subplots(1, ncols, squeeze=False)[0]
+    return fig, axes
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=_DPI)
+    return buf.getvalue()
+
+
+def short(label: str, n: int = 28) -> str:
+    """A label cut in the middle to at most ``n`` characters."""
+    return label if len(label) <= n else label[: n // 2 - 1] + "…" + label[-(n // 2 - 1):]
+
+
+def _bar_width(n_groups: int, n_bars: int) -> float:
+    return min(16.0, max(6.0, 1.0 + 0.3 * n_groups * max(n_bars, 2)))
+
+
+def _grouped_bars(ax: Any, groups: list[str], series: dict[str, list[float]], markers: dict[str, list[float]] | None = None) -> None:
+    """Bars per group (x) and series (colour); optional black ticks per bar (e.g. the chance level)."""
+    x = np.arange(len(groups))
+    width = 0.8 / max(len(series), 1)
+    for i, (name, values) in enumerate(series.items()):
+        pos = x - 0.4 + width * (i + 0.5)
+        ax.bar(pos, [v if v is not None else np.nan for v in values], width, label=name)
+        if markers and name in markers:
+            ax.scatter(pos, markers[name], marker="_", s=200 * width, color="black", zorder=3,
+                       label="chance" if i == 0 else None)
+    ax.set_xticks(x, [short(g) for g in groups], rotation=30 if len(groups) > 4 else 0, ha="right" if len(groups) > 4 else "center")
+    ax.set_ylim(0, 1.05)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+
+
+def plot_sharing(data: dict[str, Any]) -> bytes:
+    """Shared fraction per layer and task, with the chance level as black ticks."""
+    sh, tasks = data["sharing"], data["tasks"]
+    layers = list(sh["per_layer"])
+    fig, (ax,) = _figure(_bar_width(len(layers), len(tasks)), 3.8)
+    _grouped_bars(ax, layers, {t: [sh["per_layer"][lay][t] for lay in layers] for t in tasks},
+                  {t: [sh["chance_per_layer"][lay][t] for lay in layers] for t in tasks})
+    ax.set_ylabel("shared fraction of the mask")
+    ax.set_title("Sharing per layer")
+    return _png(fig)
+
+
+def plot_density(data: dict[str, Any]) -> bytes:
+    """Density of each task's mask per layer."""
+    tasks, layers = data["tasks"], list(data["layers"])
+    fig, (ax,) = _figure(_bar_width(len(layers), len(tasks)), 3.8)
+    _grouped_bars(ax, layers, {t: [data["density_per_layer"][t].get(lay) for lay in layers] for t in tasks})
+    ax.set_ylabel("fraction of weights kept")
+    ax.set_title("Mask density per layer")
+    return _png(fig)
+
+
+def _heatmap(ax: Any, matrix: np.ndarray, rows: list[str], cols: list[str], title: str, *, cmap: str,
+             vmin: float, vmax: float, notes: np.ndarray | None = None) -> None:
+    image = ax.imshow(matrix, cmap=cmap, vmin=vmin, vmax=vmax)
+    ax.set_xticks(range(len(cols)), [short(c, 16) for c in cols], rotation=30 if len(cols) > 3 else 0)
+    ax.set_yticks(range(len(rows)), [short(r, 20) for r in rows])
+    ax.set_title(title)
+    if matrix.size <= 144:
+        for (i, j), v in np.ndenumerate(matrix):
+            text = "-" if np.isnan(v) else f"{v:.2f}" + (f"\n(chance {notes[i, j]:.2f})" if notes is not None else "")
+            light = not np.isnan(v) and (v - vmin) / max(vmax - vmin, 1e-9) > 0.6
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if light else "black")
+    ax.figure.colorbar(image, ax=ax, shrink=0.8)
+
+
+def plot_overlap(data: dict[str, Any]) -> bytes:
+    """IoU and IoMin matrices, each cell with its chance level."""
+    names = data["iou"]["tasks"]
+    size = min(12.0, 2.0 + 1.1 * len(names))
+    fig, axes = _figure(2 * size + 1, size, ncols=2)
+    for ax, key, title in zip(axes, ("iou", "iomin"), ("IoU", "IoMin")):
+        _heatmap(ax, np.asarray(data[key]["total"], dtype=float), names, names, title, cmap="Blues", vmin=0, vmax=1,
+                 notes=np.asarray(data[key]["chance_total"], dtype=float))
+    return _png(fig)
+
+
+def plot_ablation(data: dict[str, Any]) -> bytes:
+    """Relative drop of every task (columns) with every mask removed (rows)."""
+    ab, info = data["ablation"], data["task_info"]
+    tasks = ab["tasks"]
+    drops = np.array([[np.nan if (d := drop(ab["full"][j], row[j], info[t]["higher_is_better"])) is None else d
+                       for j, t in enumerate(tasks)] for row in ab["removed"]], dtype=float)
+    size = min(12.0, 2.5 + 1.1 * len(tasks))
+    fig, (ax,) = _figure(size + 1.5, 0.8 + 0.9 * max(len(ab["masks"]), 2))
+    top = max(1.0, float(np.nanmax(drops)) if np.isfinite(drops).any() else 1.0)
+    _heatmap(ax, drops, [f"{m} removed" for m in ab["masks"]], tasks, "Relative drop of each task", cmap="Reds",
+             vmin=min(0.0, float(np.nanmin(drops)) if np.isfinite(drops).any() else 0.0), vmax=top)
+    ax.set_xlabel("task evaluated")
+    return _png(fig)
+
+
+def plot_dendrogram(data: dict[str, Any]) -> bytes | None:
+    """The hierarchical clustering tree on 1 - IoU; None when the report has no clustering."""
+    cl = data.get("clustering")
+    if not cl:
+        return None
+    from scipy.cluster.hierarchy import dendrogram
+
+    fig, (ax,) = _figure(min(14.0, 3.0 + 0.6 * len(cl["tasks"])), 3.6)
+    dendrogram(np.asarray(cl["linkage"], dtype=float), labels=[short(t, 20) for t in cl["tasks"]], ax=ax,
+               color_threshold=None, leaf_rotation=30 if len(cl["tasks"]) > 6 else 0)
+    ax.set_ylabel("1 - IoU")
+    ax.set_title("Dendrogram of the masks")
+    return _png(fig)
+
+
+def plot_curves(data: dict[str, Any]) -> bytes | None:
+    """Mask training loss and density against the step; None when no curves were recorded."""
+    curves = {t: c for t, c in (data.get("curves") or {}).items() if c.get("step")}
+    if not curves:
+        return None
+    fig, axes = _figure(11, 3.6, ncols=2)
+    for t, c in curves.items():
+        axes[0].plot(c["step"], c["loss"], label=t)
+        axes[1].plot(c["step"], c["density"], label=t)
+    for ax, ylabel in zip(axes, ("task loss", "mask density")):
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    axes[1].set_ylim(0, 1.05)
+    return _png(fig)
+
+
+#: section key -> plot function (the order inside a section is the order here).
+PLOTS: dict[str, Callable[[dict[str, Any]], bytes | None]] = {
+    "sharing": plot_sharing,
+    "overlap": plot_overlap,
+    "ablation": plot_ablation,
+    "clustering": plot_dendrogram,
+    "density": plot_density,
+    "curves": plot_curves,
+}

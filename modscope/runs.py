@@ -1,0 +1,231 @@
+"""Run folders: what `modscope fit` writes and `report`, `check`, `diff` and `export` read.
+
+A run folder holds::
+
+    RUN/
+      masks.safetensors   the learned masks: logits and metadata (`MaskSet.save`)
+      config.json         how the run was made: model file, checksum and load options, task files, MaskConfig
+      curves.json         the training curves per task
+      report.json         the metrics (`modscope.Report`)
+      checkpoint.pt       the training state while a run is unfinished; removed when it completes
+
+Every file is written to a temporary name in the folder and then renamed into place (`atomic_write`), so a run
+folder never holds a half-written file, whatever stops the process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import InvalidParameterError, ModelLoadError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .masks.maskset import MaskSet
+    from .model import Model
+
+#: version of the JSON files modscope writes (config.json, report.json, --json outputs).
+SCHEMA_VERSION = 1
+
+MASKS = "masks.safetensors"
+CONFIG = "config.json"
+CURVES = "curves.json"
+REPORT = "report.json"
+CHECKPOINT = "checkpoint.pt"
+#: every file a run folder holds.
+RUN_FILES = (MASKS, CONFIG, CURVES, REPORT, CHECKPOINT)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it is renamed to ``path``, on failure removed.
+
+    Example:
+        >>> from pathlib import Path
+        >>> with atomic_write("/tmp/doc_atomic.txt") as tmp:
+        ...     _ = tmp.write_text("done")
+        >>> Path("/tmp/doc_atomic.txt").read_text()
+        'done'
+    """
+    final = Path(path)
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with numpy/torch values made plain and non-finite floats made ``None`` (JSON has no NaN)."""
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Path):
+        return str(value)
+    tolist = getattr(value, "tolist", None)  # numpy arrays and scalars, torch tensors
+    if callable(tolist):
+        return jsonable(tolist())
+    return value
+
+
+def dumps(data: Mapping[str, Any]) -> str:
+    """JSON text with ``schema_version`` first (added when missing)."""
+    body = {"schema_version": SCHEMA_VERSION, **jsonable(data)}
+    return json.dumps(body, indent=1, allow_nan=False) + "\n"
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> Path:
+    """Write ``data`` (with ``schema_version``) as JSON to ``path`` atomically."""
+    return write_text(path, dumps(data))
+
+
+def read_json(path: str | os.PathLike, what: str) -> dict[str, Any]:
+    """Read a JSON object written by modscope.
+
+    Raises:
+        InvalidParameterError: the file is missing, unreadable, not JSON, or of a newer schema.
+    """
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InvalidParameterError(f"{what} {p} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidParameterError(f"{what} {p} cannot be read ({_reason(exc)}); make it again with `modscope fit`") from exc
+    if not isinstance(data, dict):
+        raise InvalidParameterError(f"{what} {p} is not a JSON object; make it again with `modscope fit`")
+    version = data.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise InvalidParameterError(
+            f"{what} {p} has schema_version {version!r}, this modscope reads up to {SCHEMA_VERSION}; upgrade modscope"
+        )
+    return data
+
+
+def _reason(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+
+
+def file_checksum(path: str | os.PathLike) -> str:
+    """sha256 of a file (the checksum `modscope.load` records for model files)."""
+    from .converters.files import file_sha256
+
+    return file_sha256(Path(path))
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """A run folder made by `modscope fit`.
+
+    Args:
+        path: the folder.
+
+    Example:
+        >>> run = RunFolder("runs/addmul")
+        >>> run.masks_path.name, run.report_path.name
+        ('masks.safetensors', 'report.json')
+    """
+
+    path: Path
+
+    def __init__(self, path: str | os.PathLike):
+        object.__setattr__(self, "path", Path(path))
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> RunFolder:
+        """An existing, finished run folder.
+
+        Raises:
+            InvalidParameterError: ``path`` is not a folder or holds no finished run.
+        """
+        run = cls(path)
+        if not run.path.is_dir():
+            raise InvalidParameterError(f"run folder {run.path} does not exist; make one with `modscope fit MODEL --task ... --out {run.path}`")
+        missing = [p.name for p in (run.masks_path, run.config_path, run.report_path) if not p.is_file()]
+        if missing:
+            hint = ("it holds an interrupted run: finish it with `modscope fit ... --resume`" if run.checkpoint_path.exists()
+                    else "make one with `modscope fit`")
+            raise InvalidParameterError(f"{run.path} is not a finished run folder (no {', '.join(missing)}); {hint}")
+        return run
+
+    # -- paths ------------------------------------------------------------------------------------------------------
+    @property
+    def masks_path(self) -> Path:
+        return self.path / MASKS
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def curves_path(self) -> Path:
+        return self.path / CURVES
+
+    @property
+    def report_path(self) -> Path:
+        return self.path / REPORT
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / CHECKPOINT
+
+    # -- reading ----------------------------------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """The run's config.json."""
+        return read_json(self.config_path, "run config")
+
+    def report(self) -> dict[str, Any]:
+        """The run's report.json as plain data."""
+        return read_json(self.report_path, "run report")
+
+    def masks(self) -> MaskSet:
+        """The run's masks.
+
+        Raises:
+            ModelLoadError: the mask file is corrupt or not a modscope mask file.
+        """
+        from .masks.maskset import MaskSet
+
+        return MaskSet.load(self.masks_path)
+
+    def load_model(self, path: str | os.PathLike | None = None) -> Model:
+        """The model the run was trained on, after checking that its file has not changed.
+
+        Args:
+            path: the model file, if it has moved since the run; by default the path recorded in config.json.
+
+        Raises:
+            ModelLoadError: the file is missing or its checksum differs from the one recorded.
+        """
+        from .converters import load
+
+        recorded = self.config().get("model") or {}
+        model_path = Path(path or recorded.get("path") or "")
+        if not str(model_path) or not model_path.is_file():
+            raise ModelLoadError(
+                f"the model file {model_path} recorded in {self.config_path} does not exist; pass --model PATH of the same file"
+            )
+        checksum = recorded.get("checksum")
+        if checksum and file_checksum(model_path) != checksum:
+            raise ModelLoadError(
+                f"the model file {model_path} has changed since the run was made (its sha256 differs from the one in "
+                f"{self.config_path}); use the exact file the masks were trained on"
+            )
+        return load(model_path, **(recorded.get("options") or {}))
