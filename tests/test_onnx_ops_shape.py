@@ -85,6 +85,7 @@ def _assert_same(ours: list[np.ndarray], expected: list[np.ndarray], tol: float 
 # (op, inputs (None = omitted optional input), opset, n_outputs, attributes)
 _Case = tuple[str, dict[str, Any], int, int, dict[str, Any]]
 _X = _f(2, 3, 4)
+_BIG_U64 = np.array([5, 2**63, 0, 2**64 - 1, 2**63, 7], dtype=np.uint64)  # order breaks if read as int64
 _CASES: list[_Case] = [
     ("Reshape", {"x": _X, "s": _i64(0, -1, 2)}, 13, 1, {}),
     ("Reshape", {"x": _f(0, 3), "s": _i64(3, 0)}, 14, 1, {"allowzero": 1}),
@@ -159,7 +160,9 @@ _CASES: list[_Case] = [
     ("NonZero", {"x": np.array([[1, 0, 3], [0, 0, 5]], np.int32)}, 13, 1, {}),
     ("TopK", {"x": np.array([[3, 1, 3, 2], [0, 5, 5, 5]], np.float32), "k": _i64(3)}, 11, 2, {}),
     ("TopK", {"x": np.array([[3, 1, 3, 2], [0, 5, 5, 5]], np.int64), "k": _i64(2)}, 11, 2, {"largest": 0, "axis": 0}),
+    ("TopK", {"x": _BIG_U64, "k": _i64(4)}, 11, 2, {}),
     ("Unique", {"x": np.array([2, 1, 1, 3, 4, 3], np.int64)}, 11, 4, {"sorted": 0}),
+    ("Unique", {"x": _BIG_U64}, 11, 4, {}),
     ("Unique", {"x": np.array([[1, 0, 0], [1, 0, 0], [2, 3, 4]], np.float32)}, 11, 4, {"axis": -2}),
     ("ReverseSequence", {"x": _f(4, 3, 2), "l": _i64(4, 1, 3)}, 10, 1, {}),
     ("ReverseSequence", {"x": _f(3, 4), "l": _i64(2, 4, 1)}, 10, 1, {"batch_axis": 0, "time_axis": 1}),
@@ -182,6 +185,8 @@ _CASES: list[_Case] = [
     ("ReduceSumSquare", {"x": _X}, 13, 1, {"keepdims": 0}),
     ("ArgMax", {"x": np.array([[1, 5, 5], [7, 7, 0]], np.float32)}, 13, 1, {"axis": 1, "select_last_index": 1}),
     ("ArgMax", {"x": np.array([[1, 5, 5], [7, 7, 0]], np.int32)}, 13, 1, {"axis": -1, "keepdims": 0}),
+    ("ReduceMax", {"x": _BIG_U64.reshape(2, 3)}, 13, 1, {"axes": [1]}),
+    ("ArgMax", {"x": _BIG_U64}, 13, 1, {}),
     ("ArgMin", {"x": np.array([[1, 5, 1], [7, 0, 0]], np.float32)}, 13, 1, {"axis": 0, "select_last_index": 1}),
     ("CumSum", {"x": _f(3, 4), "a": np.array(1, np.int32)}, 14, 1, {"exclusive": 1, "reverse": 1}),
     ("CumSum", {"x": np.arange(6, dtype=np.int32).reshape(2, 3), "a": np.array(-2, np.int64)}, 14, 1, {}),

@@ -14,7 +14,17 @@ from typing import Any
 import torch
 
 from ...errors import InvalidParameterError, ShapeError
-from .oputil import as_int, as_ints, as_tensor, normalize_axes, normalize_axis, take, widen
+from .oputil import (
+    as_int,
+    as_ints,
+    as_tensor,
+    from_order_key,
+    normalize_axes,
+    normalize_axis,
+    order_key,
+    take,
+    widen,
+)
 from .registry import NodeContext, OpSet
 
 ops = OpSet()
@@ -167,18 +177,18 @@ def top_k(ctx: NodeContext, x: torch.Tensor, k: Any = None) -> tuple[torch.Tenso
     if not 0 <= count <= x.shape[axis]:
         raise ShapeError(f"TopK k={count} is outside [0, {x.shape[axis]}] for axis {axis} of shape {tuple(x.shape)}")
     # a stable sort keeps equal values in index order, as ONNX requires
-    values, order = torch.sort(widen(x), dim=axis, descending=bool(ctx.attr("largest", 1)), stable=True)
-    return values.narrow(axis, 0, count).to(x.dtype), order.narrow(axis, 0, count)
+    values, order = torch.sort(x, dim=axis, descending=bool(ctx.attr("largest", 1)), stable=True)
+    return values.narrow(axis, 0, count), order.narrow(axis, 0, count)
 
 
 @ops.register("Unique")
 def unique(ctx: NodeContext, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     axis = ctx.attr("axis")
     if axis is None:
-        data, dim = widen(x).reshape(-1), 0
+        data, dim = order_key(x).reshape(-1), 0
         values, inverse, counts = torch.unique(data, sorted=True, return_inverse=True, return_counts=True)
     else:
-        data, dim = widen(x), normalize_axis(axis, x.dim())
+        data, dim = order_key(x), normalize_axis(axis, x.dim())
         values, inverse, counts = torch.unique(data, sorted=True, return_inverse=True, return_counts=True, dim=dim)
     inverse = inverse.reshape(-1)
     positions = torch.arange(inverse.numel())
@@ -188,7 +198,7 @@ def unique(ctx: NodeContext, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         order = torch.argsort(first)
         values, first, counts = take(values, dim, order), first[order], counts[order]
         inverse = torch.argsort(order)[inverse]
-    return values.to(x.dtype), first, inverse, counts
+    return from_order_key(values, x.dtype), first, inverse, counts
 
 
 @ops.register("ReverseSequence")

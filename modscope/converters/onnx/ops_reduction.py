@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .oputil import as_int, as_ints, normalize_axes, normalize_axis, widen
+from .oputil import as_int, as_ints, from_order_key, normalize_axes, normalize_axis, order_key, widen
 from .registry import NodeContext, OpSet
 
 ops = OpSet()
@@ -72,9 +72,9 @@ def _extreme(largest: bool) -> Reducer:
             return _identity_fill(x, dims, keepdim, largest)
         if x.dtype == torch.bool:
             return _over(x, dims, keepdim, lambda t: t.any(-1) if largest else t.all(-1))
-        data = widen(x)
+        data = order_key(x)
         out = data.amax(dim=dims, keepdim=keepdim) if largest else data.amin(dim=dims, keepdim=keepdim)
-        return out.to(x.dtype)
+        return from_order_key(out, x.dtype)
 
     return reduce
 
@@ -133,7 +133,7 @@ def reduce(ctx: NodeContext, x: torch.Tensor, axes: Any = None) -> torch.Tensor:
 def _arg_extreme(ctx: NodeContext, x: torch.Tensor, fn: Callable[..., torch.Tensor]) -> torch.Tensor:
     axis = normalize_axis(ctx.attr("axis", 0), x.dim())
     keepdim = bool(ctx.attr("keepdims", 1))
-    data = x.to(torch.uint8) if x.dtype == torch.bool else widen(x)
+    data = x.to(torch.uint8) if x.dtype == torch.bool else order_key(x)
     if ctx.attr("select_last_index", 0):
         return x.shape[axis] - 1 - fn(data.flip(axis), dim=axis, keepdim=keepdim)
     return fn(data, dim=axis, keepdim=keepdim)

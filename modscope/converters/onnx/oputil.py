@@ -139,8 +139,32 @@ def as_tensor(value: Any) -> torch.Tensor:
 
 
 def widen(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as int64 when its unsigned dtype lacks torch kernels (uint16/32/64); otherwise ``x`` itself."""
+    """``x`` as int64 when its unsigned dtype lacks torch kernels (uint16/32/64); otherwise ``x`` itself.
+
+    The bits survive (uint64 values above 2**63 wrap to negatives and come back with ``.to(torch.uint64)``), so this
+    suits ops that move values; ops that compare them use `order_key`.
+    """
     return x.to(torch.int64) if x.dtype in _SPARSE_SUPPORT else x
+
+
+def order_key(x: torch.Tensor) -> torch.Tensor:
+    """A tensor torch can compare whose order matches ``x``'s (uint64: sign bit flipped); undo with `from_order_key`.
+
+    Example:
+        >>> big = torch.tensor([2**63, 1], dtype=torch.uint64)
+        >>> bool(order_key(big)[0] > order_key(big)[1])
+        True
+    """
+    if x.dtype == torch.uint64:
+        return x.view(torch.int64) ^ torch.iinfo(torch.int64).min
+    return widen(x)
+
+
+def from_order_key(key: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Values of ``dtype`` back from their `order_key`."""
+    if dtype == torch.uint64:
+        return (key ^ torch.iinfo(torch.int64).min).view(torch.uint64)
+    return key.to(dtype)
 
 
 def take(x: torch.Tensor, axis: int, indices: torch.Tensor) -> torch.Tensor:
