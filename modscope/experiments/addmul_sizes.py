@@ -1,0 +1,96 @@
+"""Sharing between the + and × masks as the network grows (paper section 8.1, "total shared vs network size").
+
+For each of three FNN sizes (the paper's small 400-400-200, medium 800x4 and big 2000x4; its huge 4000x4 is left out
+for time), the add/mul network of `addmul` is trained on both operations and a + mask and a × mask are trained on the
+frozen net. The measurement is the paper's "total shared": the fraction of the + mask's weights that the × mask also
+uses, over all masked weights (`modscope.metrics.sharing`). The paper finds that it falls as the network grows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import metrics
+from ..evaluation import evaluate
+from ..masks.config import MaskConfig
+from ..masks.trainer import resolve_device, train_masks
+from ..model import Model
+from .addmul import SETTINGS as ADDMUL_SETTINGS
+from .addmul import AddMulNet, make_tasks
+from .common import Claim, ExperimentOptions, claims_table, fmt, format_table, log, mean_std, resolve_settings, train_network, write_html, write_json
+
+DESCRIPTION = "share of the + mask used by the × mask for three network sizes (paper 8.1)"
+
+#: the paper's settings (paper-method.md 8.1): small, medium and big FNNs, β 1e-4.
+SETTINGS: dict[str, Any] = {
+    **{k: ADDMUL_SETTINGS[k] for k in ("base_steps", "mask_steps", "batch_size", "base_lr", "mask_lr", "beta", "n_valid")},
+    "sizes": ((400, 400, 200), (800, 800, 800, 800), (2000, 2000, 2000, 2000)),
+}
+QUICK: dict[str, Any] = {"sizes": ((100, 100, 50), (200, 200, 200, 200), (500, 500, 500, 500)),
+                         "base_steps": 3000, "mask_steps": 1500, "base_lr": 3e-3}
+
+
+def run_size(settings: dict[str, Any], hidden: tuple[int, ...], seed: int, options: ExperimentOptions) -> dict[str, Any]:
+    """One network size and seed: train the net and the + and × masks; the sharing and accuracies."""
+    device = resolve_device(options.device)
+    torch.manual_seed(seed)
+    train, valid = make_tasks(settings["n_valid"], seed)
+    net = AddMulNet(hidden)
+    log(f"[addmul-sizes seed {seed}] training the network {hidden} for {settings['base_steps']} steps")
+    train_network(net, train["control"], n_steps=settings["base_steps"], batch_size=settings["batch_size"],
+                  lr=settings["base_lr"], seed=seed, device=device, progress=options.progress)
+    model = Model(net.cpu())
+    config = MaskConfig(n_steps=settings["mask_steps"], batch_size=settings["batch_size"], lr=settings["mask_lr"],
+                        beta=settings["beta"], seed=seed, device=str(device))
+    log(f"[addmul-sizes seed {seed}] training the + and × masks for {settings['mask_steps']} steps")
+    masks = train_masks(model, [train["add"], train["mul"]], config, progress=options.progress)
+    share = metrics.sharing(masks, ["add", "mul"])
+    return {
+        "hidden": list(hidden),
+        "seed": seed,
+        "n_weights": sum(w.numel for w in masks.weights),
+        "shared": share.total["add"],
+        "shared_chance": share.chance_total["add"],
+        "counts": {t: sum(c.values()) for t, c in masks.counts().items()},
+        "accuracy": {
+            "full": {op: evaluate(model, valid[op], device=device) for op in ("add", "mul")},
+            "mask": {op: evaluate(model, valid[op], masks[op], device=device) for op in ("add", "mul")},
+        },
+    }
+
+
+def _table(by_size: list[list[dict[str, Any]]]) -> str:
+    rows = []
+    for runs in by_size:
+        rows.append(["x".join(map(str, runs[0]["hidden"])), f"{runs[0]['n_weights']:,}", fmt([r["shared"] for r in runs]),
+                     fmt([r["shared_chance"] for r in runs]),
+                     f"{mean_std([r['counts']['add'] for r in runs])[0]:,.0f}", f"{mean_std([r['counts']['mul'] for r in runs])[0]:,.0f}",
+                     fmt([r["accuracy"]["mask"]["add"] for r in runs]), fmt([r["accuracy"]["mask"]["mul"] for r in runs])])
+    return format_table(["hidden", "masked weights", "+ shared with ×", "chance", "n(+)", "n(×)", "+ acc (+ mask)", "× acc (× mask)"], rows)
+
+
+def claims(by_size: list[list[dict[str, Any]]]) -> list[Claim]:
+    """Sharing falls with size: the mean over seeds decreases from each size to the next."""
+    shared = [mean_std([r["shared"] for r in runs])[0] for runs in by_size]
+    falls = bool(np.all(np.diff(shared) < 0))
+    measured = " > ".join(f"{s * 100:.1f}%" for s in shared) if falls else " , ".join(f"{s * 100:.1f}%" for s in shared)
+    return [Claim("+ weights also used by ×, small → big", measured, "falls as the network grows", falls)]
+
+
+def run(options: ExperimentOptions) -> dict[str, Any]:
+    """Run the experiment for ``options.seeds`` seeds, print the table and write the report."""
+    settings = resolve_settings(SETTINGS, QUICK, options)
+    by_size = [[run_size(settings, tuple(h), seed, options) for seed in range(options.seeds)] for h in settings["sizes"]]
+    checks = claims(by_size)
+    tables = [("Sharing of the + mask with the × mask per network size", _table(by_size)), ("Claims", claims_table(checks))]
+    for title, text in tables:
+        print(f"\n{title}\n{text}")
+    report = {"experiment": "addmul-sizes", "settings": settings, "quick": options.quick, "runs": by_size,
+              "claims": [c.to_dict() for c in checks]}
+    path = write_json(options.out / "addmul-sizes.json", report)
+    write_html(options.out / "addmul-sizes.html", "modscope reproduce addmul-sizes", tables)
+    log(f"report written to {path}")
+    return report

@@ -1,0 +1,169 @@
+"""Class removal (paper section 8.5): are there weights that only one class needs?
+
+The paper's 4-layer CNN is trained on all classes of scikit-learn's 8x8 digits (or of CIFAR-10 with ``--data``). A
+control mask is trained on all classes; then one mask per class c on the training data without class c. As in the
+paper (``keep_last_layer``), those masks start their output layer from the control mask's logits and keep it frozen,
+so they can only drop feature weights, not simply cut class c's output unit. Applying the mask "without c" (keeping
+only its weights) and comparing the confusion matrix with the control mask's shows what class c loses: its
+relative accuracy drop, the drops of the other classes, and where its lost samples go.
+
+Settings (paper): Adam 1e-3, batch 128, 20,000 base steps; masks β 3e-4, lr 1e-3, 20,000 steps, biases masked.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import metrics
+from ..evaluation import evaluate
+from ..masks.config import MaskConfig
+from ..masks.maskset import MaskSet
+from ..masks.trainer import resolve_device, train_masks
+from ..model import Model
+from ..tasks import Task
+from .common import Claim, ExperimentOptions, claims_table, fmt, format_table, log, mean_std, resolve_settings, train_network, write_html, write_json
+from .image_data import ImageData, SimpleCNN, load_images
+
+DESCRIPTION = "a CNN on digits (or CIFAR-10): does removing one class's weights hurt only that class? (paper 8.5)"
+
+#: the paper's settings (paper-method.md 8.5).
+SETTINGS: dict[str, Any] = {
+    "base_steps": 20_000,
+    "mask_steps": 20_000,
+    "batch_size": 128,
+    "base_lr": 1e-3,
+    "mask_lr": 1e-3,
+    "beta": 3e-4,
+    "dropout": True,
+    "classes": None,
+}
+QUICK: dict[str, Any] = {"base_steps": 2000, "mask_steps": 3000}
+
+OUTPUT_LAYER = ("out_layer.*",)
+
+
+def base_network(data: ImageData, settings: dict[str, Any], seed: int, options: ExperimentOptions, tag: str) -> Model:
+    """The CNN trained on all training images (settings: base_steps, batch_size, base_lr, dropout)."""
+    device = resolve_device(options.device)
+    torch.manual_seed(seed)
+    net = SimpleCNN(data.x_train.shape[1], len(data.classes), dropout=settings["dropout"])
+    log(f"[{tag} seed {seed}] training the CNN for {settings['base_steps']} steps")
+    train_network(net, Task("all", data.x_train, data.y_train), n_steps=settings["base_steps"], batch_size=settings["batch_size"],
+                  lr=settings["base_lr"], seed=seed, device=device, progress=options.progress)
+    return Model(net.cpu())
+
+
+def mask_config(settings: dict[str, Any], seed: int, options: ExperimentOptions, **changes: Any) -> MaskConfig:
+    """The paper's CNN mask settings: biases masked, β and lr from ``settings``."""
+    return MaskConfig(n_steps=settings["mask_steps"], batch_size=settings["batch_size"], lr=settings["mask_lr"],
+                      beta=settings["beta"], mask_biases=True, seed=seed, device=str(resolve_device(options.device)), **changes)
+
+
+def without_class(data: ImageData, c: int) -> Task:
+    keep = data.y_train != c
+    return Task(f"without_{c}", data.x_train[keep], data.y_train[keep])
+
+
+def class_masks(model: Model, data: ImageData, classes: list[int], settings: dict[str, Any], seed: int, options: ExperimentOptions) -> MaskSet:
+    """The control mask and, with the output layer frozen at the control's logits, one mask per left-out class."""
+    log(f"[class-removal seed {seed}] training the control mask for {settings['mask_steps']} steps")
+    control = train_masks(model, [Task("control", data.x_train, data.y_train)], mask_config(settings, seed, options),
+                          progress=options.progress)
+    frozen = {n: v for n, v in control.logits["control"].items() if n.startswith("out_layer.")}
+    log(f"[class-removal seed {seed}] training {len(classes)} masks without one class each")
+    per_class = train_masks(model, [without_class(data, c) for c in classes], mask_config(settings, seed + 1, options, freeze=OUTPUT_LAYER),
+                            progress=options.progress, initial_logits=frozen)
+    logits = {"control": control.logits["control"], **per_class.logits}
+    return MaskSet(logits, control.weights, config=per_class.config, model_checksum=model.checksum)
+
+
+def removal_effects(confusion: metrics.ConfusionResult, c: int) -> dict[str, Any]:
+    """Class c's relative drop, the other classes' drops, the largest other/target ratio and where c's samples went."""
+    rel = np.diag(confusion.diff) / np.maximum(np.diag(confusion.reference), 1e-12)  # relative change per class
+    others = [j for j in range(len(rel)) if j != c]
+    target = float(-rel[c] * 100)
+    largest_other = float(min(min(rel[others]), 0.0) / rel[c] * 100) if rel[c] < 0 else float("nan")
+    gained = confusion.diff[c].copy()
+    gained[c] = -np.inf
+    return {
+        "target_drop": target,
+        "other_drops": {int(j): float(-rel[j] * 100) for j in others},
+        "mean_other_drop": float(np.mean(-rel[others] * 100)),
+        "largest_other_over_target": largest_other,
+        "lost_to": int(np.argmax(gained)),
+        "lost_to_share": float(confusion.diff[c, int(np.argmax(gained))]),
+    }
+
+
+def run_seed(settings: dict[str, Any], seed: int, options: ExperimentOptions) -> dict[str, Any]:
+    """One seed: train the CNN, the control and per-class masks, and measure the confusion differences."""
+    device = resolve_device(options.device)
+    name, data = load_images(options.data)
+    classes = list(settings["classes"] if settings["classes"] is not None else range(len(data.classes)))
+    model = base_network(data, settings, seed, options, "class-removal")
+    masks = class_masks(model, data, classes, settings, seed, options)
+    valid = Task("valid", data.x_valid, data.y_valid)
+    per_class = {}
+    for c in classes:
+        confusion = metrics.confusion_diff(model, valid, masks[f"without_{c}"], reference=masks["control"], invert=False, device=device)
+        per_class[c] = {**removal_effects(confusion, c), "diff": confusion.diff}
+    return {
+        "seed": seed,
+        "dataset": name,
+        "class_names": list(data.classes),
+        "accuracy": {"full": evaluate(model, valid, device=device), "control": evaluate(model, valid, masks["control"], device=device)},
+        "density": masks.density(),
+        "per_class": per_class,
+    }
+
+
+def _class_table(runs: list[dict[str, Any]]) -> str:
+    names = runs[0]["class_names"]
+    rows = []
+    for c in runs[0]["per_class"]:
+        got = [r["per_class"][c] for r in runs]
+        lost_to = [g["lost_to"] for g in got]
+        top = max(set(lost_to), key=lost_to.count)
+        rows.append([names[c], fmt([g["target_drop"] for g in got], percent=False) + "%",
+                     fmt([g["mean_other_drop"] for g in got], percent=False) + "%",
+                     fmt([g["largest_other_over_target"] for g in got], percent=False) + "%",
+                     f"{names[top]} ({fmt([g['lost_to_share'] for g in got])} of class)"])
+    return format_table(["removed class", "its drop", "mean drop of others", "largest other / target", "lost samples go to"], rows)
+
+
+def claims(runs: list[dict[str, Any]]) -> list[Claim]:
+    """The paper's findings on the means over classes and seeds."""
+    target = [np.mean([g["target_drop"] for g in r["per_class"].values()]) for r in runs]
+    other = [np.mean([g["mean_other_drop"] for g in r["per_class"].values()]) for r in runs]
+    ratio = [np.nanmean([g["largest_other_over_target"] for g in r["per_class"].values()]) for r in runs]
+    control = [r["accuracy"]["control"] / max(r["accuracy"]["full"], 1e-9) for r in runs]
+    return [
+        Claim("control mask keeps accuracy (of full)", fmt(control), "≈ full", mean_std(control)[0] >= 0.9),
+        Claim("drop of the removed class (mean over classes)", fmt(target, percent=False) + "%", "large", None),
+        Claim("drop of the other classes (mean)", fmt(other, percent=False) + "%", "small",
+              mean_std(other)[0] < 0.2 * mean_std(target)[0]),
+        Claim("largest other-class drop / target drop (mean)", fmt(ratio, percent=False) + "%",
+              "small (plotted on a 0-10% axis)", mean_std(ratio)[0] <= 10.0),
+    ]
+
+
+def run(options: ExperimentOptions) -> dict[str, Any]:
+    """Run the experiment for ``options.seeds`` seeds, print the tables and write the report."""
+    settings = resolve_settings(SETTINGS, QUICK, options)
+    runs = [run_seed(settings, seed, options) for seed in range(options.seeds)]
+    checks = claims(runs)
+    acc = format_table(["weights", "validation accuracy"],
+                       [["full net", fmt([r["accuracy"]["full"] for r in runs])], ["control mask", fmt([r["accuracy"]["control"] for r in runs])]])
+    tables = [(f"CNN on {runs[0]['dataset']}", acc), ("Per removed class (mask trained without it, vs control)", _class_table(runs)),
+              ("Claims", claims_table(checks))]
+    for title, text in tables:
+        print(f"\n{title}\n{text}")
+    report = {"experiment": "class-removal", "settings": settings, "quick": options.quick, "runs": runs,
+              "claims": [c.to_dict() for c in checks]}
+    path = write_json(options.out / "class-removal.json", report)
+    write_html(options.out / "class-removal.html", "modscope reproduce class-removal", tables)
+    log(f"report written to {path}")
+    return report

@@ -1,0 +1,245 @@
+"""Double addition (paper section 8.2): does one network reuse the same weights for two identical sub-problems?
+
+Data: two independent pairs (a1, b1), (a2, b2) of 2-digit numbers; the targets are (a_t + b_t) mod 100 as two digits
+each. The network is the paper's feed-forward variant: a ReLU FNN with 80 inputs (one-hot of the 8 digits,
+little-endian, pair 1 first) and 40 outputs (2 pairs x 2 digits x 10). Pair t's prediction is read from output slot t
+of a forward pass in which the other pair's inputs are zeroed (the paper's per-pair forward; here both passes run as
+one batch, so they see the same mask sample). The net is trained on both pairs; then three masks are trained on the
+frozen net: "both" (stage 0, both pairs), "pair1" (loss on pair 1 only) and "pair2".
+
+Measured: each pair's accuracy with each mask kept and removed, the pair masks' IoU and sharing per layer with the
+chance level, and two variants of the removal test that protect the input and output layers (whose weights are
+necessarily pair-specific): "I/O kept" removes a pair's mask in the hidden layers only (paper ``ones``), "I/O control"
+additionally keeps only the stage-0 mask in the I/O layers (paper ``fullmask``). If the pairs shared hidden weights,
+removing pair 1's hidden weights would break pair 2.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import metrics
+from ..evaluation import evaluate
+from ..masks.config import MaskConfig
+from ..masks.maskset import Mask, MaskSet
+from ..masks.trainer import resolve_device, train_masks
+from ..model import Model
+from ..tasks import Task
+from .common import Claim, ExperimentOptions, claims_table, fmt, format_table, log, mean_std, resolve_settings, train_network, write_html, write_json
+
+DESCRIPTION = "two pairs of additions through one feed-forward net: is the adder reused? (paper 8.2)"
+
+#: the paper's settings (paper-method.md 8.2, ``tuple_ff`` big): FNN 2000x4, β 4e-4.
+SETTINGS: dict[str, Any] = {
+    "hidden": (2000, 2000, 2000, 2000),
+    "base_steps": 20_000,
+    "mask_steps": 20_000,
+    "batch_size": 128,
+    "base_lr": 1e-3,
+    "mask_lr": 1e-2,
+    "beta": 4e-4,
+    "n_train": 1_000_000,
+    "n_valid": 10_000,
+}
+QUICK: dict[str, Any] = {"hidden": (256, 256, 256, 256), "base_steps": 6000, "mask_steps": 2000, "n_train": 200_000}
+
+PAIRS = ("pair1", "pair2")
+
+
+def sample_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` random examples: digits (N, 8) int64 and targets (N, 4) int64.
+
+    Digits are a1, b1, a2, b2 little-endian (a1 % 10, a1 // 10, b1 % 10, ...); targets the sums' digits, pair 1 first.
+    """
+    rng = np.random.RandomState(0x12345678 + seed)
+    a1, b1, a2, b2 = (rng.randint(0, 100, n) for _ in range(4))
+    digits = np.stack([v for x in (a1, b1, a2, b2) for v in (x % 10, x // 10)], axis=1).astype(np.int64)
+    s1, s2 = (a1 + b1) % 100, (a2 + b2) % 100
+    targets = np.stack([s1 % 10, s1 // 10, s2 % 10, s2 // 10], axis=1).astype(np.int64)
+    return digits, targets
+
+
+class DoubleAddNet(nn.Module):
+    """ReLU FNN 80 → hidden... → 40 run once per pair with the other pair's inputs zeroed.
+
+    ``forward(digits (N, 8))`` returns ``{"pair1": (N, 2, 10), "pair2": (N, 2, 10), "both": (N, 4, 10)}``.
+
+    Example:
+        >>> net = DoubleAddNet((16, 16))
+        >>> net(torch.zeros(3, 8, dtype=torch.long))["both"].shape
+        torch.Size([3, 4, 10])
+    """
+
+    def __init__(self, hidden: tuple[int, ...] = (2000, 2000, 2000, 2000)):
+        super().__init__()
+        sizes = (80, *hidden)
+        layers: list[nn.Module] = []
+        for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+            layers += [nn.Linear(n_in, n_out), nn.ReLU()]
+        layers.append(nn.Linear(sizes[-1], 40))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, digits: torch.Tensor) -> dict[str, torch.Tensor]:
+        one_hot = (digits.unsqueeze(-1) == torch.arange(10, device=digits.device)).to(self.layers[0].weight.dtype)
+        one_hot = one_hot.flatten(1)  # (N, 80)
+        n = one_hot.shape[0]
+        keep1 = torch.arange(80, device=digits.device) < 40
+        both_passes = torch.cat([one_hot * keep1, one_hot * ~keep1])  # pair 1 alone, then pair 2 alone
+        out = self.layers(both_passes)
+        pair1 = out[:n, :20].reshape(n, 2, 10)
+        pair2 = out[n:, 20:].reshape(n, 2, 10)
+        return {"pair1": pair1, "pair2": pair2, "both": torch.cat([pair1, pair2], dim=1)}
+
+
+def make_tasks(digits: np.ndarray, targets: np.ndarray) -> dict[str, Task]:
+    """Tasks "both" (all four digits), "pair1" and "pair2" (their two digits) over the same examples."""
+    return {
+        "both": Task("both", digits, targets, loss="ce", output="both"),
+        "pair1": Task("pair1", digits, targets[:, :2], loss="ce", output="pair1"),
+        "pair2": Task("pair2", digits, targets[:, 2:], loss="ce", output="pair2"),
+    }
+
+
+def io_weights(model: Model) -> tuple[str, ...]:
+    """Names of the first and last layers' weights (the input and output layers)."""
+    layers = sorted({w.layer for w in model.weights}, key=lambda n: int(n.split(".")[-1]))
+    return tuple(w.name for w in model.weights if w.layer in (layers[0], layers[-1]))
+
+
+def removal_masks(masks: MaskSet, io: tuple[str, ...], pair: str) -> dict[str, Mask]:
+    """The keep-masks of the three removal tests of ``pair``: all weights, hidden only, hidden + control in I/O."""
+    removed = ~masks[pair]
+    hidden_only = Mask({n: torch.ones_like(t) if n in io else t for n, t in removed.items()}, removed.layers)
+    io_control = Mask({n: masks["both"][n] if n in io else t for n, t in removed.items()}, removed.layers)
+    return {"removed": removed, "removed_io_kept": hidden_only, "removed_io_control": io_control}
+
+
+def run_seed(settings: dict[str, Any], seed: int, options: ExperimentOptions) -> dict[str, Any]:
+    """One seed: train the net on both pairs, the three masks, and measure."""
+    device = resolve_device(options.device)
+    torch.manual_seed(seed)
+    train = make_tasks(*sample_digits(settings["n_train"], 10 * seed))
+    valid = make_tasks(*sample_digits(settings["n_valid"], 10 * seed + 2))
+    net = DoubleAddNet(tuple(settings["hidden"]))
+    log(f"[double-add seed {seed}] training the network {tuple(settings['hidden'])} for {settings['base_steps']} steps")
+    train_network(net, train["both"], n_steps=settings["base_steps"], batch_size=settings["batch_size"],
+                  lr=settings["base_lr"], seed=seed, device=device, progress=options.progress)
+    model = Model(net.cpu())
+    config = MaskConfig(n_steps=settings["mask_steps"], batch_size=settings["batch_size"], lr=settings["mask_lr"],
+                        beta=settings["beta"], seed=seed, device=str(device))
+    log(f"[double-add seed {seed}] training the both, pair-1 and pair-2 masks for {settings['mask_steps']} steps")
+    masks = train_masks(model, [train["both"], train["pair1"], train["pair2"]], config, progress=options.progress)
+    io = io_weights(model)
+
+    def acc(mask: Mask | None = None, invert: bool = False) -> dict[str, float]:
+        return {p: evaluate(model, valid[p], mask, invert, device=device) for p in PAIRS}
+
+    accuracy = {"full": acc()}
+    for name in ("both", *PAIRS):
+        accuracy[name] = acc(masks[name])
+    for pair in PAIRS:
+        for test, keep in removal_masks(masks, io, pair).items():
+            accuracy[f"{test}_{pair}"] = acc(keep)
+    layers = sorted(set(masks.layers.values()), key=lambda n: int(n.split(".")[-1]))
+    return {
+        "seed": seed,
+        "accuracy": accuracy,
+        "density": masks.density(),
+        "counts": masks.counts(),
+        "sharing": metrics.sharing(masks, list(PAIRS)).to_dict(),
+        "iou": metrics.iou(masks, list(PAIRS)).to_dict(),
+        "layers": layers,
+        "io_layers": [layers[0], layers[-1]],
+    }
+
+
+_ROWS = {
+    "full": "full net",
+    "both": "both-pairs mask",
+    "pair1": "pair-1 mask",
+    "pair2": "pair-2 mask",
+    "removed_pair1": "pair 1 removed",
+    "removed_pair2": "pair 2 removed",
+    "removed_io_kept_pair1": "pair 1 removed, I/O kept",
+    "removed_io_kept_pair2": "pair 2 removed, I/O kept",
+    "removed_io_control_pair1": "pair 1 removed, I/O = control",
+    "removed_io_control_pair2": "pair 2 removed, I/O = control",
+}
+
+
+def _accuracy_table(runs: list[dict[str, Any]]) -> str:
+    rows = [[label] + [fmt([r["accuracy"][key][p] for r in runs]) for p in PAIRS] for key, label in _ROWS.items()]
+    return format_table(["weights", "pair 1 acc", "pair 2 acc"], rows)
+
+
+def _layer_table(runs: list[dict[str, Any]]) -> str:
+    rows = []
+    for layer in [*runs[0]["layers"], "all"]:
+        if layer == "all":
+            ious = [r["iou"]["total"][0][1] for r in runs]
+            chance = [r["iou"]["chance_total"][0][1] for r in runs]
+            shared = [r["sharing"]["total"]["pair1"] for r in runs]
+            n1 = [sum(r["counts"]["pair1"].values()) for r in runs]
+            n2 = [sum(r["counts"]["pair2"].values()) for r in runs]
+        else:
+            ious = [r["iou"]["per_layer"][layer][0][1] for r in runs]
+            chance = [r["iou"]["chance_per_layer"][layer][0][1] for r in runs]
+            shared = [r["sharing"]["per_layer"][layer]["pair1"] for r in runs]
+            n1 = [r["counts"]["pair1"][layer] for r in runs]
+            n2 = [r["counts"]["pair2"][layer] for r in runs]
+        rows.append([layer, fmt(ious), fmt(chance), fmt(shared), f"{mean_std(n1)[0]:.0f}", f"{mean_std(n2)[0]:.0f}"])
+    return format_table(["layer", "IoU pair1/pair2", "IoU chance", "pair-1 shared with pair 2", "n(pair1)", "n(pair2)"], rows)
+
+
+def hidden_iou(run: dict[str, Any]) -> tuple[float, float]:
+    """Mean IoU and mean chance IoU of the pair masks over the hidden layers (I/O layers excluded)."""
+    hidden = [layer for layer in run["layers"] if layer not in run["io_layers"]]
+    iou = float(np.mean([run["iou"]["per_layer"][layer][0][1] for layer in hidden]))
+    chance = float(np.mean([run["iou"]["chance_per_layer"][layer][0][1] for layer in hidden]))
+    return iou, chance
+
+
+def claims(runs: list[dict[str, Any]]) -> list[Claim]:
+    """The paper's findings, checked on the means over seeds."""
+    def m(key: str, pair: str) -> float:
+        return mean_std([r["accuracy"][key][pair] for r in runs])[0]
+
+    def vals(key: str, pair: str) -> list[float]:
+        return [r["accuracy"][key][pair] for r in runs]
+
+    out = []
+    for pair, other in (("pair1", "pair2"), ("pair2", "pair1")):
+        t, o = pair[-1], other[-1]
+        kept = m(pair, pair) / max(m("full", pair), 1e-9)
+        out.append(Claim(f"pair-{t} mask keeps pair {t} (of full)", f"{kept * 100:.1f}%", "≈ full (method: ≥ 90%)", kept >= 0.9))
+        out.append(Claim(f"pair {t} removed: pair {t} acc", fmt(vals(f"removed_{pair}", pair)), "≈ 0 (method: < 10%)",
+                         m(f"removed_{pair}", pair) < 0.1))
+        for test, label in (("removed", ""), ("removed_io_kept", ", I/O kept"), ("removed_io_control", ", I/O = control")):
+            spared = m(f"{test}_{pair}", other) / max(m("full", other), 1e-9)
+            out.append(Claim(f"pair {t} removed{label}: pair {o} acc (of full)", f"{spared * 100:.1f}%",
+                             "largely kept (no reuse)", spared >= 0.5))
+    hid = [hidden_iou(r) for r in runs]
+    out.append(Claim("hidden-layer IoU pair1/pair2 (chance)", f"{fmt([h[0] for h in hid])} ({fmt([h[1] for h in hid])})",
+                     "low: little overlap beyond what is forced", None))
+    return out
+
+
+def run(options: ExperimentOptions) -> dict[str, Any]:
+    """Run the experiment for ``options.seeds`` seeds, print the tables and write the report."""
+    settings = resolve_settings(SETTINGS, QUICK, options)
+    runs = [run_seed(settings, seed, options) for seed in range(options.seeds)]
+    checks = claims(runs)
+    tables = [("Accuracy on validation data", _accuracy_table(runs)), ("Pair masks per layer", _layer_table(runs)),
+              ("Claims", claims_table(checks))]
+    for title, text in tables:
+        print(f"\n{title}\n{text}")
+    report = {"experiment": "double-add", "settings": settings, "quick": options.quick, "runs": runs,
+              "claims": [c.to_dict() for c in checks]}
+    path = write_json(options.out / "double-add.json", report)
+    write_html(options.out / "double-add.html", "modscope reproduce double-add", tables)
+    log(f"report written to {path}")
+    return report
