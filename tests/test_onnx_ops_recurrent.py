@@ -274,7 +274,7 @@ def test_loop_with_trip_count_condition_outer_scope_and_scan_output() -> None:
     feeds = {"M": np.array(4, np.int64), "cond": np.array(True), "acc0": np.array([1.0, 2.0], np.float32),
              "x": np.array([0.5, -1.0], np.float32)}
     _assert_matches_ort(model, feeds)
-    acc, scans = _ours(model, feeds)
+    _, scans = _ours(model, feeds)
     assert scans.shape == (4, 2)
 
 
@@ -447,17 +447,24 @@ def test_roi_align_in_chunks_equals_one_pass(monkeypatch: pytest.MonkeyPatch) ->
 
 
 # -- ai.onnx.ml (scikit-learn models through skl2onnx) --------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["forest_regressor", "forest_classifier_3", "boosting_classifier_2"])
+@pytest.mark.parametrize(
+    "kind", ["forest_regressor", "forest_classifier_2", "forest_classifier_3", "boosting_classifier_2"]
+)
 def test_tree_ensembles_from_sklearn_match_onnxruntime(kind: str) -> None:
     skl2onnx = pytest.importorskip("skl2onnx")
-    from sklearn.ensemble import GradientBoostingClassifier, RandomForestClassifier, RandomForestRegressor
+    from sklearn.ensemble import (
+        GradientBoostingClassifier,
+        RandomForestClassifier,
+        RandomForestRegressor,
+    )
 
     rng = np.random.default_rng(7)
     x = rng.normal(size=(120, 4)).astype(np.float32)
     if kind == "forest_regressor":
         est, y = RandomForestRegressor(n_estimators=5, max_depth=4, random_state=0), x[:, 0] - x[:, 1] ** 2
-    elif kind == "forest_classifier_3":
-        est, y = RandomForestClassifier(n_estimators=5, max_depth=4, random_state=0), np.digitize(x[:, 0], [-0.5, 0.5])
+    elif kind.startswith("forest_classifier"):
+        classes = [-0.5, 0.5] if kind.endswith("3") else [0.0]
+        est, y = RandomForestClassifier(n_estimators=5, max_depth=4, random_state=0), np.digitize(x[:, 0], classes)
     else:
         est, y = GradientBoostingClassifier(n_estimators=5, random_state=0), (x[:, 0] + x[:, 2] > 0).astype(int)
     est.fit(x, y)

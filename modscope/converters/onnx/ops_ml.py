@@ -198,17 +198,17 @@ def _leaves(forest: _Forest, x: torch.Tensor) -> torch.Tensor:
     return -ptr - 1
 
 
-def _aggregate(forest: _Forest, leaves: torch.Tensor, how: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-target scores (N, n_targets) from the leaves reached, and whether any tree voted for each target."""
+def _aggregate(forest: _Forest, leaves: torch.Tensor, how: str) -> torch.Tensor:
+    """Per-target scores (N, n_targets) from the leaves reached (targets no tree voted for score 0)."""
     weight, votes = forest.leaf_weight.to(leaves.device)[leaves], forest.leaf_votes.to(leaves.device)[leaves]
     voted = votes.any(1)
     if how in ("SUM", "AVERAGE"):
         score = torch.where(votes, weight, torch.zeros_like(weight)).sum(1)
-        return (score / max(leaves.shape[1], 1) if how == "AVERAGE" else score), voted
+        return score / max(leaves.shape[1], 1) if how == "AVERAGE" else score
     fill = math.inf if how == "MIN" else -math.inf
     picked = torch.where(votes, weight, torch.full_like(weight, fill))
     score = picked.amin(1) if how == "MIN" else picked.amax(1)
-    return torch.where(voted, score, torch.zeros_like(score)), voted
+    return torch.where(voted, score, torch.zeros_like(score))
 
 
 def _post_transform(score: torch.Tensor, how: str) -> torch.Tensor:
@@ -247,7 +247,7 @@ def tree_ensemble(ctx: NodeContext, x: Any) -> torch.Tensor:
     """Tree ensemble (ai.onnx.ml opset 5): (N, F) -> (N, n_targets) in ``x``'s dtype."""
     x = as_tensor(x)
     forest = _forest_v5(ctx)
-    score, _ = _aggregate(forest, _leaves(forest, x), _enum(ctx, "aggregate_function", _AGGREGATES, "SUM"))
+    score = _aggregate(forest, _leaves(forest, x), _enum(ctx, "aggregate_function", _AGGREGATES, "SUM"))
     return _post_transform(score, _enum(ctx, "post_transform", _TRANSFORMS, "NONE")).to(x.dtype)
 
 
@@ -256,7 +256,7 @@ def tree_ensemble_regressor(ctx: NodeContext, x: Any) -> torch.Tensor:
     """Legacy tree-ensemble regressor: (N, F) -> float32 (N, n_targets), base values added after aggregation."""
     n_targets = int(ctx.attr("n_targets", 1))
     forest = _forest_legacy(ctx, "target", "target_ids", n_targets)
-    score, _ = _aggregate(forest, _leaves(forest, as_tensor(x)), _enum(ctx, "aggregate_function", _AGGREGATES, "SUM"))
+    score = _aggregate(forest, _leaves(forest, as_tensor(x)), _enum(ctx, "aggregate_function", _AGGREGATES, "SUM"))
     score = _with_base(score, _floats(ctx, "base_values"))
     return _post_transform(score, _enum(ctx, "post_transform", _TRANSFORMS, "NONE")).to(torch.float32)
 
@@ -265,52 +265,50 @@ def tree_ensemble_regressor(ctx: NodeContext, x: Any) -> torch.Tensor:
 def tree_ensemble_classifier(ctx: NodeContext, x: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Legacy tree-ensemble classifier: (labels (N,) int64, scores (N, n_classes) float32).
 
-    Two-class models whose votes all go to one class are scored the onnxruntime way: the single score ``s``
-    becomes the pair (1 - s, s) when every vote weight is non-negative (probabilities), else (-s, s) (margins;
-    with a LOGISTIC transform, (sigmoid(-s), sigmoid(s))).
+    Two-class models whose votes all go to one class (skl2onnx's binary forests and boosters) carry one score
+    ``s`` per sample; see `_binary_scores` for how it becomes a label and a pair of scores.
     """
     labels = ctx.attr("classlabels_int64s")
     if labels is None:
-        raise UnsupportedOperatorError(ctx.op_type, ctx.domain, ctx.opset, ctx.name, hint="string class labels are not supported")
+        raise UnsupportedOperatorError(
+            ctx.op_type, ctx.domain, ctx.opset, ctx.name, hint="string class labels are not supported"
+        )
     labels_t = torch.tensor(list(labels), dtype=torch.int64)
-    n_classes = len(labels)
-    forest = _forest_legacy(ctx, "class", "class_ids", n_classes)
-    score, voted = _aggregate(forest, _leaves(forest, as_tensor(x)), "SUM")
+    forest = _forest_legacy(ctx, "class", "class_ids", len(labels))
+    score = _aggregate(forest, _leaves(forest, as_tensor(x)), "SUM")
     transform = _enum(ctx, "post_transform", _TRANSFORMS, "NONE")
-    base = _floats(ctx, "base_values")
-    if n_classes != 2:
-        score = _with_base(score, base)
-        return labels_t[score.argmax(-1)], _post_transform(score, transform).to(torch.float32)
-    weights = _floats(ctx, "class_weights") or []
-    one_class = len(set(ctx.attr("class_ids", []))) == 1
-    probabilities = all(w >= 0 for w in weights)
-    return _binary_classifier(score, voted, labels_t, base, one_class, probabilities, transform)
+    base = _floats(ctx, "base_values") or []
+    voted_classes = set(ctx.attr("class_ids", []))
+    if len(labels) == 2 and len(voted_classes) == 1:
+        probabilities = all(w >= 0 for w in _floats(ctx, "class_weights") or [])
+        positive, pair = _binary_scores(score, base, voted_classes.pop(), probabilities, transform)
+        return torch.where(positive, labels_t[1], labels_t[0]), pair.to(torch.float32)
+    score = _with_base(score, base)
+    return labels_t[score.argmax(-1)], _post_transform(score, transform).to(torch.float32)
 
 
-def _binary_classifier(
-    score: torch.Tensor, voted: torch.Tensor, labels: torch.Tensor, base: list[float] | None,
-    one_class: bool, probabilities: bool, transform: str,
+def _binary_scores(
+    score: torch.Tensor, base: list[float], voted_class: int, probabilities: bool, transform: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Labels and (N, 2) scores of a two-class tree ensemble (see `tree_ensemble_classifier`)."""
-    s0, s1, has1 = score[:, 0], score[:, 1], voted[:, 1]
-    if base and len(base) == 2:
-        new1 = torch.where(has1, base[1] + s0, s1 + base[1])
-        s0, s1 = torch.where(has1, -new1, s0 + base[0]), new1
-        has1 = torch.ones_like(has1)
-    elif base:
-        s0 = s0 + base[0]
-    positive = torch.where(has1, s1, s0)
-    threshold = 0.5 if (one_class and probabilities) else 0.0
-    label = torch.where(positive > threshold, labels[1], labels[0])
-    if not bool(has1.all()) and not bool(has1.any()):  # one score per sample: make the pair
-        if transform == "PROBIT":
-            single = _post_transform(s0, "PROBIT")
-            return label, torch.stack([single, torch.zeros_like(single)], -1).to(torch.float32)
-        if one_class and probabilities:
-            pair = torch.stack([1 - s0, s0], -1)
-        elif transform == "LOGISTIC":
-            return label, torch.stack([torch.sigmoid(-s0), torch.sigmoid(s0)], -1).to(torch.float32)
+    """Whether each sample is of the second class, and its (N, 2) scores, as onnxruntime computes them.
+
+    The single score ``s`` (plus the first base value) picks the second class when it exceeds 0.5 if every vote
+    weight is non-negative (a probability), else 0 (a margin). The pair is (1 - s, s) for probabilities, (-s, s)
+    for margins, (sigmoid(-s), sigmoid(s)) with a LOGISTIC transform. Two base values, or votes for the second
+    class only, give the pair [s, 0] or [0, s] put through the post transform.
+    """
+    zeros = torch.zeros_like(score[:, 0])
+    if voted_class == 1:
+        # onnxruntime replaces the votes by the second base value when there are two
+        s = torch.full_like(zeros, base[1]) if len(base) == 2 else score[:, 1]
+        pair = _post_transform(torch.stack([zeros, s], -1), transform)
+    elif len(base) == 2:
+        s = score[:, 0] + base[0]
+        pair = _post_transform(torch.stack([s, zeros], -1), transform)
+    else:
+        s = score[:, 0] + (base[0] if base else 0.0)
+        if transform == "LOGISTIC":
+            pair = torch.stack([torch.sigmoid(-s), torch.sigmoid(s)], -1)
         else:
-            pair = torch.stack([-s0, s0], -1)
-        return label, _post_transform(pair, transform).to(torch.float32)
-    return label, _post_transform(torch.stack([s0, s1], -1), transform).to(torch.float32)
+            pair = torch.stack([1 - s if probabilities else -s, s], -1)
+    return s > (0.5 if probabilities else 0.0), pair
