@@ -251,6 +251,32 @@ def test_sequence_ops_round_trip() -> None:
     _assert_same(_run_modscope(model, {"x": x}), _run_reference(model, {"x": x}))
 
 
+def test_sequence_map_runs_its_body_per_element_with_shared_tensors() -> None:
+    body = helper.make_graph(
+        [helper.make_node("Mul", ["a", "b"], ["c"])],
+        "body",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [None]) for n in ("a", "b")],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [None])],
+    )
+    nodes = [
+        helper.make_node("SplitToSequence", ["x"], ["seq"], axis=0, keepdims=0),
+        helper.make_node("SequenceMap", ["seq", "w"], ["mapped"], body=body),
+        helper.make_node("ConcatFromSequence", ["mapped"], ["y"], axis=0, new_axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 2]),
+            helper.make_tensor_value_info("w", TensorProto.FLOAT, [2]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    inputs = {"x": _f(3, 2), "w": _f(2)}
+    _assert_same(_run_modscope(model, inputs), _run_reference(model, inputs))
+
+
 def test_split_to_sequence_with_a_scalar_split_gives_a_short_last_piece() -> None:
     model = _node_model("SplitToSequence", {"x": _f(7, 2), "s": np.array(3, np.int64)}, 13, axis=0)
     pieces = modscope.load(model)(torch.zeros(7, 2), torch.tensor(3))
