@@ -100,12 +100,11 @@ def _rnn_case(
     while node_inputs[-1] == "":
         node_inputs.pop()
     outputs = ["Y", "Y_h", "Y_c"][: 3 if op == "LSTM" else 2]
-    node = helper.make_node(
-        op, node_inputs, outputs, direction=direction, hidden_size=hidden, layout=layout, **attrs
-    )
+    node = helper.make_node(op, node_inputs, outputs, direction=direction, hidden_size=hidden, layout=layout, **attrs)
     initializers = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()]
-    model = _model([node], graph_inputs, [helper.make_tensor_value_info(o, F32, None) for o in outputs],
-                   initializers, opset=14)
+    model = _model(
+        [node], graph_inputs, [helper.make_tensor_value_info(o, F32, None) for o in outputs], initializers, opset=14
+    )
     return model, feeds
 
 
@@ -144,9 +143,13 @@ def test_gru_linear_before_reset_matches_onnxruntime() -> None:
 
 def test_lstm_peepholes_clip_and_activations_match_onnxruntime() -> None:
     model, feeds = _rnn_case(
-        "LSTM", "bidirectional", peepholes=True, clip=1.5,
+        "LSTM",
+        "bidirectional",
+        peepholes=True,
+        clip=1.5,
         activations=["HardSigmoid", "Tanh", "LeakyRelu", "Sigmoid", "Softsign", "Tanh"],
-        activation_alpha=[0.3, 0.2], activation_beta=[0.4],
+        activation_alpha=[0.3, 0.2],
+        activation_beta=[0.4],
     )
     _assert_matches_ort(model, feeds)
 
@@ -160,8 +163,13 @@ def test_only_requested_outputs_are_returned() -> None:
     node = helper.make_node("RNN", ["X", "W", "R"], ["", "Y_h"], hidden_size=2)
     w = numpy_helper.from_array(np.ones((1, 2, 3), np.float32), "W")
     r = numpy_helper.from_array(np.eye(2, dtype=np.float32)[None], "R")
-    model = _model([node], [helper.make_tensor_value_info("X", F32, (4, 1, 3))],
-                   [helper.make_tensor_value_info("Y_h", F32, None)], [w, r], opset=14)
+    model = _model(
+        [node],
+        [helper.make_tensor_value_info("X", F32, (4, 1, 3))],
+        [helper.make_tensor_value_info("Y_h", F32, None)],
+        [w, r],
+        opset=14,
+    )
     _assert_matches_ort(model, {"X": np.linspace(-1, 1, 12, dtype=np.float32).reshape(4, 1, 3)})
 
 
@@ -172,8 +180,9 @@ def test_lstm_exported_from_torch_matches_torch_and_onnxruntime() -> None:
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(net, (x,), buffer, dynamo=False, opset_version=14, input_names=["x"],
-                          output_names=["y", "h", "c"])
+        torch.onnx.export(
+            net, (x,), buffer, dynamo=False, opset_version=14, input_names=["x"], output_names=["y", "h", "c"]
+        )
     proto = onnx.load_from_string(buffer.getvalue())
     assert any(n.op_type == "LSTM" for n in proto.graph.node)
     model = modscope.load(proto)
@@ -201,14 +210,15 @@ def test_lstm_gradient_matches_finite_differences() -> None:
     from modscope.converters.onnx.ops_recurrent import lstm
     from modscope.converters.onnx.registry import NodeContext
 
-    node = helper.make_node("LSTM", ["X", "W", "R", "B", "L"], ["Y", "Y_h"], direction="bidirectional",
-                            hidden_size=2)
-    ctx = NodeContext(node=node, opset=14, attrs={"direction": "bidirectional", "hidden_size": 2},
-                      run_graph=lambda *a: [])
+    node = helper.make_node("LSTM", ["X", "W", "R", "B", "L"], ["Y", "Y_h"], direction="bidirectional", hidden_size=2)
+    ctx = NodeContext(
+        node=node, opset=14, attrs={"direction": "bidirectional", "hidden_size": 2}, run_graph=lambda *a: []
+    )
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 2, 2, generator=gen, dtype=torch.float64)
-    w, r, b = (torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=True)
-               for s in [(2, 8, 2), (2, 8, 2), (2, 16)])
+    w, r, b = (
+        torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=True) for s in [(2, 8, 2), (2, 8, 2), (2, 16)]
+    )
     lengths = torch.tensor([3, 1], dtype=torch.int32)
     assert torch.autograd.gradcheck(lambda w, r, b: lstm(ctx, x, w, r, b, lengths), (w, r, b))
 
@@ -234,14 +244,19 @@ def test_vmap_over_stacked_weights_equals_loop(op: str) -> None:
 # -- control flow --------------------------------------------------------------------------------------------------
 def test_if_takes_the_branch_the_condition_selects() -> None:
     c = numpy_helper.from_array(np.array([1.0, -2.0, 3.0], np.float32), "c")
-    then_g = helper.make_graph([helper.make_node("Add", ["x", "c"], ["t"])], "then", [],
-                               [helper.make_tensor_value_info("t", F32, [3])])
-    else_g = helper.make_graph([helper.make_node("Relu", ["x"], ["e"])], "else", [],
-                               [helper.make_tensor_value_info("e", F32, [3])])
+    then_g = helper.make_graph(
+        [helper.make_node("Add", ["x", "c"], ["t"])], "then", [], [helper.make_tensor_value_info("t", F32, [3])]
+    )
+    else_g = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["e"])], "else", [], [helper.make_tensor_value_info("e", F32, [3])]
+    )
     node = helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g)
-    model = _model([node], [helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
-                            helper.make_tensor_value_info("x", F32, [3])],
-                   [helper.make_tensor_value_info("y", F32, [3])], [c])
+    model = _model(
+        [node],
+        [helper.make_tensor_value_info("cond", TensorProto.BOOL, []), helper.make_tensor_value_info("x", F32, [3])],
+        [helper.make_tensor_value_info("y", F32, [3])],
+        [c],
+    )
     x = np.array([-1.0, 0.5, 2.0], np.float32)
     for cond in (True, False):
         _assert_matches_ort(model, {"cond": np.array(cond), "x": x})
@@ -255,24 +270,34 @@ def test_loop_with_trip_count_condition_outer_scope_and_scan_output() -> None:
             helper.make_node("Identity", ["acc_out"], ["scan"]),
         ],
         "body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("acc_in", F32, [2])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("acc_out", F32, [2]),
-         helper.make_tensor_value_info("scan", F32, [2])],
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("acc_in", F32, [2]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("acc_out", F32, [2]),
+            helper.make_tensor_value_info("scan", F32, [2]),
+        ],
     )
     node = helper.make_node("Loop", ["M", "cond", "acc0"], ["acc", "scans"], body=body)
     model = _model(
         [node],
-        [helper.make_tensor_value_info("M", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("acc0", F32, [2]),
-         helper.make_tensor_value_info("x", F32, [2])],
+        [
+            helper.make_tensor_value_info("M", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("acc0", F32, [2]),
+            helper.make_tensor_value_info("x", F32, [2]),
+        ],
         [helper.make_tensor_value_info("acc", F32, [2]), helper.make_tensor_value_info("scans", F32, None)],
     )
-    feeds = {"M": np.array(4, np.int64), "cond": np.array(True), "acc0": np.array([1.0, 2.0], np.float32),
-             "x": np.array([0.5, -1.0], np.float32)}
+    feeds = {
+        "M": np.array(4, np.int64),
+        "cond": np.array(True),
+        "acc0": np.array([1.0, 2.0], np.float32),
+        "x": np.array([0.5, -1.0], np.float32),
+    }
     _assert_matches_ort(model, feeds)
     _, scans = _ours(model, feeds)
     assert scans.shape == (4, 2)
@@ -285,12 +310,22 @@ def test_scan_reverse_input_and_output_axis_match_onnxruntime() -> None:
         [helper.make_tensor_value_info("s_in", F32, [2]), helper.make_tensor_value_info("e", F32, [2])],
         [helper.make_tensor_value_info("s_out", F32, [2]), helper.make_tensor_value_info("o", F32, [2])],
     )
-    node = helper.make_node("Scan", ["s0", "xs"], ["s", "ys"], body=body, num_scan_inputs=1,
-                            scan_input_axes=[1], scan_input_directions=[1], scan_output_axes=[-1],
-                            scan_output_directions=[1])
-    model = _model([node], [helper.make_tensor_value_info("s0", F32, [2]),
-                            helper.make_tensor_value_info("xs", F32, [2, 4])],
-                   [helper.make_tensor_value_info("s", F32, [2]), helper.make_tensor_value_info("ys", F32, None)])
+    node = helper.make_node(
+        "Scan",
+        ["s0", "xs"],
+        ["s", "ys"],
+        body=body,
+        num_scan_inputs=1,
+        scan_input_axes=[1],
+        scan_input_directions=[1],
+        scan_output_axes=[-1],
+        scan_output_directions=[1],
+    )
+    model = _model(
+        [node],
+        [helper.make_tensor_value_info("s0", F32, [2]), helper.make_tensor_value_info("xs", F32, [2, 4])],
+        [helper.make_tensor_value_info("s", F32, [2]), helper.make_tensor_value_info("ys", F32, None)],
+    )
     feeds = {"s0": np.zeros(2, np.float32), "xs": np.arange(8, dtype=np.float32).reshape(2, 4)}
     _assert_matches_ort(model, feeds)
 
@@ -316,14 +351,22 @@ def _qdq_matmul_model() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
         helper.make_node("DequantizeLinear", ["x_q", "x_scale", "x_zp"], ["x_dq"]),
         helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zp"], ["w_dq"], axis=1),
         helper.make_node("MatMul", ["x_dq", "w_dq"], ["y"]),
-        helper.make_node("QLinearMatMul", ["x_q", "x_scale", "x_zp", "w_q", "w_scale_t", "w_zp_t", "y_scale", "y_zp"],
-                         ["y_q"]),
+        helper.make_node(
+            "QLinearMatMul", ["x_q", "x_scale", "x_zp", "w_q", "w_scale_t", "w_zp_t", "y_scale", "y_zp"], ["y_q"]
+        ),
         helper.make_node("MatMulInteger", ["x_q", "w_q", "x_zp", "w_zp_t"], ["y_i"]),
     ]
-    model = _model(nodes, [helper.make_tensor_value_info("x", F32, [5, 4])],
-                   [helper.make_tensor_value_info("y", F32, None),
-                    helper.make_tensor_value_info("y_q", TensorProto.UINT8, None),
-                    helper.make_tensor_value_info("y_i", TensorProto.INT32, None)], inits, opset=13)
+    model = _model(
+        nodes,
+        [helper.make_tensor_value_info("x", F32, [5, 4])],
+        [
+            helper.make_tensor_value_info("y", F32, None),
+            helper.make_tensor_value_info("y_q", TensorProto.UINT8, None),
+            helper.make_tensor_value_info("y_i", TensorProto.INT32, None),
+        ],
+        inits,
+        opset=13,
+    )
     return model, {"x": rng.normal(size=(5, 4)).astype(np.float32) * 2}
 
 
@@ -347,9 +390,17 @@ def test_dequantize_linear_is_differentiable_in_its_scale() -> None:
 
 def test_quantize_rounds_half_to_even_and_saturates() -> None:
     node = helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["y"])
-    inits = [numpy_helper.from_array(np.array(1.0, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8), "zp")]
-    model = _model([node], [helper.make_tensor_value_info("x", F32, [6])],
-                   [helper.make_tensor_value_info("y", TensorProto.INT8, None)], inits, opset=13)
+    inits = [
+        numpy_helper.from_array(np.array(1.0, np.float32), "s"),
+        numpy_helper.from_array(np.array(0, np.int8), "zp"),
+    ]
+    model = _model(
+        [node],
+        [helper.make_tensor_value_info("x", F32, [6])],
+        [helper.make_tensor_value_info("y", TensorProto.INT8, None)],
+        inits,
+        opset=13,
+    )
     feeds = {"x": np.array([0.5, 1.5, 2.5, -0.5, 300.0, -300.0], np.float32)}
     _assert_matches_ort(model, feeds)
     assert _ours(model, feeds)[0].tolist() == [0, 2, 2, 0, 127, -128]
@@ -361,15 +412,21 @@ def test_blocked_dequantize_and_dynamic_quantize_match_onnxruntime() -> None:
         helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["y"], axis=1, block_size=2),
         helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xzp"]),
     ]
-    inits = [numpy_helper.from_array(rng.uniform(0.01, 0.1, size=(3, 2)).astype(np.float32), "s"),
-             numpy_helper.from_array(rng.integers(0, 255, size=(3, 2)).astype(np.uint8), "zp")]
-    model = _model(nodes, [helper.make_tensor_value_info("q", TensorProto.UINT8, [3, 4]),
-                           helper.make_tensor_value_info("x", F32, [7])],
-                   [helper.make_tensor_value_info(n, t, None) for n, t in
-                    [("y", F32), ("xq", TensorProto.UINT8), ("xs", F32), ("xzp", TensorProto.UINT8)]],
-                   inits, opset=21)
-    feeds = {"q": rng.integers(0, 255, size=(3, 4)).astype(np.uint8),
-             "x": rng.normal(size=7).astype(np.float32)}
+    inits = [
+        numpy_helper.from_array(rng.uniform(0.01, 0.1, size=(3, 2)).astype(np.float32), "s"),
+        numpy_helper.from_array(rng.integers(0, 255, size=(3, 2)).astype(np.uint8), "zp"),
+    ]
+    model = _model(
+        nodes,
+        [helper.make_tensor_value_info("q", TensorProto.UINT8, [3, 4]), helper.make_tensor_value_info("x", F32, [7])],
+        [
+            helper.make_tensor_value_info(n, t, None)
+            for n, t in [("y", F32), ("xq", TensorProto.UINT8), ("xs", F32), ("xzp", TensorProto.UINT8)]
+        ],
+        inits,
+        opset=21,
+    )
+    feeds = {"q": rng.integers(0, 255, size=(3, 4)).astype(np.uint8), "x": rng.normal(size=7).astype(np.float32)}
     _assert_matches_ort(model, feeds)
 
 
@@ -385,10 +442,16 @@ def test_qlinear_conv_with_per_channel_weights_matches_onnxruntime() -> None:
         numpy_helper.from_array(np.array(120, np.uint8), "yzp"),
         numpy_helper.from_array(np.array([500, -300], np.int32), "b"),
     ]
-    node = helper.make_node("QLinearConv", ["x", "xs", "xzp", "w", "ws", "wzp", "ys", "yzp", "b"], ["y"],
-                            pads=[1, 0, 1, 2], strides=[1, 2])
-    model = _model([node], [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 1, 6, 7])],
-                   [helper.make_tensor_value_info("y", TensorProto.UINT8, None)], inits, opset=13)
+    node = helper.make_node(
+        "QLinearConv", ["x", "xs", "xzp", "w", "ws", "wzp", "ys", "yzp", "b"], ["y"], pads=[1, 0, 1, 2], strides=[1, 2]
+    )
+    model = _model(
+        [node],
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 1, 6, 7])],
+        [helper.make_tensor_value_info("y", TensorProto.UINT8, None)],
+        inits,
+        opset=13,
+    )
     _assert_matches_ort(model, {"x": rng.integers(0, 255, size=(1, 1, 6, 7)).astype(np.uint8)})
 
 
@@ -399,13 +462,22 @@ def test_non_max_suppression_matches_onnxruntime() -> None:
     sizes = rng.uniform(1, 4, size=(2, 40, 2))
     boxes = np.concatenate([centers, sizes], axis=-1).astype(np.float32)
     scores = rng.uniform(size=(2, 3, 40)).astype(np.float32)
-    inits = [numpy_helper.from_array(np.array([5], np.int64), "k"),
-             numpy_helper.from_array(np.array([0.3], np.float32), "iou"),
-             numpy_helper.from_array(np.array([0.2], np.float32), "score")]
+    inits = [
+        numpy_helper.from_array(np.array([5], np.int64), "k"),
+        numpy_helper.from_array(np.array([0.3], np.float32), "iou"),
+        numpy_helper.from_array(np.array([0.2], np.float32), "score"),
+    ]
     node = helper.make_node("NonMaxSuppression", ["boxes", "scores", "k", "iou", "score"], ["sel"], center_point_box=1)
-    model = _model([node], [helper.make_tensor_value_info("boxes", F32, [2, 40, 4]),
-                            helper.make_tensor_value_info("scores", F32, [2, 3, 40])],
-                   [helper.make_tensor_value_info("sel", TensorProto.INT64, None)], inits, opset=11)
+    model = _model(
+        [node],
+        [
+            helper.make_tensor_value_info("boxes", F32, [2, 40, 4]),
+            helper.make_tensor_value_info("scores", F32, [2, 3, 40]),
+        ],
+        [helper.make_tensor_value_info("sel", TensorProto.INT64, None)],
+        inits,
+        opset=11,
+    )
     _assert_matches_ort(model, {"boxes": boxes, "scores": scores})
 
 
@@ -415,12 +487,25 @@ def test_roi_align_matches_onnxruntime_and_is_differentiable(mode: str, ctm: str
     rng = np.random.default_rng(5)
     x = rng.normal(size=(2, 3, 10, 12)).astype(np.float32)
     rois = np.array([[0, 0, 5, 5], [1.5, 2.2, 11.7, 9.1], [-2, 3, 4, 14], [3, 3, 3.2, 3.4]], np.float32)
-    node = helper.make_node("RoiAlign", ["x", "rois", "idx"], ["y"], mode=mode, output_height=3, output_width=2,
-                            sampling_ratio=0, spatial_scale=0.9, coordinate_transformation_mode=ctm)
+    node = helper.make_node(
+        "RoiAlign",
+        ["x", "rois", "idx"],
+        ["y"],
+        mode=mode,
+        output_height=3,
+        output_width=2,
+        sampling_ratio=0,
+        spatial_scale=0.9,
+        coordinate_transformation_mode=ctm,
+    )
     idx = numpy_helper.from_array(np.array([0, 1, 1, 0], np.int64), "idx")
-    model = _model([node], [helper.make_tensor_value_info("x", F32, x.shape),
-                            helper.make_tensor_value_info("rois", F32, rois.shape)],
-                   [helper.make_tensor_value_info("y", F32, None)], [idx], opset=16)
+    model = _model(
+        [node],
+        [helper.make_tensor_value_info("x", F32, x.shape), helper.make_tensor_value_info("rois", F32, rois.shape)],
+        [helper.make_tensor_value_info("y", F32, None)],
+        [idx],
+        opset=16,
+    )
     _assert_matches_ort(model, {"x": x, "rois": rois})
     xt = torch.from_numpy(x).requires_grad_()
     modscope.load(model)(xt, torch.from_numpy(rois)).sum().backward()
@@ -435,15 +520,19 @@ def test_roi_align_in_chunks_equals_one_pass(monkeypatch: pytest.MonkeyPatch) ->
     corners = np.sort(rng.uniform(0, 8, size=(9, 2, 2)), axis=1)
     rois = torch.from_numpy(corners.transpose(0, 2, 1).reshape(9, 4)[:, [0, 2, 1, 3]].astype(np.float32))
     node = helper.make_node("RoiAlign", ["x", "rois", "idx"], ["y"], output_height=2, output_width=2)
-    model = _model([node], [helper.make_tensor_value_info("x", F32, [1, 2, 8, 8]),
-                            helper.make_tensor_value_info("rois", F32, [9, 4])],
-                   [helper.make_tensor_value_info("y", F32, None)],
-                   [numpy_helper.from_array(np.zeros(9, np.int64), "idx")], opset=16)
+    model = _model(
+        [node],
+        [helper.make_tensor_value_info("x", F32, [1, 2, 8, 8]), helper.make_tensor_value_info("rois", F32, [9, 4])],
+        [helper.make_tensor_value_info("y", F32, None)],
+        [numpy_helper.from_array(np.zeros(9, np.int64), "idx")],
+        opset=16,
+    )
     whole = modscope.load(model)(x, rois)
     monkeypatch.setattr(ops_detection, "_CHUNK_ELEMENTS", 1)
     torch.testing.assert_close(modscope.load(model)(x, rois), whole)
-    np.testing.assert_allclose(whole.detach().numpy(), _ort(model, {"x": x.numpy(), "rois": rois.numpy()})[0],
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        whole.detach().numpy(), _ort(model, {"x": x.numpy(), "rois": rois.numpy()})[0], rtol=1e-5, atol=1e-5
+    )
 
 
 # -- ai.onnx.ml (scikit-learn models through skl2onnx) --------------------------------------------------------------

@@ -25,7 +25,9 @@ ops = OpSet()
 def _graph_attr(ctx: NodeContext, name: str) -> onnx.GraphProto:
     graph = ctx.attr(name)
     if not isinstance(graph, onnx.GraphProto):
-        raise InvalidParameterError(f"{ctx.op_type} node '{ctx.name}' has no '{name}' sub-graph; the model is malformed.")
+        raise InvalidParameterError(
+            f"{ctx.op_type} node '{ctx.name}' has no '{name}' sub-graph; the model is malformed."
+        )
     return graph
 
 
@@ -79,8 +81,7 @@ def loop(ctx: NodeContext, trip_count: Any = None, cond: Any = None, *initial: A
         i += 1
     n_scan = len(body.output) - 1 - n_carried
     scans = [
-        _stack([s[k] for s in steps]) if steps else _empty_scan_output(body, 1 + n_carried + k)
-        for k in range(n_scan)
+        _stack([s[k] for s in steps]) if steps else _empty_scan_output(body, 1 + n_carried + k) for k in range(n_scan)
     ]
     return tuple(carried + scans)
 
@@ -164,8 +165,13 @@ def scan_v8(ctx: NodeContext, sequence_lens: Any, *values: Any) -> tuple:
     final_states, scan_outputs = [], []
     for b in range(batch):
         item_states, outputs = _run_scan(
-            ctx, body, [s[b] for s in states], [x[b, : lengths[b]] for x in scan_inputs], [0] * n_scan_in,
-            in_reverse, int(lengths[b]),
+            ctx,
+            body,
+            [s[b] for s in states],
+            [x[b, : lengths[b]] for x in scan_inputs],
+            [0] * n_scan_in,
+            in_reverse,
+            int(lengths[b]),
         )
         final_states.append(item_states)
         padded = []

@@ -33,7 +33,10 @@ def _corners(boxes: torch.Tensor, center_point_box: int) -> torch.Tensor:
 
 
 def _overlaps(box: torch.Tensor, others: torch.Tensor, threshold: float) -> torch.Tensor:
-    """(M,) bool: IoU of ``box`` (4,) with each of ``others`` (M, 4) exceeds ``threshold``; empty boxes overlap nothing."""
+    """(M,) bool: IoU of ``box`` (4,) with each of ``others`` (M, 4) exceeds ``threshold``.
+
+    Empty boxes overlap nothing.
+    """
     y1, x1, y2, x2 = others.unbind(-1)
     area = (box[2] - box[0]) * (box[3] - box[1])
     areas = (y2 - y1) * (x2 - x1)
@@ -81,7 +84,12 @@ def non_max_suppression(
     class when their IoU exceeds ``iou_threshold``; boxes scoring at or below ``score_threshold`` are dropped.
     """
     boxes, scores = as_tensor(boxes).detach(), as_tensor(scores).detach()
-    if boxes.dim() != 3 or scores.dim() != 3 or boxes.shape[-1] != 4 or boxes.shape[:2] != (scores.shape[0], scores.shape[2]):
+    if (
+        boxes.dim() != 3
+        or scores.dim() != 3
+        or boxes.shape[-1] != 4
+        or boxes.shape[:2] != (scores.shape[0], scores.shape[2])
+    ):
         raise ShapeError(
             f"NonMaxSuppression node '{ctx.name}': boxes {tuple(boxes.shape)} and scores {tuple(scores.shape)} "
             "must be (B, N, 4) and (B, C, N)."
@@ -132,8 +140,10 @@ def roi_align(ctx: NodeContext, x: Any, rois: Any, batch_indices: Any) -> torch.
     """
     x, rois, batch_indices = as_tensor(x), as_tensor(rois), as_tensor(batch_indices).long()
     if x.dim() != 4 or rois.dim() != 2 or rois.shape[1] != 4:
-        raise ShapeError(f"RoiAlign node '{ctx.name}': X must be (N, C, H, W) and rois (R, 4); got "
-                         f"{tuple(x.shape)} and {tuple(rois.shape)}.")
+        raise ShapeError(
+            f"RoiAlign node '{ctx.name}': X must be (N, C, H, W) and rois (R, 4); got "
+            f"{tuple(x.shape)} and {tuple(rois.shape)}."
+        )
     mode = ctx.attr("mode", "avg")
     if mode not in ("avg", "max"):
         raise InvalidParameterError(f"RoiAlign node '{ctx.name}' has mode '{mode}'; use 'avg' or 'max'.")
@@ -164,8 +174,16 @@ def roi_align(ctx: NodeContext, x: Any, rois: Any, batch_indices: Any) -> torch.
     base = batch_indices * (height * width)
     chunk = max(1, _CHUNK_ELEMENTS // max(1, out_h * n_gh * out_w * n_gw * channels))
     pooled = [
-        _pool(table, base[i : i + chunk], [a[i : i + chunk] for a in ys], [a[i : i + chunk] for a in xs],
-              grid_h[i : i + chunk], grid_w[i : i + chunk], width, mode)
+        _pool(
+            table,
+            base[i : i + chunk],
+            [a[i : i + chunk] for a in ys],
+            [a[i : i + chunk] for a in xs],
+            grid_h[i : i + chunk],
+            grid_w[i : i + chunk],
+            width,
+            mode,
+        )
         for i in range(0, n_rois, chunk)
     ]
     return torch.cat(pooled).permute(0, 3, 1, 2).contiguous()

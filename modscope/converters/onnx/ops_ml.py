@@ -105,12 +105,16 @@ def _forest_v5(ctx: NodeContext) -> _Forest:
     splits = ctx.attr("nodes_splits")
     return _Forest(
         feature=torch.tensor(feature, dtype=torch.int64),
-        threshold=as_tensor(splits).reshape(-1).to(torch.float64) if splits is not None else torch.zeros(n, dtype=torch.float64),
+        threshold=as_tensor(splits).reshape(-1).to(torch.float64)
+        if splits is not None
+        else torch.zeros(n, dtype=torch.float64),
         mode=torch.tensor(modes, dtype=torch.int64),
         true_next=pointers("nodes_truenodeids", "nodes_trueleafs"),
         false_next=pointers("nodes_falsenodeids", "nodes_falseleafs"),
         nan_true=torch.tensor(list(ctx.attr("nodes_missing_value_tracks_true", [0] * n)), dtype=torch.bool),
-        members=_members_table(modes, as_tensor(ctx.attr("membership_values")) if ctx.attr("membership_values") is not None else None),
+        members=_members_table(
+            modes, as_tensor(ctx.attr("membership_values")) if ctx.attr("membership_values") is not None else None
+        ),
         roots=torch.tensor(list(ctx.attr("tree_roots", [0])), dtype=torch.int64),
         leaf_weight=leaf_weight,
         leaf_votes=leaf_votes,
@@ -138,7 +142,9 @@ def _forest_legacy(ctx: NodeContext, vote_prefix: str, vote_id: str, n_targets: 
         table[(tree, node)] = len(table)
     unknown = {m for m in modes if m != "LEAF" and m not in _MODES}
     if unknown:
-        raise UnsupportedOperatorError(ctx.op_type, ctx.domain, ctx.opset, ctx.name, hint=f"node modes {sorted(unknown)}")
+        raise UnsupportedOperatorError(
+            ctx.op_type, ctx.domain, ctx.opset, ctx.name, hint=f"node modes {sorted(unknown)}"
+        )
 
     def pointer(tree: int, node: int) -> int:
         if (tree, node) in interior:
@@ -188,10 +194,17 @@ def _leaves(forest: _Forest, x: torch.Tensor) -> torch.Tensor:
             break
         node = ptr.clamp(min=0)
         value, split, mode = x.gather(1, f["feature"][node]), f["threshold"][node], f["mode"][node]
-        tests = torch.stack([
-            value <= split, value < split, value >= split, value > split, value == split, value != split,
-            (value.unsqueeze(-1) == f["members"][node]).any(-1),
-        ])
+        tests = torch.stack(
+            [
+                value <= split,
+                value < split,
+                value >= split,
+                value > split,
+                value == split,
+                value != split,
+                (value.unsqueeze(-1) == f["members"][node]).any(-1),
+            ]
+        )
         go_true = tests.gather(0, mode.unsqueeze(0)).squeeze(0) | (torch.isnan(value) & f["nan_true"][node])
         step = torch.where(go_true, f["true_next"][node], f["false_next"][node])
         ptr = torch.where(active, step, ptr)
@@ -231,10 +244,14 @@ def _enum(ctx: NodeContext, name: str, names: Sequence[str], default: str) -> st
     value = ctx.attr(name, default)
     if isinstance(value, int):
         if not 0 <= value < len(names):
-            raise InvalidParameterError(f"{ctx.op_type} node '{ctx.name}': {name}={value} is not one of 0..{len(names) - 1}.")
+            raise InvalidParameterError(
+                f"{ctx.op_type} node '{ctx.name}': {name}={value} is not one of 0..{len(names) - 1}."
+            )
         return names[value]
     if value not in names:
-        raise InvalidParameterError(f"{ctx.op_type} node '{ctx.name}': {name}='{value}' is not one of {', '.join(names)}.")
+        raise InvalidParameterError(
+            f"{ctx.op_type} node '{ctx.name}': {name}='{value}' is not one of {', '.join(names)}."
+        )
     return value
 
 

@@ -73,7 +73,9 @@ def _saturate_round(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.round(value).clamp(info.min, info.max).to(dtype)
 
 
-def _quantize(value: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+def _quantize(
+    value: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
     q = torch.round(value / scale)
     if zero_point is not None:
         q = q + zero_point.to(q.dtype)
@@ -102,9 +104,7 @@ def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
 
 
 @ops.register("QuantizeLinear", since=10)
-def quantize_linear(
-    ctx: NodeContext, x: Any, y_scale: Any, y_zero_point: Any = None
-) -> torch.Tensor:
+def quantize_linear(ctx: NodeContext, x: Any, y_scale: Any, y_zero_point: Any = None) -> torch.Tensor:
     """y = saturate(round(x / y_scale) + y_zero_point), per tensor, per axis or blocked."""
     x, y_scale = as_tensor(x), as_tensor(y_scale)
     y_zero_point = as_tensor(y_zero_point) if y_zero_point is not None else None
@@ -134,8 +134,11 @@ def dequantize_linear(ctx: NodeContext, x: Any, x_scale: Any, x_zero_point: Any 
 
 
 def _float_dtype(ctx: NodeContext, code: int) -> torch.dtype:
-    table = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.FLOAT16: torch.float16,
-             onnx.TensorProto.BFLOAT16: torch.bfloat16}
+    table = {
+        onnx.TensorProto.FLOAT: torch.float32,
+        onnx.TensorProto.FLOAT16: torch.float16,
+        onnx.TensorProto.BFLOAT16: torch.bfloat16,
+    }
     if code not in table:
         raise _unsupported(ctx, f"output_dtype {onnx.TensorProto.DataType.Name(code)}")
     return table[code]
@@ -173,7 +176,9 @@ def _row_param(p: torch.Tensor) -> torch.Tensor:
 
 
 @ops.register("MatMulInteger", since=10)
-def matmul_integer(ctx: NodeContext, a: Any, b: Any, a_zero_point: Any = None, b_zero_point: Any = None) -> torch.Tensor:
+def matmul_integer(
+    ctx: NodeContext, a: Any, b: Any, a_zero_point: Any = None, b_zero_point: Any = None
+) -> torch.Tensor:
     """int32 (a - a_zero_point) @ (b - b_zero_point); a's zero point per row or scalar, b's per column or scalar."""
     a, b = as_tensor(a), as_tensor(b)
     acc = torch.matmul(_centred(a, a_zero_point, [-1, 1]), _centred(b, b_zero_point))
@@ -189,33 +194,53 @@ def conv_integer(ctx: NodeContext, x: Any, w: Any, x_zero_point: Any = None, w_z
     return acc.round().to(torch.int32)
 
 
-def _requantize(
-    ctx: NodeContext, acc: torch.Tensor, multiplier: torch.Tensor, y_scale_dtype: torch.dtype, y_zero_point: Any
-) -> torch.Tensor:
-    """Scale an exact integer accumulator to the output's quantized domain and saturate it."""
+def _requantize(ctx: NodeContext, acc: torch.Tensor, multiplier: torch.Tensor, y_zero_point: Any) -> torch.Tensor:
+    """An exact integer accumulator scaled by ``multiplier`` into the output's quantized domain, saturated.
+
+    The multiplier (input scales / output scale) is applied in its own float type, as onnxruntime does.
+    """
     zp = as_tensor(y_zero_point)
-    real = acc.to(torch.float32 if y_scale_dtype != torch.float64 else torch.float64) * multiplier
-    return _quantize(real, torch.ones((), dtype=real.dtype), zp, _quant_dtype(ctx, zp))
+    q = torch.round(acc.to(multiplier.dtype) * multiplier) + zp.to(multiplier.dtype)
+    return _saturate_round(q, _quant_dtype(ctx, zp))
+
+
+def _multiplier_dtype(y_scale: torch.Tensor) -> torch.dtype:
+    return torch.float64 if y_scale.dtype == torch.float64 else torch.float32
 
 
 @ops.register("QLinearMatMul", since=10)
 def qlinear_matmul(
-    ctx: NodeContext, a: Any, a_scale: Any, a_zero_point: Any, b: Any, b_scale: Any, b_zero_point: Any,
-    y_scale: Any, y_zero_point: Any,
+    ctx: NodeContext,
+    a: Any,
+    a_scale: Any,
+    a_zero_point: Any,
+    b: Any,
+    b_scale: Any,
+    b_zero_point: Any,
+    y_scale: Any,
+    y_zero_point: Any,
 ) -> torch.Tensor:
     """Quantized matmul: round((a - a_zp) @ (b - b_zp) * a_scale * b_scale / y_scale) + y_zp, saturated."""
     a, b = as_tensor(a), as_tensor(b)
     a_scale, b_scale, y_scale = as_tensor(a_scale), as_tensor(b_scale), as_tensor(y_scale)
     acc = torch.matmul(_centred(a, a_zero_point, [-1, 1]), _centred(b, b_zero_point))
-    work = torch.float64 if y_scale.dtype == torch.float64 else torch.float32
+    work = _multiplier_dtype(y_scale)
     multiplier = _row_param(a_scale).to(work) * b_scale.to(work) / y_scale.to(work)
-    return _requantize(ctx, acc, multiplier, y_scale.dtype, y_zero_point)
+    return _requantize(ctx, acc, multiplier, y_zero_point)
 
 
 @ops.register("QLinearConv", since=10)
 def qlinear_conv(
-    ctx: NodeContext, x: Any, x_scale: Any, x_zero_point: Any, w: Any, w_scale: Any, w_zero_point: Any,
-    y_scale: Any, y_zero_point: Any, bias: Any = None,
+    ctx: NodeContext,
+    x: Any,
+    x_scale: Any,
+    x_zero_point: Any,
+    w: Any,
+    w_scale: Any,
+    w_zero_point: Any,
+    y_scale: Any,
+    y_zero_point: Any,
+    bias: Any = None,
 ) -> torch.Tensor:
     """Quantized convolution; ``w_scale``/``w_zero_point`` may be per output channel, ``bias`` is int32."""
     x, w = as_tensor(x), as_tensor(w)
@@ -225,7 +250,7 @@ def qlinear_conv(
     channel_shape = [1, -1] + [1] * (x.dim() - 2)
     if bias is not None:
         acc = acc + as_tensor(bias).to(torch.float64).reshape(channel_shape)
-    work = torch.float64 if y_scale.dtype == torch.float64 else torch.float32
+    work = _multiplier_dtype(y_scale)
     w_scale = w_scale.to(work).reshape(channel_shape) if w_scale.numel() > 1 else w_scale.to(work).reshape(())
     multiplier = x_scale.to(work).reshape(()) * w_scale / y_scale.to(work).reshape(())
-    return _requantize(ctx, acc, multiplier, y_scale.dtype, y_zero_point)
+    return _requantize(ctx, acc, multiplier, y_zero_point)

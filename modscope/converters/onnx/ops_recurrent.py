@@ -327,5 +327,3 @@ def rnn(
 
     y, states = _run(layer, _input_projection(layer, layer.hidden), step, _wants_y(ctx))
     return _outputs(ctx, layer, y, states)
-
-
