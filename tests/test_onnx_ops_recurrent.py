@@ -566,3 +566,40 @@ def test_tree_ensembles_from_sklearn_match_onnxruntime(kind: str) -> None:
     _assert_matches_ort(proto, {proto.graph.input[0].name: test_x})
     if kind != "forest_regressor":
         assert (_ours(proto, {"x": test_x})[0] == est.predict(test_x)).all()
+
+
+def test_loop_body_weights_run_under_vmap() -> None:
+    body = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["h_in", "W"], ["mm"]),
+            helper.make_node("Relu", ["mm"], ["h_out"]),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_in", F32, [1, 3]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_out", F32, [1, 3]),
+        ],
+    )
+    w = numpy_helper.from_array(np.random.default_rng(8).normal(size=(3, 3)).astype(np.float32), "W")
+    trip = numpy_helper.from_array(np.array(3, np.int64), "M")
+    node = helper.make_node("Loop", ["M", "", "h0"], ["h"], body=body)
+    proto = _model(
+        [node],
+        [helper.make_tensor_value_info("h0", F32, [1, 3])],
+        [helper.make_tensor_value_info("h", F32, [1, 3])],
+        [w, trip],
+    )
+    model = modscope.load(proto)
+    name = model.weight("W").name
+    h0 = torch.tensor([[1.0, -0.5, 2.0]])
+    stacked = torch.stack([model.parameters()[name], -model.parameters()[name]])
+    batched = torch.func.vmap(lambda weight: model.functional_call({name: weight}, h0))(stacked)
+    looped = torch.stack([model.functional_call({name: stacked[i]}, h0) for i in range(2)])
+    torch.testing.assert_close(batched, looped)
+    _assert_matches_ort(proto, {"h0": h0.numpy()})
