@@ -17,7 +17,6 @@ original exception as ``__cause__``; `ModscopeError`s raised by handlers pass th
 from __future__ import annotations
 
 import re
-import types
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -30,8 +29,6 @@ from .plan import FIRST_SLOT, Plan, build_plan, free_names, order_nodes
 from .registry import Handler, NodeContext, OpTable, _norm_domain, decode_attribute
 from .roles import all_initializers, subgraphs, walk_nodes
 from .tensors import tensor_from_proto
-
-_EMPTY: Mapping[str, Any] = types.MappingProxyType({})
 
 #: operators whose result differs between runs, so they are never computed ahead of time.
 _NOT_FOLDABLE = {
@@ -300,11 +297,15 @@ class OnnxGraphModule(nn.Module):
         step = None
         try:
             for step in plan.steps:
-                handler, ctx, inputs, outputs, free, scoped = step
+                handler, ctx, fetch, arity, outputs, free, scoped, _ = step
                 if scoped:
                     result = self._run_scoped(step, plan, env)
+                elif arity == 1:
+                    result = handler(ctx, fetch(env))
+                elif arity:
+                    result = handler(ctx, *fetch(env))
                 else:
-                    result = handler(ctx, *[env[i] for i in inputs])
+                    result = handler(ctx)
                 if isinstance(result, tuple):
                     for slot, value in zip(outputs, result):
                         env[slot] = value
@@ -324,7 +325,7 @@ class OnnxGraphModule(nn.Module):
         try:
             return step.handler(step.ctx, *[env[i] for i in step.inputs])
         finally:
-            step.ctx.env = _EMPTY
+            step.ctx.env = {}  # drop the reference to the value list
 
     def _initial_env(self) -> list[Any]:
         params, buffers = self.params._parameters, self.consts._buffers

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any, NamedTuple
 
 import onnx
@@ -32,10 +33,12 @@ class Step(NamedTuple):
 
     handler: Callable[..., Any]
     ctx: Any
-    inputs: tuple[int, ...]
+    fetch: Callable[[list[Any]], Any] | None  # itemgetter over the input slots: a value for 1, a tuple for more
+    arity: int
     outputs: tuple[int, ...]
     free: tuple[int, ...]
     scoped: bool  # the node owns sub-graphs, so its handler needs ``ctx.env``
+    inputs: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -173,7 +176,7 @@ def build_plan(
         if s not in keep:
             free_at.setdefault(index, []).append(s)
     steps = tuple(
-        Step(handler, ctx, ins, outs, tuple(free_at.get(index, ())), scoped)
+        Step(handler, ctx, itemgetter(*ins) if ins else None, len(ins), outs, tuple(free_at.get(index, ())), scoped, ins)
         for index, (_, handler, ctx, ins, outs, _, scoped) in enumerate(raw_steps)
     )
     return Plan(

@@ -141,9 +141,13 @@ def find_weights(graph: onnx.GraphProto) -> dict[str, WeightRole]:
 
 
 def _role(
-    node: onnx.NodeProto, slot: int, init: onnx.TensorProto, after: int | None
+    node: onnx.NodeProto, slot: int, init: onnx.TensorProto, after: tuple[int, bool] | None
 ) -> tuple[WeightKind, int | None] | None:
-    """(kind, anchor node or None for this node) when input ``slot`` of ``node`` uses ``init`` as a weight."""
+    """(kind, anchor node or None for this node) when input ``slot`` of ``node`` uses ``init`` as a weight.
+
+    ``after``: the layer of the weight-carrying node that computed the other operand, and whether that node is a
+    linear one (MatMul, Gemm, Conv ...) rather than an element-wise one.
+    """
     op = node.op_type if node.domain in ("", "ai.onnx") else ""
     if op in _INPUT_ROLES:
         kind = _INPUT_ROLES[op].get(slot)
@@ -158,8 +162,8 @@ def _role(
         return "embedding", None
     if op not in _ELEMENTWISE or not init.dims:
         return None
-    if op in ("Add", "Sub") and (numel > 1 or after is not None):
-        return ("bias" if long_dims <= 1 else "embedding"), after
+    if op in ("Add", "Sub") and (numel > 1 or after is not None and after[1]):
+        return ("bias" if long_dims <= 1 else "embedding"), after[0] if after else None
     if op == "Mul" and numel > 1:
         return ("norm" if long_dims <= 1 else "weight"), None
     return None
@@ -167,8 +171,9 @@ def _role(
 
 def _anchor_before(
     node: onnx.NodeProto, slot: int, producer: dict[str, int], anchor: dict[int, int], nodes: list[onnx.NodeProto]
-) -> int | None:
-    """The layer of the weight-carrying node that computed the *other* operand of a two-input node, if any."""
+) -> tuple[int, bool] | None:
+    """The layer of the weight-carrying node that computed the *other* operand of a two-input node, and whether
+    that node is a linear one; None when no weight-carrying node did."""
     if len(node.input) != 2:
         return None
     value = node.input[1 - slot]
@@ -177,7 +182,7 @@ def _anchor_before(
         if index is None:
             return None
         if index in anchor:
-            return anchor[index]
+            return anchor[index], nodes[index].op_type not in _ELEMENTWISE
         if nodes[index].op_type not in _PASS_THROUGH or not nodes[index].input:
             return None
         value = nodes[index].input[0]
