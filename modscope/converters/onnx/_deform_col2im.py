@@ -51,9 +51,7 @@ def deform_conv(
     window = window_from_attrs(ctx, w.shape[2:])
     pads = explicit_pads(ctx, n)
     group, n_offset_groups = int(ctx.attr("group", 1)), int(ctx.attr("offset_group", 1))
-    out_sizes = [
-        (sizes[i] + pads[i][0] + pads[i][1] - window.extent(i)) // window.strides[i] + 1 for i in range(n)
-    ]
+    out_sizes = [(sizes[i] + pads[i][0] + pads[i][1] - window.extent(i)) // window.strides[i] + 1 for i in range(n)]
     n_taps, n_out = math.prod(window.kernel), math.prod(out_sizes)
     if offset.shape[1] != n_offset_groups * n_taps * n:
         raise ShapeError(
@@ -115,7 +113,9 @@ def col2im(ctx: NodeContext, x: torch.Tensor, image_shape: torch.Tensor, block_s
     block = [int(v) for v in block_shape.tolist()]
     n = len(image)
     n_batch = x.shape[0]
-    window = Window(tuple(block), tuple(ctx.attr("strides", None) or [1] * n), tuple(ctx.attr("dilations", None) or [1] * n))
+    window = Window(
+        tuple(block), tuple(ctx.attr("strides", None) or [1] * n), tuple(ctx.attr("dilations", None) or [1] * n)
+    )
     pads = explicit_pads(ctx, n)
     padded = [image[i] + pads[i][0] + pads[i][1] for i in range(n)]
     counts = [(padded[i] - window.extent(i)) // window.strides[i] + 1 for i in range(n)]

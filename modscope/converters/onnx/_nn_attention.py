@@ -192,8 +192,10 @@ def flex_attention(ctx: NodeContext, q: torch.Tensor, k: torch.Tensor, v: torch.
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ShapeError(f"FlexAttention node '{ctx.name}' needs rank-4 Q, K and V (B, H, S, D)")
     precision = ctx.attr("softmax_precision", None)
-    dtype = torch_dtype(precision) if precision is not None else (
-        torch.float64 if q.dtype == torch.float64 else torch.float32
+    dtype = (
+        torch_dtype(precision)
+        if precision is not None
+        else (torch.float64 if q.dtype == torch.float64 else torch.float32)
     )
     scale = ctx.attr("scale", None)
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else float(scale)

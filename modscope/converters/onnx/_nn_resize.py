@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ...errors import InvalidParameterError, ShapeError
@@ -21,7 +22,12 @@ from .registry import NodeContext, OpSet
 ops = OpSet()
 
 _COORDINATE_MODES = (
-    "half_pixel", "half_pixel_symmetric", "pytorch_half_pixel", "align_corners", "asymmetric", "tf_crop_and_resize"
+    "half_pixel",
+    "half_pixel_symmetric",
+    "pytorch_half_pixel",
+    "align_corners",
+    "asymmetric",
+    "tf_crop_and_resize",
 )
 
 
@@ -39,28 +45,40 @@ class _Options:
 def _source_coordinates(
     opts: _Options, in_size: int, out_size: int, scale: float, roi: tuple[float, float]
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Source coordinate of every output position (float64) and, for tf_crop_and_resize, the extrapolated ones."""
-    y = torch.arange(out_size, dtype=torch.float64)
-    width = scale * in_size  # the (possibly fractional) output length the scale implies
+    """Source coordinate of every output position and, for tf_crop_and_resize, the extrapolated ones.
+
+    Computed in float32 like onnxruntime, so that ties of the nearest rounding fall the same way (ONNX's numpy
+    reference computes in float64). pytorch_half_pixel maps a one-sample output to 0, as the ONNX text and
+    onnxruntime do. For align_corners and tf_crop_and_resize, ``length_resized`` is the length
+    the scale implies, ``scale * in_size``, as in ONNX's reference and conformance cases; onnxruntime uses the
+    integer output size instead, which differs only when a scale does not give a whole output size.
+    """
+    f32 = torch.float32
+    y = torch.arange(out_size, dtype=f32)
+    s = torch.tensor(scale, dtype=f32)
+    length = float(s) * in_size  # may be fractional; a scale derived from sizes gives out_size up to rounding
+    if math.isclose(length, out_size, rel_tol=1e-6):
+        length = out_size
     mode = opts.coordinate_mode
     if mode == "asymmetric":
-        return y / scale, None
-    if mode == "half_pixel":
-        return (y + 0.5) / scale - 0.5, None
-    if mode == "pytorch_half_pixel":
-        return (torch.full_like(y, -0.5) if width == 1 else (y + 0.5) / scale - 0.5), None
-    if mode == "half_pixel_symmetric":
-        offset = in_size / 2 * (1 - out_size / width)
-        return offset + (y + 0.5) / scale - 0.5, None
-    if mode == "align_corners":
-        return (torch.zeros_like(y) if width == 1 else y * (in_size - 1) / (width - 1)), None
-    start, end = roi
-    if width == 1:
-        x = torch.full_like(y, (end - start) * (in_size - 1) / 2)
+        x = y / s
+    elif mode == "half_pixel":
+        x = (y + 0.5) / s - 0.5
+    elif mode == "pytorch_half_pixel":
+        x = torch.zeros_like(y) if out_size == 1 else (y + 0.5) / s - 0.5
+    elif mode == "half_pixel_symmetric":
+        adjustment = torch.tensor(out_size, dtype=f32) / (s * in_size)
+        x = ((in_size / 2) * (1 - adjustment) + (y + 0.5) / s) - 0.5  # onnxruntime's order of float32 ops
+    elif mode == "align_corners":
+        x = torch.zeros_like(y) if length == 1 else y * (in_size - 1) / (length - 1)
     else:
-        x = y * (end - start) * (in_size - 1) / (width - 1)
-    x = x + start * (in_size - 1)
-    return x, (x < 0) | (x > in_size - 1)
+        start, end = (torch.tensor(v, dtype=f32) for v in roi)
+        if length == 1:
+            x = torch.full_like(y, float(0.5 * (start + end) * (in_size - 1)))
+        else:
+            x = start * (in_size - 1) + y * (end - start) * (in_size - 1) / (length - 1)
+        return x.double(), (x < 0) | (x > in_size - 1)
+    return x.double(), None
 
 
 def _nearest_index(opts: _Options, x: torch.Tensor, scale: float) -> torch.Tensor:
@@ -150,19 +168,32 @@ def resample(
     opts: _Options,
     roi: list[tuple[float, float]] | None = None,
 ) -> torch.Tensor:
-    """Resize every axis of x whose size, scale or roi asks for it (per-axis lists cover all axes)."""
+    """Resize the axes of x whose size, scale or (tf_crop_and_resize) roi asks for it; lists cover all axes.
+
+    When no axis changes size the input is returned as it is, whatever the scales; with antialias, so is every
+    axis that keeps its size (both as onnxruntime does).
+    """
+    full = [(0.0, 1.0)] * x.dim()
+    roi = roi or full
+    if list(x.shape) == list(out_sizes) and roi == full:
+        return x
     y = x
     for axis in range(x.dim()):
-        axis_roi = roi[axis] if roi else (0.0, 1.0)
-        identity = out_sizes[axis] == x.shape[axis] and math.isclose(scales[axis], 1.0) and axis_roi == (0.0, 1.0)
-        if not identity:
-            y = _resize_axis(y, axis, out_sizes[axis], scales[axis], axis_roi, opts)
+        same = out_sizes[axis] == x.shape[axis] and roi[axis] == (0.0, 1.0)
+        if same and (opts.antialias or math.isclose(scales[axis], 1.0)):
+            continue
+        y = _resize_axis(y, axis, out_sizes[axis], scales[axis], roi[axis], opts)
     if not x.is_floating_point() and y.dtype != x.dtype:
         info = torch.iinfo(x.dtype) if x.dtype != torch.bool else None
         y = torch.round(y)
         y = y.clamp(info.min, info.max) if info else y
         y = y.to(x.dtype)
     return y
+
+
+def _scaled_size(size: int, scale: float) -> int:
+    """``floor(size * scale)`` in float32 arithmetic, as onnxruntime computes it."""
+    return math.floor(np.float32(size) * np.float32(scale))
 
 
 def _present(t: torch.Tensor | None) -> bool:
@@ -184,7 +215,7 @@ def _targets(ctx: NodeContext, x: torch.Tensor, scales, sizes, axes: list[int]) 
             raise ShapeError(f"Resize node '{ctx.name}' has {len(values)} scales for {len(axes)} axes")
         for axis, s in zip(axes, values):
             factors[axis] = s
-            out_sizes[axis] = int(math.floor(in_sizes[axis] * s)) if s > 0 else 0
+            out_sizes[axis] = _scaled_size(in_sizes[axis], s) if s > 0 else 0
         return out_sizes, factors
     if not _present(sizes):
         raise InvalidParameterError(f"Resize node '{ctx.name}' has neither scales nor sizes; give one of them")
@@ -272,7 +303,7 @@ def _legacy_resample(ctx: NodeContext, x: torch.Tensor, scales) -> torch.Tensor:
     values = _floats(scales)
     if len(values) != x.dim():
         raise ShapeError(f"{ctx.op_type} node '{ctx.name}' has {len(values)} scales for a rank-{x.dim()} input")
-    out_sizes = [int(math.floor(size * s)) for size, s in zip(x.shape, values)]
+    out_sizes = [_scaled_size(size, s) for size, s in zip(x.shape, values)]
     return resample(x, out_sizes, values, _options(ctx, legacy=True))
 
 

@@ -27,10 +27,15 @@ def grid_sample(ctx: NodeContext, x: torch.Tensor, grid: torch.Tensor) -> torch.
         )
     if x.dim() not in (4, 5) or (x.dim() == 5 and mode == "bicubic"):
         raise UnsupportedOperatorError(
-            ctx.op_type, ctx.domain, ctx.opset, ctx.name,
-            hint=f"only 2-D sampling (any mode) and 3-D sampling (linear, nearest) are supported, got {x.dim() - 2}-D {mode}",
+            ctx.op_type,
+            ctx.domain,
+            ctx.opset,
+            ctx.name,
+            hint=f"2-D sampling (any mode) and 3-D sampling (linear, nearest) are supported, not {x.dim() - 2}-D {mode}",
         )
-    return F.grid_sample(x, grid.to(x.dtype), mode=mode, padding_mode=padding, align_corners=bool(ctx.attr("align_corners", 0)))
+    return F.grid_sample(
+        x, grid.to(x.dtype), mode=mode, padding_mode=padding, align_corners=bool(ctx.attr("align_corners", 0))
+    )
 
 
 @ops.register("AffineGrid", since=20)

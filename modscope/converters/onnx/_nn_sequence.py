@@ -103,7 +103,9 @@ def linear_attention(
         )
     gated, delta = rule in ("gated", "gated_delta"), rule in ("delta", "gated_delta")
     if (gated and decay is None) or (delta and beta is None):
-        raise InvalidParameterError(f"LinearAttention node '{ctx.name}' with update_rule '{rule}' needs its decay/beta input")
+        raise InvalidParameterError(
+            f"LinearAttention node '{ctx.name}' with update_rule '{rule}' needs its decay/beta input"
+        )
     dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
     batch, steps = query.shape[:2]
     q, k, v = _unpack(query.to(dtype), n_q), _unpack(key.to(dtype), n_kv), _unpack(value.to(dtype), n_kv)

@@ -8,7 +8,6 @@ tensor values.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -110,7 +109,10 @@ def functional(ctx: NodeContext, n_spatial: int, table: Sequence) -> object:
     """The 1-D/2-D/3-D variant of a torch function, or an UnsupportedOperatorError for other ranks."""
     if not 1 <= n_spatial <= len(table):
         raise UnsupportedOperatorError(
-            ctx.op_type, ctx.domain, ctx.opset, ctx.name,
+            ctx.op_type,
+            ctx.domain,
+            ctx.opset,
+            ctx.name,
             hint=f"only 1 to {len(table)} spatial dimensions are supported, got {n_spatial}",
         )
     return table[n_spatial - 1]
@@ -119,8 +121,3 @@ def functional(ctx: NodeContext, n_spatial: int, table: Sequence) -> object:
 def symmetric(pads: Pads) -> bool:
     """Whether every axis is padded equally at both ends."""
     return all(b == e for b, e in pads)
-
-
-def ceil_div(a: int, b: int) -> int:
-    """Ceiling division of python ints."""
-    return math.ceil(a / b) if b else 0

@@ -12,7 +12,15 @@ import torch.nn.functional as F
 
 from ...errors import InvalidParameterError
 from . import _deform_col2im
-from ._window_geometry import Pads, functional, pad_spatial, resolve_pads, same_pads, symmetric, window_from_attrs
+from ._window_geometry import (
+    Pads,
+    functional,
+    pad_spatial,
+    resolve_pads,
+    same_pads,
+    symmetric,
+    window_from_attrs,
+)
 from .registry import NodeContext, OpSet
 
 ops = OpSet(entries=list(_deform_col2im.ops.entries))
@@ -36,7 +44,9 @@ def gemm(ctx: NodeContext, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | N
     if alpha == 1.0 and not trans_a and trans_b and a.dim() == 2 and (c is None or (beta == 1.0 and c.dim() <= 1)):
         # the exporters' usual fully-connected layer: one fused call (the bias broadcasts over rows).
         if c is not None and c.numel() not in (1, b.shape[0]):
-            raise InvalidParameterError(f"Gemm node '{ctx.name}' has C of shape {tuple(c.shape)}; it must broadcast to (M, N)")
+            raise InvalidParameterError(
+                f"Gemm node '{ctx.name}' has C of shape {tuple(c.shape)}; it must broadcast to (M, N)"
+            )
         bias = None if c is None else c.expand(b.shape[0])
         return F.linear(a, b, bias)
     a = a.transpose(-1, -2) if trans_a else a
@@ -126,4 +136,3 @@ def _conv_transpose_pads(ctx: NodeContext, in_sizes: torch.Size, window, out_pad
         # ONNX puts the odd unit at the start unless auto_pad is SAME_UPPER.
         pads.append(same_pads(total, "SAME_UPPER" if auto_pad == "SAME_UPPER" else "SAME_LOWER"))
     return pads
-

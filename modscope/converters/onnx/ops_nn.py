@@ -21,14 +21,14 @@ ops = OpSet(
 )
 
 
-def _nll(
-    ctx: NodeContext, log_prob: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None
-) -> torch.Tensor:
+def _nll(ctx: NodeContext, log_prob: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     """Negative log-likelihood of ``target`` classes under log_prob (N, C, *d) with optional class weights,
     ``ignore_index`` and ``reduction`` (none | sum | mean, mean dividing by the total weight)."""
     reduction = ctx.attr("reduction", "mean")
     if reduction not in ("none", "sum", "mean"):
-        raise InvalidParameterError(f"{ctx.op_type} node '{ctx.name}' has reduction '{reduction}'; use none, sum or mean")
+        raise InvalidParameterError(
+            f"{ctx.op_type} node '{ctx.name}' has reduction '{reduction}'; use none, sum or mean"
+        )
     target = target.long()
     ignore_index = ctx.attr("ignore_index", None)
     keep = torch.ones_like(target, dtype=torch.bool) if ignore_index is None else target != int(ignore_index)

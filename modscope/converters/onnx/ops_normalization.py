@@ -67,8 +67,8 @@ def _batch_norm_training(ctx, x, scale, bias, mean, var, eps) -> tuple[torch.Ten
     inv_std = torch.rsqrt(batch_var + eps)
     y = ((stats_x - batch_mean.reshape(shape)) * inv_std.reshape(shape)).to(x.dtype)
     y = y * scale.reshape(shape) + bias.reshape(shape)
-    running_mean = (mean * momentum + batch_mean.to(mean.dtype) * (1 - momentum))
-    running_var = (var * momentum + batch_var.to(var.dtype) * (1 - momentum))
+    running_mean = mean * momentum + batch_mean.to(mean.dtype) * (1 - momentum)
+    running_var = var * momentum + batch_var.to(var.dtype) * (1 - momentum)
     if ctx.opset >= 14:
         return y, running_mean, running_var
     return y, running_mean, running_var, batch_mean.to(mean.dtype), inv_std.to(var.dtype)
@@ -101,8 +101,11 @@ def layer_normalization(
     eps = float(ctx.attr("epsilon", 1e-5))
     normalized_shape = tuple(x.shape[axis:])
     dtype = _stash_dtype(ctx, x)
-    if ctx.n_outputs == 1 and dtype == x.dtype and tuple(scale.shape) == normalized_shape and (
-        bias is None or tuple(bias.shape) == normalized_shape
+    if (
+        ctx.n_outputs == 1
+        and dtype == x.dtype
+        and tuple(scale.shape) == normalized_shape
+        and (bias is None or tuple(bias.shape) == normalized_shape)
     ):
         return F.layer_norm(x, normalized_shape, scale, bias, eps)
     normalized, mean, inv_std = _standardize(x, list(range(axis, x.dim())), eps, dtype)

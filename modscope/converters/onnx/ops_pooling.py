@@ -190,13 +190,12 @@ def max_unpool(
     """
     sizes = list(x.shape[2:])
     if output_shape is not None:
-        out_sizes = [int(v) for v in output_shape.tolist()][-len(sizes):]
+        out_sizes = [int(v) for v in output_shape.tolist()][-len(sizes) :]
     else:
         window = window_from_attrs(ctx, ctx.attr("kernel_shape", None) or [])
         pads = explicit_pads(ctx, len(sizes))
         out_sizes = [
-            (size - 1) * window.strides[i] + window.kernel[i] - pads[i][0] - pads[i][1]
-            for i, size in enumerate(sizes)
+            (size - 1) * window.strides[i] + window.kernel[i] - pads[i][0] - pads[i][1] for i, size in enumerate(sizes)
         ]
     out = x.new_zeros(x.shape[0] * x.shape[1] * math.prod(out_sizes))
     out = out.scatter(0, indices.reshape(-1).long(), x.reshape(-1))
