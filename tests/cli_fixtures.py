@@ -26,8 +26,8 @@ from torch import nn
 
 from modscope.cli import main
 
-#: few steps and a small batch: enough for the masks to move, seconds on a CPU.
-FIT_FLAGS = ["--n-steps", "30", "--batch-size", "16", "--log-every", "10", "--quiet"]
+#: few steps and a small batch, seconds on a CPU; a low initial logit and a high rate so that the masks move.
+FIT_FLAGS = ["--n-steps", "30", "--batch-size", "16", "--log-every", "10", "--init", "0.5", "--lr", "0.05", "--quiet"]
 
 
 def toy_net() -> nn.Module:

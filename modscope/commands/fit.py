@@ -201,7 +201,9 @@ def _fit(args: argparse.Namespace, config: MaskConfig, names: list[str], options
 
     masks = _reuse_masks(folder, model, names, config) if args.resume else None
     if masks is None:
-        log(args, f"training {len(tasks)} mask(s) over {n_masked:,} weights for {config.n_steps} steps")
+        resuming = args.resume and folder.checkpoint_path.exists()
+        log(args, f"{'resuming' if resuming else 'training'} {len(tasks)} mask(s) over {n_masked:,} weights, "
+                  f"{config.n_steps} steps")
         extra = {"checkpoint_every": args.checkpoint_every} if args.checkpoint_every else {}
         masks = train_masks(model, tasks, config, progress=False if args.quiet else args.progress,
                             checkpoint=folder.checkpoint_path, resume=args.resume, **extra)

@@ -69,7 +69,9 @@ def build_tables(data: dict[str, Any]) -> list[Table]:
     tables = [summary(data), sharing(data), *overlap(data), *ablation(data)]
     if data.get("clustering"):
         tables.append(clustering(data))
-    tables += [density(data), curves(data)]
+    tables.append(density(data))
+    if any(c.get("step") for c in data["curves"].values()):
+        tables.append(curves(data))
     return tables
 
 

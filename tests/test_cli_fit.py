@@ -1,0 +1,137 @@
+"""`modscope fit`: the run folder, its atomic files, torch checkpoints, per-task options, and kill + --resume."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from cli_fixtures import FIT_FLAGS, Toy, cli, console, fitted_run, read_json, toy  # noqa: F401 - fixtures
+
+from modscope import MaskConfig, MaskSet
+from modscope.commands.fit import _task_options
+from modscope.errors import InvalidParameterError
+
+
+def test_fit_writes_a_complete_run_folder(fitted_run: Path, toy: Toy) -> None:
+    names = sorted(p.name for p in fitted_run.iterdir())
+    assert names == ["config.json", "curves.json", "masks.safetensors", "report.json"]  # no checkpoint, no temp files
+    masks = MaskSet.load(fitted_run / "masks.safetensors")
+    assert masks.tasks == ("a", "b")
+    assert masks.config == MaskConfig(n_steps=30, batch_size=16, log_every=10, init=0.5, lr=0.05)  # the flags given
+    config = read_json((fitted_run / "config.json").read_text())
+    assert config["model"]["path"] == str(toy.onnx.resolve())
+    import hashlib
+
+    assert config["model"]["checksum"] == hashlib.sha256(toy.onnx.read_bytes()).hexdigest()
+    assert config["tasks"]["a"]["data"] == str(toy.a.resolve())
+    report = read_json((fitted_run / "report.json").read_text())
+    for section in ("sharing", "iou", "iomin", "ablation", "clustering", "density_per_layer", "curves"):
+        assert report[section], section
+    assert report["iou"]["chance_total"][0][1] > 0
+    assert len(report["ablation"]["removed"]) == 2
+    curves = read_json((fitted_run / "curves.json").read_text())["curves"]
+    assert curves["a"]["step"] == [10, 20, 30]
+
+
+def test_fit_prints_a_summary_and_logs_to_stderr(toy: Toy, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    flags = [f for f in FIT_FLAGS if f != "--quiet"]
+    assert cli("fit", toy.onnx, "--task", f"a={toy.a}", "--out", tmp_path / "run", *flags) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0].split()[:3] == ["task", "metric", "full"]
+    assert "training 1 mask(s)" in err and "run written to" in err
+    assert "task" not in err.splitlines()[0]
+
+
+def test_fit_a_state_dict_with_a_factory(toy: Toy, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert cli("fit", toy.state_dict, "--factory", "cli_fixtures:toy_net", "--task", f"a={toy.a}", "--task", f"b={toy.b}",
+               "--out", run, *FIT_FLAGS) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["format"] == "state_dict"
+    assert config["model"]["options"] == {"factory": "cli_fixtures:toy_net"}
+    assert [w.name for w in MaskSet.load(run / "masks.safetensors").weights] == ["0.weight", "2.weight", "4.weight"]
+
+
+def test_fit_with_held_out_data_and_same_seed_same_masks(toy: Toy, tmp_path: Path) -> None:
+    for name in ("one", "two"):
+        assert cli("fit", toy.onnx, "--task", f"a={toy.a}", "--eval", f"a={toy.b}", "--out", tmp_path / name, *FIT_FLAGS) == 0
+    one, two = (MaskSet.load(tmp_path / n / "masks.safetensors") for n in ("one", "two"))
+    assert one["a"] == two["a"]
+    config = json.loads((tmp_path / "one" / "config.json").read_text())
+    assert config["tasks"]["a"]["eval"] == str(toy.b.resolve())
+
+
+def test_fit_refuses_to_overwrite_a_run_unless_forced(fitted_run: Path, toy: Toy, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["fit", toy.onnx, "--task", f"a={toy.a}", "--out", fitted_run, *FIT_FLAGS]
+    before = (fitted_run / "masks.safetensors").read_bytes()
+    assert cli(*argv) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (fitted_run / "masks.safetensors").read_bytes() == before
+
+
+def test_force_replaces_the_run(toy: Toy, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert cli("fit", toy.onnx, "--task", f"a={toy.a}", "--task", f"b={toy.b}", "--out", run, *FIT_FLAGS) == 0
+    assert cli("fit", toy.onnx, "--task", f"b={toy.b}", "--out", run, "--force", *FIT_FLAGS) == 0
+    assert MaskSet.load(run / "masks.safetensors").tasks == ("b",)
+
+
+def test_per_task_options_general_then_specific() -> None:
+    args = argparse.Namespace(loss=["b=mse", "ce"], metric=None, output=["0", "b=logits"])
+    options = _task_options(args, ["a", "b"])
+    assert options["a"] == {"loss": "ce", "metric": None, "output": 0}
+    assert options["b"] == {"loss": "mse", "metric": None, "output": "logits"}
+    with pytest.raises(InvalidParameterError, match="no task 'c'"):
+        _task_options(argparse.Namespace(loss=["c=ce"], metric=None, output=None), ["a", "b"])
+
+
+def test_multi_output_model_needs_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from factories import TwoHeads, export_onnx
+
+    torch.manual_seed(0)
+    model = export_onnx(TwoHeads().eval(), tmp_path / "two.onnx")
+    x = np.random.randn(32, 3).astype(np.float32)
+    np.savez(tmp_path / "t.npz", x=x, y=(x[:, 0] > 0).astype(np.int64))
+    base = ["fit", model, "--task", f"t={tmp_path / 't.npz'}", *FIT_FLAGS]
+    assert cli(*base, "--out", tmp_path / "r1") == 2
+    assert "--output t=INDEX" in capsys.readouterr().err
+    assert cli(*base, "--output", "t=0", "--out", tmp_path / "r2") == 0
+
+
+def test_kill_then_resume_gives_the_masks_of_an_uninterrupted_run(toy: Toy, tmp_path: Path) -> None:
+    argv = ["fit", toy.onnx, "--task", f"a={toy.a}", "--task", f"b={toy.b}", "--n-steps", "100", "--batch-size", "16",
+            "--log-every", "10", "--checkpoint-every", "10", "--quiet"]
+    run = tmp_path / "killed"
+    exe = Path(sys.executable).with_name("modscope")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([str(exe), *map(str, argv), "--out", str(run)], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoint.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "--resume" in err and "Traceback" not in err
+    assert (run / "checkpoint.pt").exists() and not (run / "masks.safetensors").exists()
+    step = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
+    assert 10 <= step < 100
+
+    resumed = console(*argv, "--out", run, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert not (run / "checkpoint.pt").exists()
+    assert cli(*argv, "--out", tmp_path / "whole") == 0
+    a, b = MaskSet.load(run / "masks.safetensors"), MaskSet.load(tmp_path / "whole" / "masks.safetensors")
+    for task in ("a", "b"):
+        for name in a.logits[task]:
+            assert torch.equal(a.logits[task][name], b.logits[task][name])
+    # the curves' points are the same; a loss point averaged over a window the kill cut may differ in its value
+    assert all(a.curves[t]["step"] == b.curves[t]["step"] and a.curves[t]["density"] == b.curves[t]["density"] for t in a.tasks)
