@@ -383,3 +383,42 @@ def test_vmap_over_stacked_conv_weights_equals_loop() -> None:
     looped = torch.stack([run(w) for w in stacked])
     torch.testing.assert_close(batched, looped, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(looped[0], looped[1])
+
+
+_WEIGHTED_NODES = {
+    "ConvTranspose_asymmetric": (
+        "ConvTranspose",
+        (1, 2, 4, 4),
+        {"w": (2, 3, 3, 3), "b": (3,)},
+        {"strides": [2, 2], "pads": [0, 1, 1, 0]},
+    ),
+    "Conv_asymmetric": ("Conv", (1, 2, 5, 5), {"w": (3, 2, 3, 3)}, {"pads": [0, 1, 2, 0]}),
+    "Gemm_general": ("Gemm", (4, 3), {"b": (4, 5), "c": (1, 5)}, {"transA": 1, "alpha": 0.5, "beta": 2.0}),
+    "BatchNormalization": ("BatchNormalization", (2, 3, 4, 4), {"s": (3,), "b": (3,), "m": (3,), "v": (3,)}, {}),
+    "LayerNormalization": ("LayerNormalization", (2, 3, 4), {"s": (4,), "b": (4,)}, {}),
+    "GroupNormalization": ("GroupNormalization", (2, 4, 3, 3), {"s": (4,), "b": (4,)}, {"num_groups": 2}),
+    "InstanceNormalization": ("InstanceNormalization", (2, 3, 4, 4), {"s": (3,), "b": (3,)}, {}),
+    "DeformConv": ("DeformConv", (1, 2, 5, 5), {"w": (3, 2, 2, 2), "offset": (1, 8, 4, 4)}, {}),
+}
+
+
+@pytest.mark.parametrize("case", list(_WEIGHTED_NODES))
+def test_vmap_over_first_weight_of_weighted_ops_equals_loop(case: str) -> None:
+    op, x_shape, weight_shapes, attrs = _WEIGHTED_NODES[case]
+    weights = {name: _rand(*shape) for name, shape in weight_shapes.items()}
+    if "v" in weights:  # a variance
+        weights["v"] = np.abs(weights["v"]) + 0.5
+    opset = {"LayerNormalization": 17, "GroupNormalization": 21, "DeformConv": 19}.get(op, 13)
+    model = modscope.load(_model(op, {"x": _rand(*x_shape)}, opset=opset, weights=weights, **attrs))
+    x = torch.from_numpy(_rand(*x_shape))
+    name = model.weight(next(iter(weights))).name
+    base = model.parameters()[name]
+    stacked = torch.stack([base, base * 0.5 + 0.1, -base])
+
+    def run(weight: torch.Tensor) -> torch.Tensor:
+        return model.functional_call({name: weight}, x)
+
+    batched = torch.func.vmap(run)(stacked)
+    looped = torch.stack([run(w) for w in stacked])
+    torch.testing.assert_close(batched, looped, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(looped[0], looped[1])
