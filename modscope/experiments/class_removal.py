@@ -134,11 +134,17 @@ def _class_table(runs: list[dict[str, Any]]) -> str:
     return format_table(["removed class", "its drop", "mean drop of others", "largest other / target", "lost samples go to"], rows)
 
 
+def _finite_mean(values: list[float]) -> float:
+    """Mean of the finite values (the ratio is undefined for a class that did not drop); NaN if there are none."""
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
 def claims(runs: list[dict[str, Any]]) -> list[Claim]:
     """The paper's findings on the means over classes and seeds."""
     target = [np.mean([g["target_drop"] for g in r["per_class"].values()]) for r in runs]
     other = [np.mean([g["mean_other_drop"] for g in r["per_class"].values()]) for r in runs]
-    ratio = [np.nanmean([g["largest_other_over_target"] for g in r["per_class"].values()]) for r in runs]
+    ratio = [_finite_mean([g["largest_other_over_target"] for g in r["per_class"].values()]) for r in runs]
     control = [r["accuracy"]["control"] / max(r["accuracy"]["full"], 1e-9) for r in runs]
     return [
         Claim("control mask keeps accuracy (of full)", fmt(control), "≈ full", mean_std(control)[0] >= 0.9),

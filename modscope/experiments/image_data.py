@@ -33,6 +33,7 @@ _ALLOWED_GLOBALS = {
     ("numpy", "dtype"),
     ("numpy.core.multiarray", "scalar"),
     ("numpy._core.multiarray", "scalar"),
+    ("_codecs", "encode"),  # how pickle protocol 2 stores bytes when written by Python 3
 }
 
 
