@@ -8,7 +8,7 @@ Subcommands (one module each in `modscope.commands`): ``inspect``, ``fit``, ``re
 - 2: the input or command line is wrong (a missing or unreadable file, data that does not fit the model, an
   unsupported operator ...): one or two lines on stderr say what is wrong and how to fix it; ``--debug`` shows the
   traceback instead;
-- 130: interrupted (Ctrl-C or SIGTERM; ``fit`` leaves a checkpoint to ``--resume`` from).
+- 130: interrupted (Ctrl-C or SIGTERM; ``fit`` leaves a checkpoint to ``--resume`` from); 141: stdout was closed.
 
 Data goes to stdout (``--json`` gives it as JSON with a ``schema_version``); progress and logs go to stderr.
 """
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser of the ``modscope`` command with every subcommand."""
     from . import __version__
 
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the full traceback of an error")
     parser = _Parser(prog="modscope", formatter_class=_formatter, parents=[common],
@@ -78,6 +78,16 @@ def _say(prog: str, message: str) -> None:
 
 def _show_warning(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
     print(f"modscope: warning: {message}", file=sys.stderr)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush does not fail again."""
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout has no file descriptor (captured): nothing to flush
+        pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -116,6 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if debug:
                 raise
             _say(prog, str(exc))
+        except BrokenPipeError:  # stdout was closed early (`modscope ... | head`): stop quietly, as `cat` does
+            _silence_stdout()
+            return 141
         except OSError as exc:  # an output that cannot be written, a full disk
             if debug:
                 raise

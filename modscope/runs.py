@@ -20,7 +20,6 @@ import json
 import math
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -130,7 +129,6 @@ def file_checksum(path: str | os.PathLike) -> str:
     return file_sha256(Path(path))
 
 
-@dataclass(frozen=True)
 class RunFolder:
     """A run folder made by `modscope fit`.
 
@@ -143,10 +141,11 @@ class RunFolder:
         ('masks.safetensors', 'report.json')
     """
 
-    path: Path
-
     def __init__(self, path: str | os.PathLike):
-        object.__setattr__(self, "path", Path(path))
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> RunFolder:

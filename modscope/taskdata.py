@@ -20,7 +20,13 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import DataError, InvalidParameterError, ModscopeError, OperatorError, ShapeError
+from .errors import (
+    DataError,
+    InvalidParameterError,
+    ModscopeError,
+    OperatorError,
+    ShapeError,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .tasks import Task
@@ -94,7 +100,7 @@ def read_arrays(path: str | os.PathLike) -> dict[str, Any]:
         tensors = {"npz": _read_npz, "pt": _read_pt, "safetensors": _read_safetensors}[kind](p)
     except DataError:
         raise
-    except Exception as exc:  # noqa: BLE001 - every reader raises its own types for damaged files
+    except Exception as exc:
         raise DataError(f"task data file {p} is a damaged {kind} archive ({_first_line(exc)}); write it again") from exc
     return tensors
 
@@ -200,19 +206,21 @@ def check_fits(model: Any, task: Task, *, n_examples: int = 2) -> None:
 
     xs, y = task.batch(torch.arange(min(n_examples, len(task))))
     shapes = ", ".join(f"{tuple(x.shape[1:])} {str(x.dtype).replace('torch.', '')}" for x in xs)
-    try:
-        with model.frozen() as module, torch.no_grad():
+    with model.frozen() as module, torch.no_grad():
+        try:
             raw = module(*xs)
-    except Exception as exc:  # noqa: BLE001 - any failure of the first forward pass means the data does not fit
-        if isinstance(exc, ModscopeError) and not isinstance(exc, OperatorError):
-            raise
-        hint = "" if isinstance(exc, OperatorError) else "; make the data match the model's inputs (`modscope inspect MODEL` lists them)"
-        raise ShapeError(
-            f"task {task.name!r}: the model cannot run on its inputs (per example: {shapes}): {_first_line(exc)}{hint}"
-        ) from exc
+        except Exception as exc:  # any failure of the first forward pass means the data does not fit
+            if isinstance(exc, ModscopeError) and not isinstance(exc, OperatorError):
+                raise
+            hint = "" if isinstance(exc, OperatorError) else "; make the data match the model's inputs (`modscope inspect MODEL` lists them)"
+            raise ShapeError(
+                f"task {task.name!r}: the model cannot run on its inputs (per example: {shapes}): {_first_line(exc)}{hint}"
+            ) from exc
     if isinstance(raw, tuple | list) and len(raw) != 1 and task.output is None:
-        raise InvalidParameterError(f"task {task.name!r}: the model returns {len(raw)} outputs; say which one the task reads "
-                       f"(Task(..., output=INDEX), or --output {task.name}=INDEX on the command line)")
+        raise InvalidParameterError(
+            f"task {task.name!r}: the model returns {len(raw)} outputs; say which one the task reads "
+            f"(Task(..., output=INDEX), or --output {task.name}=INDEX on the command line)"
+        )
     out = task.select_output(raw)
     if task.loss in ("ce", "seq_ce") and isinstance(out, torch.Tensor) and out.dim():
         top = int(task.targets.max())
@@ -222,7 +230,7 @@ def check_fits(model: Any, task: Task, *, n_examples: int = 2) -> None:
     try:
         task.loss_fn()(out, y)
         task.compute_metric(out, y)
-    except Exception as exc:  # noqa: BLE001 - a loss that cannot be computed means the targets do not fit
+    except Exception as exc:
         if isinstance(exc, ModscopeError):
             raise
         raise DataError(

@@ -112,7 +112,8 @@ def console(*argv: str | os.PathLike, cwd: Path | None = None, timeout: float = 
     """Run the installed ``modscope`` console script."""
     exe = Path(sys.executable).with_name("modscope")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
-    return subprocess.run([str(exe), *map(str, argv)], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+    return subprocess.run([str(exe), *map(str, argv)], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout,
+                          check=False)
 
 
 def read_json(text: str) -> dict:

@@ -1,5 +1,7 @@
 """`modscope inspect`, `report`, `diff`, `export` and `reproduce` on ONNX files and torch checkpoints."""
 
+# ruff: noqa: F401, F811 - pytest fixtures are imported from cli_fixtures and then named as arguments
+
 from __future__ import annotations
 
 import json
@@ -12,7 +14,16 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from cli_fixtures import FIT_FLAGS, Toy, cli, console, fitted_run, read_json, toy, toy_net  # noqa: F401 - fixtures
+from cli_fixtures import (
+    FIT_FLAGS,
+    Toy,
+    cli,
+    console,
+    fitted_run,
+    read_json,
+    toy,
+    toy_net,
+)
 
 import modscope
 from modscope import MaskSet
@@ -50,6 +61,11 @@ def test_inspect_state_dict_and_export_program(toy: Toy, tmp_path: Path, capsys:
     assert info["format"] == "export" and info["details"]["torch"] == torch.__version__
     assert info["inputs"][0]["shape"] == [2, 8]
     assert info["operators"].get("linear") == 3
+    script = tmp_path / "mlp.ts"
+    torch.jit.save(torch.jit.script(toy_net().eval()), script)
+    assert cli("inspect", script, "--json") == 0
+    info = read_json(capsys.readouterr().out)
+    assert info["format"] == "torchscript" and info["operators"] == {"linear": 3, "relu": 2}
 
 
 # -- report -----------------------------------------------------------------------------------------------------------
@@ -185,7 +201,8 @@ def test_reproduce_addmul_quick(tmp_path: Path) -> None:
 def test_python_dash_m_matches_the_console_script(fitted_run: Path) -> None:
     import subprocess
 
-    a = subprocess.run([sys.executable, "-m", "modscope", "report", str(fitted_run), "--json"], capture_output=True, text=True)
+    a = subprocess.run([sys.executable, "-m", "modscope", "report", str(fitted_run), "--json"], capture_output=True, text=True,
+                       check=False)
     b = console("report", fitted_run, "--json")
     assert a.returncode == b.returncode == 0
     assert a.stdout == b.stdout

@@ -1,5 +1,7 @@
 """Policies for `modscope check`: parsing, measuring, verdicts, JUnit XML, and the command's exit codes."""
 
+# ruff: noqa: F401, F811 - pytest fixtures are imported from cli_fixtures and then named as arguments
+
 from __future__ import annotations
 
 import json
@@ -8,7 +10,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from cli_fixtures import FIT_FLAGS, Toy, cli, console, fitted_run, read_json, toy  # noqa: F401 - fixtures
+from cli_fixtures import FIT_FLAGS, Toy, cli, console, fitted_run, read_json, toy
 
 from modscope.errors import PolicyError
 from modscope.policy import check, junit_xml, load_policy, measure, parse_policy

@@ -12,6 +12,7 @@ import dataclasses
 import sys
 import types
 import typing
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ def field_docs(cls: type) -> dict[str, str]:
     classes = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls.__name__]
     body = classes[0].body if classes else []
     docs = {}
-    for node, after in zip(body, body[1:]):
+    for node, after in pairwise(body):
         if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
                 and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
             docs[node.target.id] = " ".join(after.value.value.split())

@@ -28,6 +28,8 @@ an uninterrupted run gives."""
 EXAMPLE = "modscope fit model.onnx --task add=add.npz --task mul=mul.npz --n-steps 2000 --out runs/addmul"
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..masks.maskset import MaskSet
+    from ..model import Model
     from ..runs import RunFolder
 
 
@@ -228,7 +230,7 @@ def _fit(args: argparse.Namespace, config: MaskConfig, names: list[str], options
     return 0
 
 
-def _reuse_masks(folder: RunFolder, model: Any, names: list[str], config: MaskConfig) -> Any:
+def _reuse_masks(folder: RunFolder, model: Model, names: list[str], config: MaskConfig) -> MaskSet | None:
     """The masks of an earlier, interrupted invocation that finished training, if they belong to this run."""
     if not folder.masks_path.exists():
         return None

@@ -55,7 +55,9 @@ def _fx_io_and_ops(module: Any) -> tuple[list[dict[str, Any]], list[dict[str, An
         shape = [int(d) if str(d).isdigit() else str(d) for d in val.shape] if hasattr(val, "shape") else None
         return {"name": name, "shape": shape, "dtype": str(getattr(val, "dtype", "?")).replace("torch.", "")}
 
-    inputs, outputs, ops = [], [], Counter()
+    inputs: list[dict[str, Any]] = []
+    outputs: list[dict[str, Any]] = []
+    ops: Counter[str] = Counter()
     for node in module.graph.nodes:
         if node.op == "placeholder":
             inputs.append(describe(node.name, node.meta.get("val")))
@@ -83,10 +85,13 @@ def io_and_operators(model: Any) -> tuple[list[dict[str, Any]] | None, list[dict
     if isinstance(model.module, torch.fx.GraphModule):
         inputs, outputs, ops = _fx_io_and_ops(model.module)
         return inputs, outputs, dict(ops.most_common())
-    names = getattr(model.module, "input_names", None)
-    inputs = [{"name": n, "shape": None, "dtype": "?"} for n in names] if names else None
+    if src.format == "torchscript" and src.path:
+        script = torch.jit.load(src.path, map_location="cpu")
+        kinds = Counter(n.kind().removeprefix("aten::") for n in script.inlined_graph.nodes() if n.kind().startswith("aten::"))
+        names = [i.debugName() for i in list(script.graph.inputs())[1:]]  # the first input is the module itself
+        return [{"name": n, "shape": None, "dtype": "?"} for n in names], None, dict(kinds.most_common())
     leaves = Counter(type(m).__name__ for m in model.module.modules() if not list(m.children()))
-    return inputs, None, dict(leaves.most_common())
+    return None, None, dict(leaves.most_common())  # a state_dict or a pickled module records no input shapes
 
 
 # -- weights ----------------------------------------------------------------------------------------------------------

@@ -39,7 +39,10 @@ def read_report(path: str) -> Report:
 
     p = Path(path)
     if p.is_dir():
-        return Report.load(RunFolder(p).report_path)
+        report_path = RunFolder(p).report_path
+        if not report_path.exists():
+            raise InvalidParameterError(f"{p} holds no report.json: it is not a finished run folder of `modscope fit`")
+        return Report.load(report_path)
     if p.is_file():
         return Report.load(p)
     raise InvalidParameterError(f"run folder {p} does not exist; make one with `modscope fit MODEL --task NAME=FILE --out {p}`")

@@ -5,6 +5,7 @@ Each `Table` keeps raw values (floats, ints, strings); renderers format them wit
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Any
@@ -13,13 +14,13 @@ from typing import Any
 SECTIONS: tuple[tuple[str, str, str], ...] = (
     ("summary", "Summary", "Each task's metric with the full model and with only its own mask, and its mask's density."),
     ("sharing", "Sharing per layer",
-     "The fraction of each task's mask that other tasks' masks also use (the paper's 'shared'), beside the fraction "
-     "expected by chance for random masks of the same densities."),
+     ("The fraction of each task's mask that other tasks' masks also use (the paper's 'shared'), beside the fraction "
+      "expected by chance for random masks of the same densities.")),
     ("overlap", "Overlap: IoU and IoMin",
      "Intersection over union and over the smaller mask, for each pair of tasks, with the chance level."),
     ("ablation", "Ablation",
-     "Each task's metric with one mask's weights removed (rows: mask removed; columns: task evaluated), and the "
-     "relative drop from the full model."),
+     ("Each task's metric with one mask's weights removed (rows: mask removed; columns: task evaluated), and the "
+      "relative drop from the full model.")),
     ("clustering", "Clustering", "Tasks grouped into modules by hierarchical clustering on 1 - IoU (and spectral clustering)."),
     ("density", "Density per layer", "The fraction of each layer's masked weights that each task's mask keeps."),
     ("curves", "Training curves", "Mask training loss and density per task."),
@@ -75,7 +76,7 @@ def build_tables(data: dict[str, Any]) -> list[Table]:
     return tables
 
 
-def ablation_value(data: dict[str, Any], matrix: str, mask: str, task: str) -> float | None:
+def ablation_value(data: Mapping[str, Any], matrix: str, mask: str, task: str) -> float | None:
     """``data["ablation"][matrix]`` ("removed" or "kept") for one mask and one task, None if either is absent."""
     ab = data["ablation"]
     if mask not in ab["masks"] or task not in ab["tasks"]:
