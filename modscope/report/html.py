@@ -24,6 +24,7 @@ th,td{border:1px solid #d0d7de;padding:.25em .6em}th{background:#f6f8fa;text-ali
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 img{max-width:100%;height:auto;display:block;margin:.6em 0}
 details summary{cursor:pointer;color:#0969da}
+div.scroll{overflow-x:auto;max-width:100%}
 """
 
 
@@ -36,7 +37,8 @@ def _table_html(table: Table) -> str:
         ) + "</tr>"
         for row in table.rows
     )
-    return f"<h3>{escape(table.title)}</h3>\n<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return (f'<h3>{escape(table.title)}</h3>\n<div class="scroll"><table><thead><tr>{head}</tr></thead>'
+            f"<tbody>{body}</tbody></table></div>")
 
 
 def _image(png: bytes, alt: str) -> str:

@@ -39,7 +39,18 @@ def short(label: str, n: int = 28) -> str:
 
 
 def _bar_width(n_groups: int, n_bars: int) -> float:
-    return min(16.0, max(6.0, 1.0 + 0.3 * n_groups * max(n_bars, 2)))
+    return min(16.0, max(8.0, 3.0 + 0.3 * n_groups * max(n_bars, 2)))
+
+
+def _slanted(labels: list[str], n: int = 6) -> bool:
+    """Whether x tick labels need slanting: several of them, or long ones."""
+    return len(labels) > n or max((len(label) for label in labels), default=0) > 8
+
+
+def _slant(ax: Any) -> None:
+    for label in ax.get_xticklabels():
+        label.set_rotation(30)
+        label.set_horizontalalignment("right")
 
 
 def _grouped_bars(ax: Any, groups: list[str], series: dict[str, list[float]], markers: dict[str, list[float]] | None = None) -> None:
@@ -52,7 +63,9 @@ def _grouped_bars(ax: Any, groups: list[str], series: dict[str, list[float]], ma
         if markers and name in markers:
             ax.scatter(pos, markers[name], marker="_", s=200 * width, color="black", zorder=3,
                        label="chance" if i == 0 else None)
-    ax.set_xticks(x, [short(g) for g in groups], rotation=30 if len(groups) > 4 else 0, ha="right" if len(groups) > 4 else "center")
+    ax.set_xticks(x, [short(g) for g in groups])
+    if _slanted(groups, 4):
+        _slant(ax)
     ax.set_ylim(0, 1.05)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
@@ -83,8 +96,10 @@ def plot_density(data: dict[str, Any]) -> bytes:
 def _heatmap(ax: Any, matrix: np.ndarray, rows: list[str], cols: list[str], title: str, *, cmap: str,
              vmin: float, vmax: float, notes: np.ndarray | None = None) -> None:
     image = ax.imshow(matrix, cmap=cmap, vmin=vmin, vmax=vmax)
-    ax.set_xticks(range(len(cols)), [short(c, 16) for c in cols], rotation=30 if len(cols) > 3 else 0)
-    ax.set_yticks(range(len(rows)), [short(r, 20) for r in rows])
+    ax.set_xticks(range(len(cols)), [short(c, 24) for c in cols])
+    ax.set_yticks(range(len(rows)), [short(r, 32) for r in rows])
+    if _slanted(cols, 3):
+        _slant(ax)
     ax.set_title(title)
     if matrix.size <= 144:
         for (i, j), v in np.ndenumerate(matrix):
@@ -128,8 +143,10 @@ def plot_dendrogram(data: dict[str, Any]) -> bytes | None:
     from scipy.cluster.hierarchy import dendrogram
 
     fig, (ax,) = _figure(min(14.0, 3.0 + 0.6 * len(cl["tasks"])), 3.6)
-    dendrogram(np.asarray(cl["linkage"], dtype=float), labels=[short(t, 20) for t in cl["tasks"]], ax=ax,
-               color_threshold=None, leaf_rotation=30 if len(cl["tasks"]) > 6 else 0)
+    labels = [short(t, 24) for t in cl["tasks"]]
+    dendrogram(np.asarray(cl["linkage"], dtype=float), labels=labels, ax=ax, color_threshold=None)
+    if _slanted(labels):
+        _slant(ax)
     ax.set_ylabel("1 - IoU")
     ax.set_title("Dendrogram of the masks")
     return _png(fig)
