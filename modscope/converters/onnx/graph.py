@@ -25,7 +25,9 @@ import torch
 from torch import nn
 
 from ...errors import InvalidParameterError, ModelLoadError, ModscopeError, OperatorError, UnsupportedOperatorError
-from .plan import FIRST_SLOT, Plan, build_plan, free_names, order_nodes
+from .fusion import fuse_linear
+from .shapes import cache_shape_arithmetic
+from .plan import FIRST_SLOT, Entry, Plan, build_plan, free_names, order_nodes
 from .registry import Handler, NodeContext, OpTable, _norm_domain, decode_attribute
 from .roles import all_initializers, subgraphs, walk_nodes
 from .tensors import tensor_from_proto
@@ -100,7 +102,7 @@ class OnnxGraphModule(nn.Module):
         folded = self._fold_constants(graph, values)
         self._plans: dict[int, tuple[onnx.GraphProto, Plan]] = {}
         self._main = self._compile_main(graph, folded)
-        del self._prepared, self._rewired
+        del self._prepared, self._rewired, self._preset_shapes, self._constant_names
         self._param_keys = tuple(self.params._parameters)
         self._buffer_keys = tuple(self.consts._buffers)
 
@@ -224,6 +226,9 @@ class OnnxGraphModule(nn.Module):
 
     def _compile_main(self, graph: onnx.GraphProto, folded: set[int]) -> Plan:
         presets = [*self.param_names, *self._buffer_values]  # the order of _initial_env's list
+        tensors = [*self.params._parameters.values(), *self.consts._buffers.values()]
+        self._preset_shapes = {name: tuple(t.shape) for name, t in zip(presets, tensors) if t.is_floating_point()}
+        self._constant_names = set(self._buffer_values) - self._overridable
         return self._compile(graph, set(presets), folded, presets=presets, inputs=self.input_names)
 
     def _compile(
@@ -245,15 +250,19 @@ class OnnxGraphModule(nn.Module):
             if id(node) in folded:
                 continue
             if _is_alias(node) and ("", "Identity") not in self._table.overridden:
-                aliases[node.output[0]] = node.input[0]
+                aliases[node.output[0]] = aliases.get(node.input[0], node.input[0])
                 continue
             handler, ctx = self._prepared[id(node)]
             outer: set[str] = set()
             for sub in _graph_attributes(ctx):  # the very objects the handler will pass to run_graph
                 self._compile(sub, inner, folded)
                 outer |= free_names(sub, folded)
-            names = [self._rewired.get((id(node), slot), name) for slot, name in enumerate(node.input)]
-            entries.append((node, names, handler, ctx, frozenset(outer)))
+            names = [aliases.get(n, n) for n in node.input]
+            names = [self._rewired.get((id(node), slot), name) for slot, name in enumerate(names)]
+            entries.append(Entry(node, names, list(node.output), handler, ctx, frozenset(outer)))
+        if ("", "MatMul") not in self._table.overridden and ("", "Add") not in self._table.overridden:
+            entries = fuse_linear(entries, self._preset_shapes, keep={o.name for o in graph.output})
+        entries = cache_shape_arithmetic(entries, self._constant_names)
         plan = build_plan(
             entries,
             inputs=formal,

@@ -41,6 +41,17 @@ class Step(NamedTuple):
     inputs: tuple[int, ...]
 
 
+class Entry(NamedTuple):
+    """A node ready to be planned: what it reads and writes, its handler, and what its sub-graphs read."""
+
+    node: onnx.NodeProto
+    inputs: Sequence[str]
+    outputs: Sequence[str]
+    handler: Callable[..., Any]
+    ctx: Any
+    outer: frozenset[str]
+
+
 @dataclass(frozen=True)
 class Plan:
     """A compiled graph.
@@ -116,7 +127,7 @@ def order_nodes(
 
 
 def build_plan(
-    entries: Sequence[tuple[onnx.NodeProto, Sequence[str], Callable[..., Any], Any, frozenset[str]]],
+    entries: Sequence[Entry],
     *,
     inputs: Sequence[str],
     outputs: Sequence[str],
@@ -127,8 +138,7 @@ def build_plan(
     """Number the values and work out when each can be freed.
 
     Args:
-        entries: (node, the names it reads, handler, ctx, the names its sub-graphs read from outside), in
-            execution order.
+        entries: the nodes in execution order.
         inputs: the graph's formal inputs (fed by the caller).
         outputs: the graph's outputs.
         presets: values filled before the run starts, given slots ``FIRST_SLOT`` on in this order (weights and
@@ -153,11 +163,11 @@ def build_plan(
         slot(name)
     raw_steps = []
     pending_aliases = dict(aliases or {})
-    for node, names, handler, ctx, outer in entries:
+    for node, names, out_names, handler, ctx, outer in entries:
         _bind_aliases(pending_aliases, slot_of)
         ins = tuple(slot_of.get(name, NONE_SLOT) if name else NONE_SLOT for name in names)
         reads = set(ins) | {slot_of[name] for name in outer if name in slot_of}
-        outs = tuple(slot(name) if name else SINK_SLOT for name in node.output)
+        outs = tuple(slot(name) if name else SINK_SLOT for name in out_names)
         raw_steps.append((node, handler, ctx, ins, outs, reads, bool(outer) or bool(subgraphs(node))))
     _bind_aliases(pending_aliases, slot_of)
     missing = [name for name in outputs if name not in slot_of]
