@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..policy import check, junit_xml, load_policy
     from ..runs import write_text
-    from .report import read_report
+    from .report import read_report, run_name
 
     report = read_report(args.run)
     rules = load_policy(args.policy)
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     if args.junit:
         if not Path(args.junit).parent.is_dir():
             raise InvalidParameterError(f"the folder of --junit {args.junit} does not exist; create it first")
-        write_text(args.junit, junit_xml(result, suite=f"modscope check {Path(args.run).name}"))
+        write_text(args.junit, junit_xml(result, suite=f"modscope check {run_name(args.run)}"))
     if args.json:
         print_json({"run": args.run, "policy": args.policy, **result.to_dict()})
     else:

@@ -30,7 +30,9 @@ EXAMPLE = "modscope fit model.onnx --task add=add.npz --task mul=mul.npz --n-ste
 if TYPE_CHECKING:  # pragma: no cover
     from ..masks.maskset import MaskSet
     from ..model import Model
+    from ..report import Report
     from ..runs import RunFolder
+    from ..tasks import Task
 
 
 def _task_spec(text: str) -> tuple[str, str]:
@@ -161,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     created = _prepare_folder(folder, args)
     with _sigterm_as_interrupt():
         try:
-            return _fit(args, config, names, options, folder, created)
+            return _fit(args, config, names, options, folder)
         except KeyboardInterrupt:
             if folder.checkpoint_path.exists():
                 print(f"modscope fit: interrupted; the training state is saved in {folder.checkpoint_path}: "
@@ -178,23 +180,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _fit(args: argparse.Namespace, config: MaskConfig, names: list[str], options: dict[str, dict[str, Any]],
-         folder: RunFolder, created: bool) -> int:
-    from .. import __version__
-    from ..converters import load
+         folder: RunFolder) -> int:
     from ..masks.selection import select_weights
     from ..masks.trainer import train_masks
     from ..report import Report
-    from ..runs import RUN_FILES, file_checksum, write_json
-    from ..taskdata import check_fits, load_task
+    from ..runs import RUN_FILES
 
-    log(args, f"loading {args.model}")
-    model = load(args.model, **model_options(args))
-    data = dict(args.task)
-    tasks = [load_task(n, data[n], **options[n]) for n in names]
-    eval_files = dict(args.eval)
-    eval_tasks = [load_task(n, eval_files[n], **options[n]) if n in eval_files else t for n, t in zip(names, tasks)]
-    for task in tasks + [t for t in eval_tasks if t not in tasks]:
-        check_fits(model, task)
+    model, tasks, eval_tasks = _load_inputs(args, names, options)
     n_masked = sum(w.numel for w in select_weights(model, config))
     if args.force:  # only now that the new run's inputs have been checked
         for name in RUN_FILES:
@@ -209,9 +201,38 @@ def _fit(args: argparse.Namespace, config: MaskConfig, names: list[str], options
         extra = {"checkpoint_every": args.checkpoint_every} if args.checkpoint_every else {}
         masks = train_masks(model, tasks, config, progress=False if args.quiet else args.progress,
                             checkpoint=folder.checkpoint_path, resume=args.resume, **extra)
-        masks.save(folder.masks_path)
+        masks.save(folder.masks_path)  # first, so that an interrupted measurement can --resume without training
     log(args, "measuring sharing, overlap, ablation and clustering")
     report = Report.from_masks(masks, model, eval_tasks, device=config.device)
+    _write_run(folder, args, model, masks, report, config, options)
+    table = report.tables()[0]
+    print(text_table(table.headers, table.rows))
+    log(args, f"run written to {folder.path}")
+    return 0
+
+
+def _load_inputs(args: argparse.Namespace, names: list[str], options: dict[str, dict[str, Any]]) -> tuple[Model, list[Task], list[Task]]:
+    """The model, the training tasks and the evaluation tasks, each task checked against the model."""
+    from ..converters import load
+    from ..taskdata import check_fits, load_task
+
+    log(args, f"loading {args.model}")
+    model = load(args.model, **model_options(args))
+    data, eval_files = dict(args.task), dict(args.eval)
+    tasks = [load_task(n, data[n], **options[n]) for n in names]
+    eval_tasks = [load_task(n, eval_files[n], **options[n]) if n in eval_files else t for n, t in zip(names, tasks)]
+    for task in tasks + [t for t in eval_tasks if t not in tasks]:
+        check_fits(model, task)
+    return model, tasks, eval_tasks
+
+
+def _write_run(folder: RunFolder, args: argparse.Namespace, model: Model, masks: MaskSet, report: Report,
+               config: MaskConfig, options: dict[str, dict[str, Any]]) -> None:
+    """curves.json, config.json, then report.json (the mark of a finished run); the checkpoint goes last."""
+    from .. import __version__
+    from ..runs import file_checksum, write_json
+
+    data, eval_files = dict(args.task), dict(args.eval)
     write_json(folder.curves_path, {"curves": masks.curves})
     write_json(folder.config_path, {
         "modscope_version": __version__,
@@ -219,15 +240,11 @@ def _fit(args: argparse.Namespace, config: MaskConfig, names: list[str], options
                   "format": model.source.format, "options": model_options(args)},
         "tasks": {n: {"data": str(Path(data[n]).resolve()),
                       "eval": str(Path(eval_files[n]).resolve()) if n in eval_files else None, **options[n]}
-                  for n in names},
+                  for n in options},
         "mask_config": config.to_dict(),
     })
     report.save(folder.report_path)
     folder.checkpoint_path.unlink(missing_ok=True)
-    table = report.tables()[0]
-    print(text_table(table.headers, table.rows))
-    log(args, f"run written to {folder.path}")
-    return 0
 
 
 def _reuse_masks(folder: RunFolder, model: Model, names: list[str], config: MaskConfig) -> MaskSet | None:

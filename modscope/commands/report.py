@@ -48,11 +48,17 @@ def read_report(path: str) -> Report:
     raise InvalidParameterError(f"run folder {p} does not exist; make one with `modscope fit MODEL --task NAME=FILE --out {p}`")
 
 
+def run_name(path: str) -> str:
+    """The name of a run for titles: its folder's name (also when given its report.json)."""
+    p = Path(path)
+    return p.resolve().parent.name if p.is_file() else p.name
+
+
 def run(args: argparse.Namespace) -> int:
     from ..runs import write_text
 
     report = read_report(args.run)
-    title = args.title or f"modscope report: {Path(args.run).name}"
+    title = args.title or f"modscope report: {run_name(args.run)}"
     # render everything first, so that a failure leaves no output behind
     html = report.to_html(title=title) if args.html else None
     markdown = report.to_markdown(title=title) if args.md or not (args.html or args.csv or args.json) else None
