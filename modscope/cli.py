@@ -16,10 +16,11 @@ Data goes to stdout (``--json`` gives it as JSON with a ``schema_version``); pro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from .commands import COMMANDS
@@ -80,6 +81,27 @@ def _show_warning(message: Any, category: type[Warning], filename: str, lineno: 
     print(f"modscope: warning: {message}", file=sys.stderr)
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt while a command runs, so that a kill (a CI timeout, a preempted job) runs
+    the same clean-up as Ctrl-C: temporary files are removed and `fit` saves a checkpoint."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _silence_stdout() -> None:
     """Point stdout at /dev/null so that the interpreter's final flush does not fail again."""
     import os
@@ -118,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     prog = f"modscope {args.command}"
     debug = getattr(args, "debug", False)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _sigterm_as_interrupt():
         warnings.showwarning = _show_warning
         try:
             return int(args.command_function(args))

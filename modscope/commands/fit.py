@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -131,26 +129,6 @@ def _prepare_folder(run: RunFolder, args: argparse.Namespace) -> bool:
     return False
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt, so that a kill saves a checkpoint just as Ctrl-C does."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def run(args: argparse.Namespace) -> int:
     import shutil
 
@@ -161,22 +139,21 @@ def run(args: argparse.Namespace) -> int:
     options = _task_options(args, names)
     folder = RunFolder(args.out)
     created = _prepare_folder(folder, args)
-    with _sigterm_as_interrupt():
-        try:
-            return _fit(args, config, names, options, folder)
-        except KeyboardInterrupt:
-            if folder.checkpoint_path.exists():
-                print(f"modscope fit: interrupted; the training state is saved in {folder.checkpoint_path}: "
-                      "run the same command with --resume to continue", file=sys.stderr)
-            else:
-                print("modscope fit: interrupted before the first checkpoint", file=sys.stderr)
-                if created:
-                    shutil.rmtree(folder.path, ignore_errors=True)
-            return 130
-        except BaseException:
-            if created:  # no partial run folder is left behind
+    try:
+        return _fit(args, config, names, options, folder)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the command line turns it into KeyboardInterrupt)
+        if folder.checkpoint_path.exists():
+            print(f"modscope fit: interrupted; the training state is saved in {folder.checkpoint_path}: "
+                  "run the same command with --resume to continue", file=sys.stderr)
+        else:
+            print("modscope fit: interrupted before the first checkpoint", file=sys.stderr)
+            if created:
                 shutil.rmtree(folder.path, ignore_errors=True)
-            raise
+        return 130
+    except BaseException:
+        if created:  # no partial run folder is left behind
+            shutil.rmtree(folder.path, ignore_errors=True)
+        raise
 
 
 def _fit(args: argparse.Namespace, config: MaskConfig, names: list[str], options: dict[str, dict[str, Any]],
