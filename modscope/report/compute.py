@@ -32,9 +32,14 @@ def layer_sizes(masks: MaskSet) -> dict[str, int]:
 
 
 def task_info(tasks: Sequence[Task]) -> dict[str, dict[str, Any]]:
+    """Per task: its metric, whether higher is better, its loss and how many examples it was measured on."""
     return {
-        t.name: {"metric": t.metric_name, "higher_is_better": bool(t.higher_is_better), "n_examples": len(t), "loss": t.loss
-                 if isinstance(t.loss, str) else getattr(t.loss, "__name__", "custom")}
+        t.name: {
+            "metric": t.metric_name,
+            "higher_is_better": bool(t.higher_is_better),
+            "loss": t.loss if isinstance(t.loss, str) else getattr(t.loss, "__name__", "custom"),
+            "n_examples": len(t),
+        }
         for t in tasks
     }
 
@@ -57,7 +62,7 @@ def compute(masks: MaskSet, model: Model, tasks: Sequence[Task], *, n_clusters: 
     from .. import metrics
 
     names = list(masks.tasks)
-    data: dict[str, Any] = {
+    return {
         "tasks": names,
         "task_info": task_info(tasks),
         "model": model_summary(model, masks),
@@ -72,4 +77,3 @@ def compute(masks: MaskSet, model: Model, tasks: Sequence[Task], *, n_clusters: 
         "clustering": metrics.cluster(masks, n_clusters=n_clusters).to_dict() if len(names) >= 2 else None,
         "curves": masks.curves,
     }
-    return data
