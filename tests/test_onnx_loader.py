@@ -452,3 +452,69 @@ def test_broken_files_raise_one_readable_error(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_onnx(tmp_path / "nope.onnx")
+
+
+# -- compile-time speed-ups keep the semantics ----------------------------------------------------------------------
+def _ops_run(model: modscope.Model) -> list[str]:
+    return [s.ctx.node.op_type for s in model.module._main.steps]
+
+
+def test_matmul_and_bias_add_fuse_only_when_the_product_is_not_needed_elsewhere():
+    model = modscope.load(_mlp_proto())
+    assert _ops_run(model) == ["MatMul", "Relu", "Gemm"]  # MatMul + Add run as one linear step
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"]),
+        helper.make_node("Add", ["b", "h"], ["y"]),
+        helper.make_node("Neg", ["h"], ["z"]),  # the product is read twice: no fusion
+    ]
+    inits = [_init("w", _arr(4, 3)), _init("b", _arr(3))]
+    model = modscope.load(_model(nodes, {"x": (TensorProto.FLOAT, [2, 4])}, ["y", "z"], inits))
+    assert _ops_run(model) == ["MatMul", "Add", "Neg"]
+    x = torch.randn(2, 4)
+    w, b = (model.parameters()[model.weight(n).name] for n in ("w", "b"))
+    y, z = model(x)
+    torch.testing.assert_close(y, x @ w + b, **TOL)
+    torch.testing.assert_close(z, -(x @ w), **TOL)
+
+
+def test_fast_paths_match_the_operators_and_yield_to_caller_handlers():
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t"], perm=[2, 0, 1]),
+        helper.make_node("Reshape", ["t", "shape"], ["r"]),
+        helper.make_node("Gather", ["r", "last"], ["y"], axis=1),
+    ]
+    inits = [_init("shape", np.array([4, -1, 2], np.int64)), _init("last", np.array(-1, np.int64))]
+    proto = _model(nodes, {"x": (TensorProto.FLOAT, [2, 3, 4])}, ["y"], inits)
+    x = torch.randn(2, 3, 4)
+    expected = x.permute(2, 0, 1).reshape(4, -1, 2)[:, -1]
+    torch.testing.assert_close(modscope.load(proto)(x), expected)
+    calls = []
+
+    def my_transpose(ctx, value):
+        calls.append(ctx.name)
+        return value.permute(2, 0, 1)
+
+    torch.testing.assert_close(modscope.load(proto, op_handlers={"Transpose": my_transpose})(x), expected)
+    assert len(calls) == 1
+
+
+def test_shape_arithmetic_is_reused_while_shapes_stay_the_same():
+    counted = []
+
+    def counting_cast(ctx, value):
+        counted.append(1)
+        return value.to(torch.float32)
+
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Cast", ["s"], ["sf"], to=TensorProto.FLOAT),
+        helper.make_node("Sqrt", ["sf"], ["root"]),
+        helper.make_node("Mul", ["x", "root"], ["y"]),
+    ]
+    model = modscope.load(_model(nodes, {"x": (TensorProto.FLOAT, [3])}, ["y"]), op_handlers={"Cast": counting_cast})
+    x = torch.ones(3)
+    for _ in range(3):
+        torch.testing.assert_close(model(x), torch.full((3,), 3.0**0.5))
+    assert len(counted) == 1
+    torch.testing.assert_close(model(torch.ones(4)), torch.full((4,), 2.0))
+    assert len(counted) == 2

@@ -27,6 +27,7 @@ from torch import nn
 from ...errors import InvalidParameterError, ModelLoadError, ModscopeError, OperatorError, UnsupportedOperatorError
 from .fusion import fuse_linear
 from .shapes import cache_shape_arithmetic
+from .specialize import specialize
 from .plan import FIRST_SLOT, Entry, Plan, build_plan, free_names, order_nodes
 from .registry import Handler, NodeContext, OpTable, _norm_domain, decode_attribute
 from .roles import all_initializers, subgraphs, walk_nodes
@@ -102,7 +103,7 @@ class OnnxGraphModule(nn.Module):
         folded = self._fold_constants(graph, values)
         self._plans: dict[int, tuple[onnx.GraphProto, Plan]] = {}
         self._main = self._compile_main(graph, folded)
-        del self._prepared, self._rewired, self._preset_shapes, self._constant_names
+        del self._prepared, self._rewired, self._preset_shapes, self._constant_names, self._constant_values
         self._param_keys = tuple(self.params._parameters)
         self._buffer_keys = tuple(self.consts._buffers)
 
@@ -186,6 +187,7 @@ class OnnxGraphModule(nn.Module):
     def _fold_constants(self, graph: onnx.GraphProto, values: dict[str, torch.Tensor]) -> set[int]:
         """Compute once every node that reads only constants; return the ids of the nodes folded away."""
         constants = {n: v for n, v in values.items() if n not in self.param_names and n not in self._overridable}
+        self._constant_values = constants  # grows as nodes fold; read by the compiler's fast paths
         folded: set[int] = set()
         for node in walk_nodes(graph):  # Constant nodes anywhere, sub-graphs included
             if node.op_type == "Constant" and not node.input and _norm_domain(node.domain) == "":
@@ -259,7 +261,8 @@ class OnnxGraphModule(nn.Module):
                 outer |= free_names(sub, folded)
             names = [aliases.get(n, n) for n in node.input]
             names = [self._rewired.get((id(node), slot), name) for slot, name in enumerate(names)]
-            entries.append(Entry(node, names, list(node.output), handler, ctx, frozenset(outer)))
+            entry = Entry(node, names, list(node.output), handler, ctx, frozenset(outer))
+            entries.append(specialize(entry, self._constant_values, self._table.overridden))
         if ("", "MatMul") not in self._table.overridden and ("", "Add") not in self._table.overridden:
             entries = fuse_linear(entries, self._preset_shapes, keep={o.name for o in graph.output})
         entries = cache_shape_arithmetic(entries, self._constant_names)
