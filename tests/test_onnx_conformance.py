@@ -9,7 +9,6 @@ Run ``python tests/onnx_conformance_cases.py [WORD ...]`` to see every failure w
 from __future__ import annotations
 
 import pytest
-
 from onnx_conformance_cases import run_all
 
 pytest.importorskip("onnx.backend.test.case.node")

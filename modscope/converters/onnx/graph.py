@@ -24,23 +24,12 @@ import onnx
 import torch
 from torch import nn
 
-from ...errors import InvalidParameterError, ModelLoadError, ModscopeError, OperatorError, UnsupportedOperatorError
-from .fusion import fuse_linear
-from .shapes import cache_shape_arithmetic
-from .specialize import specialize
-from .plan import FIRST_SLOT, Entry, Plan, build_plan, free_names, order_nodes
-from .registry import Handler, NodeContext, OpTable, _norm_domain, decode_attribute
-from .roles import all_initializers, subgraphs, walk_nodes
+from ...errors import InvalidParameterError, ModelLoadError, ModscopeError, OperatorError
+from .compiler import GraphCompiler
+from .plan import FIRST_SLOT, Plan
+from .registry import OpTable, _norm_domain
+from .roles import all_initializers
 from .tensors import tensor_from_proto
-
-#: operators whose result differs between runs, so they are never computed ahead of time.
-_NOT_FOLDABLE = {
-    "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Bernoulli", "Multinomial", "Dropout",
-}
-#: node inputs that hold statistics, never weights, even when an exporter merged them with an equal weight.
-_STATISTICS_INPUTS = {"BatchNormalization": (3, 4)}
-#: results larger than this many elements are recomputed on each call rather than kept in memory.
-_FOLD_MAX_NUMEL = 1 << 22
 
 
 def safe_name(name: str, taken: set[str]) -> str:
@@ -86,7 +75,6 @@ class OnnxGraphModule(nn.Module):
     ):
         super().__init__()
         self.opsets = {_norm_domain(o.domain): o.version for o in model.opset_import}
-        self._table = table
         self.params = nn.Module()
         self.consts = nn.Module()
         self.param_names: dict[str, str] = {}
@@ -98,12 +86,15 @@ class OnnxGraphModule(nn.Module):
         self.input_names = tuple(i.name for i in graph.input if i.name not in init_names)
         self.output_names = tuple(o.name for o in graph.output)
         self._overridable = {i.name for i in graph.input if i.name in init_names}
-        self._prepared = self._prepare_nodes(graph)
-        self._rewired = self._separate_statistics(graph, values)
-        folded = self._fold_constants(graph, values)
-        self._plans: dict[int, tuple[onnx.GraphProto, Plan]] = {}
-        self._main = self._compile_main(graph, folded)
-        del self._prepared, self._rewired, self._preset_shapes, self._constant_names, self._constant_values
+        compiler = GraphCompiler(
+            table,
+            self.opsets,
+            self.run_graph,
+            weights=set(self.param_names),
+            overridable=self._overridable,
+            add_buffer=lambda name, tensor: self._add_buffer(name, tensor, persistent=False),
+        )
+        self._main, self._plans = compiler.compile(graph, values, self._presets, self.input_names)
         self._param_keys = tuple(self.params._parameters)
         self._buffer_keys = tuple(self.consts._buffers)
 
@@ -132,150 +123,15 @@ class OnnxGraphModule(nn.Module):
                 self._add_buffer(name, tensor, persistent=True)
         return values
 
+    def _presets(self) -> list[tuple[str, torch.Tensor]]:
+        """(ONNX value, tensor) for every parameter and buffer, in the order `_initial_env` lists them."""
+        names = [*self.param_names, *self._buffer_values]
+        return list(zip(names, [*self.params._parameters.values(), *self.consts._buffers.values()]))
+
     def _add_buffer(self, name: str, tensor: torch.Tensor, *, persistent: bool) -> None:
         prefix = "" if persistent else "folded_"
         self.consts.register_buffer(safe_name(prefix + name, self._taken), tensor, persistent=persistent)
         self._buffer_values.append(name)
-
-    def _separate_statistics(self, graph: onnx.GraphProto, values: dict[str, torch.Tensor]) -> dict[tuple[int, int], str]:
-        """Give running statistics that an exporter merged with an equal weight a buffer of their own.
-
-        Exporters store bit-identical tensors once, so a fresh BatchNorm's running variance (all ones) may be the
-        same initializer as its scale. Masking the scale must not change the statistics, so such node inputs read
-        an unmasked copy instead. Returns (node id, input index) -> the name of the copy.
-        """
-        aliases = {n.output[0]: n.input[0] for n in walk_nodes(graph) if n.op_type == "Identity" and n.input}
-        rewired: dict[tuple[int, int], str] = {}
-        for node in walk_nodes(graph):
-            for slot in _STATISTICS_INPUTS.get(node.op_type, ()):
-                name = source = node.input[slot] if slot < len(node.input) else ""
-                for _ in range(len(aliases)):
-                    if source not in aliases:
-                        break
-                    source = aliases[source]
-                if source not in self.param_names:
-                    continue
-                copy = f"{name}#statistics"
-                if copy not in values:
-                    values[copy] = values[source].detach().clone()
-                    self._add_buffer(copy, values[copy], persistent=False)
-                rewired[(id(node), slot)] = copy
-        return rewired
-
-    def _prepare_nodes(self, graph: onnx.GraphProto) -> dict[int, tuple[Handler, NodeContext]]:
-        """Handler and context for every node (sub-graphs included), naming all unsupported operators at once."""
-        prepared: dict[int, tuple[Handler, NodeContext]] = {}
-        missing: dict[str, tuple[onnx.NodeProto, int]] = {}
-        for node in walk_nodes(graph):
-            domain = _norm_domain(node.domain)
-            opset = self.opsets.get(domain, self.opsets.get("", 1) if domain == "" else 1)
-            handler = self._table.lookup(domain, node.op_type, opset)
-            if handler is None:
-                missing.setdefault(f"{domain + '::' if domain else ''}{node.op_type}", (node, opset))
-                continue
-            attrs = {a.name: decode_attribute(a) for a in node.attribute}
-            prepared[id(node)] = (handler, NodeContext(node=node, opset=opset, attrs=attrs, run_graph=self.run_graph))
-        if missing:
-            first, (node, opset) = next(iter(missing.items()))
-            others = ", ".join(list(missing)[1:])
-            hint = (f"the model also uses {others}; " if others else "") + (
-                "pass op_handlers={...} to modscope.load to supply implementations"
-            )
-            raise UnsupportedOperatorError(node.op_type, node.domain, opset, node.name or node.output[0], hint)
-        return prepared
-
-    def _fold_constants(self, graph: onnx.GraphProto, values: dict[str, torch.Tensor]) -> set[int]:
-        """Compute once every node that reads only constants; return the ids of the nodes folded away."""
-        constants = {n: v for n, v in values.items() if n not in self.param_names and n not in self._overridable}
-        self._constant_values = constants  # grows as nodes fold; read by the compiler's fast paths
-        folded: set[int] = set()
-        for node in walk_nodes(graph):  # Constant nodes anywhere, sub-graphs included
-            if node.op_type == "Constant" and not node.input and _norm_domain(node.domain) == "":
-                self._try_fold(node, constants, folded)
-        known = set(values) | set(constants) | {i.name for i in graph.input}
-        for node in order_nodes(graph.node, known, lambda n: self._reads(n, folded)):
-            if id(node) in folded or node.op_type in _NOT_FOLDABLE or _norm_domain(node.domain) != "":
-                continue
-            if not subgraphs(node) and all(not name or name in constants for name in node.input):
-                self._try_fold(node, constants, folded)
-        return folded
-
-    def _try_fold(self, node: onnx.NodeProto, constants: dict[str, torch.Tensor], folded: set[int]) -> None:
-        handler, ctx = self._prepared[id(node)]
-        args = [constants[name] if name else None for name in node.input]
-        try:
-            with torch.no_grad():
-                result = handler(ctx, *args)
-        except Exception:  # noqa: BLE001 - the node then runs normally and reports its error at run time
-            return
-        results = result if isinstance(result, tuple) else (result,)
-        if len(results) < len(node.output) or not all(isinstance(r, torch.Tensor) for r in results):
-            return
-        if any(r.numel() > _FOLD_MAX_NUMEL for r in results):
-            return
-        for name, value in zip(node.output, results):
-            if name:
-                constants[name] = value
-                self._add_buffer(name, value, persistent=False)
-        folded.add(id(node))
-
-    # -- compilation ----------------------------------------------------------------------------------------------
-    def _reads(self, node: onnx.NodeProto, folded: set[int]) -> list[str]:
-        names = [name for name in node.input if name]
-        for sub in subgraphs(node):
-            names += free_names(sub, folded)
-        return names
-
-    def _compile_main(self, graph: onnx.GraphProto, folded: set[int]) -> Plan:
-        presets = [*self.param_names, *self._buffer_values]  # the order of _initial_env's list
-        tensors = [*self.params._parameters.values(), *self.consts._buffers.values()]
-        self._preset_shapes = {name: tuple(t.shape) for name, t in zip(presets, tensors) if t.is_floating_point()}
-        self._constant_names = set(self._buffer_values) - self._overridable
-        return self._compile(graph, set(presets), folded, presets=presets, inputs=self.input_names)
-
-    def _compile(
-        self,
-        graph: onnx.GraphProto,
-        visible: set[str],
-        folded: set[int],
-        *,
-        presets: list[str] | None = None,
-        inputs: tuple[str, ...] | None = None,
-    ) -> Plan:
-        free = sorted(free_names(graph, folded)) if presets is None else []
-        formal = tuple(i.name for i in graph.input) if inputs is None else inputs
-        known = visible | set(formal) | set(free)
-        inner = known | {name for n in graph.node for name in n.output}
-        entries = []
-        aliases: dict[str, str] = {}
-        for node in order_nodes(graph.node, known, lambda n: self._reads(n, folded)):
-            if id(node) in folded:
-                continue
-            if _is_alias(node) and ("", "Identity") not in self._table.overridden:
-                aliases[node.output[0]] = aliases.get(node.input[0], node.input[0])
-                continue
-            handler, ctx = self._prepared[id(node)]
-            outer: set[str] = set()
-            for sub in _graph_attributes(ctx):  # the very objects the handler will pass to run_graph
-                self._compile(sub, inner, folded)
-                outer |= free_names(sub, folded)
-            names = [aliases.get(n, n) for n in node.input]
-            names = [self._rewired.get((id(node), slot), name) for slot, name in enumerate(names)]
-            entry = Entry(node, names, list(node.output), handler, ctx, frozenset(outer))
-            entries.append(specialize(entry, self._constant_values, self._table.overridden))
-        if ("", "MatMul") not in self._table.overridden and ("", "Add") not in self._table.overridden:
-            entries = fuse_linear(entries, self._preset_shapes, keep={o.name for o in graph.output})
-        entries = cache_shape_arithmetic(entries, self._constant_names)
-        plan = build_plan(
-            entries,
-            inputs=formal,
-            outputs=[o.name for o in graph.output],
-            presets=presets or (),
-            free_vars=free,
-            aliases=aliases,
-        )
-        self._plans[id(graph)] = (graph, plan)
-        return plan
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # copies (deepcopy, pickle) hold copies of the sub-graphs: index their plans by the new objects
@@ -426,14 +282,3 @@ def _describe(value: Any) -> str:
         return f"{str(value.dtype).removeprefix('torch.')}{list(value.shape)}"
     return "None" if value is None else type(value).__name__
 
-
-def _graph_attributes(ctx: NodeContext) -> Iterator[onnx.GraphProto]:
-    for value in ctx.attrs.values():
-        for item in value if isinstance(value, list) else [value]:
-            if isinstance(item, onnx.GraphProto):
-                yield item
-
-
-def _is_alias(node: onnx.NodeProto) -> bool:
-    """An Identity node: its output is its input, so it needs no step of its own."""
-    return node.op_type == "Identity" and _norm_domain(node.domain) == "" and len(node.input) == 1 and bool(node.input[0])

@@ -186,8 +186,8 @@ def build_plan(
         if s not in keep:
             free_at.setdefault(index, []).append(s)
     steps = tuple(
-        Step(handler, ctx, itemgetter(*ins) if ins else None, len(ins), outs, tuple(free_at.get(index, ())), scoped, ins)
-        for index, (_, handler, ctx, ins, outs, _, scoped) in enumerate(raw_steps)
+        Step(handler, ctx, itemgetter(*ins) if ins else None, len(ins), outs, tuple(free_at.get(i, ())), scoped, ins)
+        for i, (_, handler, ctx, ins, outs, _, scoped) in enumerate(raw_steps)
     )
     return Plan(
         steps=steps,
