@@ -189,7 +189,9 @@ class Model:
         modes = [(m, m.training) for m in module.modules()]
         fastpath = _mha_fastpath_enabled()
         try:
-            module.train(train)
+            # set the flags directly: torch.export's modules refuse .train()/.eval() (their mode is fixed at export)
+            for m, _ in modes:
+                m.training = train
             _set_mha_fastpath(False)
             yield module
         finally:

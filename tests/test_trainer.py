@@ -160,7 +160,7 @@ def test_resume_gives_the_same_masks_as_an_uninterrupted_run(toy_modular, tmp_pa
     resumed = modscope.train_masks(net, [tasks["a"]], short, checkpoint=ckpt, resume=True, progress=False)
     for n in full.logits["a"]:
         assert torch.equal(full.logits["a"][n], resumed.logits["a"][n])
-    assert resumed.curves["a"]["step"] == full.curves["a"]["step"]
+    assert resumed.curves == full.curves
 
 
 def test_checkpoint_of_another_run_is_refused(toy_modular, tmp_path):
@@ -194,3 +194,12 @@ def test_bad_training_arguments(toy_modular):
         modscope.train_masks(net, [], modscope.MaskConfig(n_steps=1, batch_size=4), progress=False)
     with pytest.raises(InvalidParameterError, match="no weight is left"):
         modscope.train_masks(net, [tasks["a"]], modscope.MaskConfig(n_steps=1, batch_size=4, include=("nothing*",)), progress=False)
+
+
+def test_a_model_that_rejects_the_data_gets_one_clear_error():
+    from modscope.errors import ShapeError
+
+    net = nn.Sequential(nn.Linear(5, 2))
+    task = modscope.Task("t", torch.randn(16, 3), torch.zeros(16, dtype=torch.long))
+    with pytest.raises(ShapeError, match="chunks of 4 examples"):
+        modscope.train_masks(net, [task], modscope.MaskConfig(n_steps=2, batch_size=16), progress=False)

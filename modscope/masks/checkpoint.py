@@ -16,6 +16,9 @@ from ..errors import InvalidParameterError
 class TrainingState:
     step: int
     curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    window: list[float] = field(default_factory=list)
+    """Per-task sums of the losses since the last curve point, so a resumed run records the same curves."""
+    window_steps: int = 0
 
 
 def save_checkpoint(
@@ -31,6 +34,8 @@ def save_checkpoint(
         "identity": identity,
         "step": state.step,
         "curves": state.curves,
+        "window": state.window,
+        "window_steps": state.window_steps,
         "logits": logits.detach().cpu(),
         "optimizer": optimizer.state_dict(),
         "generators": [g.get_state() for g in generators],
@@ -62,4 +67,4 @@ def load_checkpoint(
     optimizer.load_state_dict(payload["optimizer"])
     for gen, gen_state in zip(generators, payload["generators"], strict=True):
         gen.set_state(gen_state)
-    return TrainingState(step=int(payload["step"]), curves=payload["curves"])
+    return TrainingState(int(payload["step"]), payload["curves"], list(payload["window"]), int(payload["window_steps"]))

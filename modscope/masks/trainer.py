@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from ..errors import InvalidParameterError, ModscopeWarning
+from ..errors import InvalidParameterError, ModscopeWarning, ShapeError
 from ..model import Model, WeightInfo
 from ..tasks import Task
 from .checkpoint import TrainingState, load_checkpoint, save_checkpoint
@@ -251,21 +251,19 @@ def train_masks(
     ckpt_path = Path(checkpoint) if checkpoint else None
     with model.frozen(device, train=config.train_mode) as module:
         trainer = MaskTrainer(model, module, tasks, config, device, initial_logits=initial_logits)
-        state = TrainingState(step=0, curves={t.name: {"step": [], "loss": [], "density": []} for t in tasks})
+        state = TrainingState(0, {t.name: {"step": [], "loss": [], "density": []} for t in tasks}, [0.0] * len(tasks))
         if resume and ckpt_path and ckpt_path.exists():
             state = load_checkpoint(ckpt_path, trainer.identity, trainer.logits, trainer.optimizer, trainer.gens.all())
-        window_loss, window_n = torch.zeros(len(tasks), device=device), 0
         bar.start(state.step)
         try:
             with _deferred_interrupts() as interrupted:
                 while state.step < config.n_steps and not interrupted():
-                    window_loss += trainer.step()
-                    window_n += 1
+                    losses = trainer.step().tolist()
+                    state.window = [a + b for a, b in zip(state.window, losses)]
+                    state.window_steps += 1
                     state.step += 1
                     if state.step % config.log_every == 0 or state.step == config.n_steps:
-                        _record(state, tasks, window_loss / window_n, trainer.logits)
-                        window_loss.zero_()
-                        window_n = 0
+                        _record(state, tasks, trainer.logits)
                         bar.update(state.step, *_last_point(state))
                     if ckpt_path and state.step % checkpoint_every == 0 and state.step < config.n_steps:
                         trainer.save(ckpt_path, state)
@@ -348,19 +346,33 @@ def _last_point(state: TrainingState) -> tuple[dict[str, float], dict[str, float
 
 def _forward_losses(runner: _StepRunner, tasks: list[Task], logits: torch.Tensor, uniforms: torch.Tensor, batches: list) -> torch.Tensor:
     masks = sample_masks(logits, uniforms, runner.config.tau)
-    outputs = runner.first_outputs(masks, batches) if not runner.settled else runner.outputs(masks, batches)
-    if outputs is None:  # vmap failed part-way: rebuild the graph on the loop path
-        outputs = runner.outputs(sample_masks(logits, uniforms, runner.config.tau), batches)
+    if runner.settled:
+        outputs = runner.outputs(masks, batches)
+    else:
+        try:
+            outputs = runner.first_outputs(masks, batches)
+            if outputs is None:  # vmap failed part-way: rebuild the graph on the loop path
+                outputs = runner.outputs(sample_masks(logits, uniforms, runner.config.tau), batches)
+        except Exception as exc:  # noqa: BLE001 - the first step is where data and model meet: explain, keep the cause
+            chunk = runner.config.batch_size // runner.config.n_samples
+            raise ShapeError(
+                f"the model fails on the tasks' data in chunks of {chunk} examples ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:200] if str(exc) else 'no message'}); check the input shapes, and for "
+                "torch.export programs export with a dynamic batch dimension"
+            ) from exc
     return torch.stack([t.loss_fn()(out, y) for t, out, (_, y) in zip(tasks, outputs, batches)])
 
 
-def _record(state: TrainingState, tasks: list[Task], losses: torch.Tensor, logits: torch.Tensor) -> None:
+def _record(state: TrainingState, tasks: list[Task], logits: torch.Tensor) -> None:
+    """Append a curve point (mean loss since the last point, density now) and reset the loss window."""
     density = (logits.detach() > 0).float().mean(dim=1).cpu()
     for k, t in enumerate(tasks):
         curve = state.curves[t.name]
         curve["step"].append(state.step)
-        curve["loss"].append(float(losses[k]))
+        curve["loss"].append(state.window[k] / max(state.window_steps, 1))
         curve["density"].append(float(density[k]))
+    state.window = [0.0] * len(tasks)
+    state.window_steps = 0
 
 
 def _check_tasks(tasks: list[Task]) -> None:
