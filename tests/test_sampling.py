@@ -42,3 +42,33 @@ def test_cpu_generator_stream_is_reproducible():
     a = draw_uniforms((3, 4), torch.Generator().manual_seed(5))
     b = draw_uniforms((3, 4), torch.Generator().manual_seed(5))
     assert torch.equal(a, b)
+
+
+def test_fused_masked_weights_match_mask_times_weight_with_the_same_gradients():
+    from modscope.masks.sampling import sample_masked_weights
+
+    weights = [torch.randn(3, 4), torch.randn(5)]
+    logits = (torch.randn(2, 17) * 3).requires_grad_()
+    u = torch.rand(2, 4, 17)
+    eff = sample_masked_weights(logits, u, weights, [0, 12])
+    probe = [torch.randn_like(e) for e in eff]
+    sum((e * p).sum() for e, p in zip(eff, probe)).backward()
+
+    ref_logits = logits.detach().clone().requires_grad_()
+    m = sample_masks(ref_logits, u)
+    ref = [m[..., :12].reshape(2, 4, 3, 4) * weights[0], m[..., 12:] * weights[1]]
+    sum((e * p).sum() for e, p in zip(ref, probe)).backward()
+    for e, r in zip(eff, ref):
+        torch.testing.assert_close(e, r)
+    torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_soft_derivative_closed_form_equals_the_sigmoid_form():
+    from modscope.masks.sampling import _soft_derivative
+
+    logits = torch.linspace(-60, 60, 241).unsqueeze(0)
+    u = torch.rand(3, 241).clamp(1e-6, 1 - 1e-6)
+    s = torch.sigmoid(logits.double() + torch.logit(u.double()))
+    expected = (s * (1 - s)).float()
+    torch.testing.assert_close(_soft_derivative(logits, u.clone(), 1.0), expected, rtol=1e-4, atol=1e-12)
+    assert torch.isfinite(_soft_derivative(torch.tensor([[-1e4, 1e4]]), torch.rand(2, 2), 1.0)).all()

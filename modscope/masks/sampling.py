@@ -3,19 +3,38 @@
 For a logit l and a uniform u, the logistic noise ``logit(u)`` (the difference of two Gumbel variables) gives the
 soft sample s = sigmoid((l + logit(u)) / τ) and the hard sample m = [s > 0.5] = [l + logit(u) > 0], which is exactly
 Bernoulli(sigmoid(l)). The forward pass uses the hard 0/1 value; the backward pass uses the soft sample's derivative
-ds/dl = s(1 - s)/τ (the paper's ``stopgrad(hard - s) + s``).
+ds/dl = s(1 − s)/τ (the paper's ``stopgrad(hard − s) + s``).
 
-modscope draws one uniform per mask element (the paper draws two and takes the difference of two Gumbels, which
-costs twice the noise) and fuses the sampling into one autograd function: the forward pass only compares
-``u > sigmoid(-l)``; the soft sample is recomputed in the backward pass from the saved uniforms instead of being kept
-in memory.
+What modscope does differently from the paper's code, for speed (same distribution, same gradients):
+
+- one uniform per mask element instead of two (the paper draws two Gumbels and takes their difference);
+- the forward pass only compares ``u > sigmoid(−l)``: one transcendental per *logit*, none per sample;
+- the soft sample is recomputed in the backward pass from the saved uniforms instead of being kept in memory; for
+  τ = 1 it needs no transcendental per sample either: with e = exp(−l), s = u / (u + (1 − u)·e), so
+  s(1 − s) = u·(1 − u)·e / (u + (1 − u)·e)²;
+- `sample_masked_weights` fuses the mask with the weights: it returns W ⊙ m directly, one tensor per weight laid out
+  as ``(K, S, *shape)`` for `torch.func.vmap`, and its backward pass multiplies by W itself.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+_LOGIT_CLAMP = 40.0  # beyond |l| = 40 the soft sample's derivative is below 1e-10 for any float32 uniform
+
+
+def _soft_derivative(logits: torch.Tensor, uniforms: torch.Tensor, tau: float) -> torch.Tensor:
+    """ds/dl of the soft samples: ``logits`` (..., 1, N) against ``uniforms`` (..., S, N)."""
+    if tau == 1.0:
+        e = torch.exp(-logits.clamp(-_LOGIT_CLAMP, _LOGIT_CLAMP))
+        other = (1 - uniforms).mul_(e)
+        denom = other + uniforms
+        return other.mul_(uniforms).div_(denom.mul_(denom))
+    soft = torch.sigmoid((logits + torch.logit(uniforms)) / tau)
+    return soft.mul_(1 - soft).div_(tau)
 
 
 class _HardConcrete(torch.autograd.Function):
@@ -23,15 +42,12 @@ class _HardConcrete(torch.autograd.Function):
     def forward(ctx: Any, logits: torch.Tensor, uniforms: torch.Tensor, tau: float) -> torch.Tensor:
         ctx.save_for_backward(logits, uniforms)
         ctx.tau = tau
-        threshold = torch.sigmoid(-logits).unsqueeze(-2)
-        return (uniforms > threshold).to(logits.dtype)
+        return (uniforms > torch.sigmoid(-logits).unsqueeze(-2)).to(logits.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         logits, uniforms = ctx.saved_tensors
-        soft = torch.sigmoid((logits.unsqueeze(-2) + torch.logit(uniforms)) / ctx.tau)
-        local = soft.mul_(1 - soft).mul_(grad)
-        return local.sum(-2) / ctx.tau, None, None
+        return (_soft_derivative(logits.unsqueeze(-2), uniforms, ctx.tau) * grad).sum(-2), None, None
 
 
 def sample_masks(logits: torch.Tensor, uniforms: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
@@ -53,6 +69,59 @@ def sample_masks(logits: torch.Tensor, uniforms: torch.Tensor, tau: float = 1.0)
         (torch.Size([1, 3, 5]), True)
     """
     return _HardConcrete.apply(logits, uniforms, tau)
+
+
+class _MaskedWeights(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, uniforms: torch.Tensor, tau: float, offsets: Sequence[int], *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.save_for_backward(logits, uniforms, *weights)
+        ctx.tau, ctx.offsets = tau, offsets
+        threshold = torch.sigmoid(-logits).unsqueeze(1)
+        K, S = uniforms.shape[:2]
+        out = []
+        for w, a in zip(weights, offsets):
+            n = w.numel()
+            keep = uniforms[..., a : a + n] > threshold[..., a : a + n]
+            out.append(torch.where(keep, w.reshape(-1), 0).view(K, S, *w.shape))
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        logits, uniforms, *weights = ctx.saved_tensors
+        K, S = uniforms.shape[:2]
+        grad_logits = torch.zeros_like(logits)
+        for w, a, g in zip(weights, ctx.offsets, grads):
+            if g is None:
+                continue
+            n = w.numel()
+            local = _soft_derivative(logits[:, None, a : a + n], uniforms[..., a : a + n], ctx.tau)
+            grad_logits[:, a : a + n] = local.mul_(g.reshape(K, S, n)).mul_(w.reshape(-1)).sum(1)
+        return (grad_logits, None, None, None, *([None] * len(weights)))
+
+
+def sample_masked_weights(
+    logits: torch.Tensor, uniforms: torch.Tensor, weights: Sequence[torch.Tensor], offsets: Sequence[int], tau: float = 1.0
+) -> tuple[torch.Tensor, ...]:
+    """W ⊙ m for every weight, with m hard Gumbel-sigmoid samples and straight-through gradients to ``logits``.
+
+    Args:
+        logits: ``(K, N)``: K masks over the N masked elements (the weights flattened and concatenated).
+        uniforms: ``(K, S, N)`` uniform noise, one per mask, sample and element.
+        weights: the masked weights (frozen), in the order of ``offsets``.
+        offsets: where each weight's elements start in the N axis.
+        tau: the temperature τ.
+
+    Returns:
+        One ``(K, S, *weight.shape)`` tensor per weight.
+
+    Example:
+        >>> import torch
+        >>> w = [torch.ones(2, 2), torch.full((3,), 2.0)]
+        >>> eff = sample_masked_weights(torch.zeros(1, 7), torch.rand(1, 4, 7), w, [0, 4])
+        >>> [tuple(e.shape) for e in eff]
+        [(1, 4, 2, 2), (1, 4, 3)]
+    """
+    return _MaskedWeights.apply(logits, uniforms, tau, tuple(offsets), *weights)
 
 
 def draw_uniforms(shape: tuple[int, ...], generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -35,7 +35,7 @@ from .checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from .config import MaskConfig
 from .maskset import MaskSet
 from .progress import Progress
-from .sampling import draw_uniforms, sample_masks
+from .sampling import draw_uniforms, sample_masked_weights
 from .selection import frozen_weights, select_weights
 
 _NO_BATCHING_RULE = "not yet implemented the batching rule"
@@ -92,13 +92,13 @@ class _StepRunner:
             groups.setdefault(task.signature(), []).append(k)
         self.groups = list(groups.values())
 
-    def first_outputs(self, masks: torch.Tensor, batches: list) -> list[torch.Tensor] | None:
+    def first_outputs(self, effective: dict[str, torch.Tensor], batches: list) -> list[torch.Tensor] | None:
         """`outputs` on the first step in "auto" mode: try vmap, and settle on the loop if it cannot batch."""
         self.settled = True
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                outputs = self.outputs(masks, batches)
+                outputs = self.outputs(effective, batches)
         except RuntimeError as exc:
             reason = str(exc).splitlines()[0][:160]
         else:
@@ -116,30 +116,26 @@ class _StepRunner:
     def _call(self, params: dict[str, torch.Tensor], *xs: torch.Tensor) -> Any:
         return torch.func.functional_call(self.module, {**self.fixed, **params}, xs, strict=False, tie_weights=False)
 
-    def outputs(self, masks: torch.Tensor, batches: list[tuple[tuple[torch.Tensor, ...], torch.Tensor]]) -> list[torch.Tensor]:
-        """Each task's selected output ``(B, ...)`` with its S mask samples applied to consecutive batch chunks."""
+    def outputs(self, effective: dict[str, torch.Tensor], batches: list[tuple[tuple[torch.Tensor, ...], torch.Tensor]]) -> list[torch.Tensor]:
+        """Each task's selected output ``(B, ...)``; ``effective[name]`` is (K, S, *shape), sample s for chunk s."""
         S = self.config.n_samples
         results: list[torch.Tensor] = [torch.empty(0)] * len(self.tasks)
         for group in self.groups:
-            per_weight = self.layout.split(masks[group])  # {name: (G, S, *shape)}
+            whole = len(group) == len(self.tasks)
+            eff = {n: (t if whole else t[group]) for n, t in effective.items()}  # (G, S, *shape)
             if self.mode == "vmap":
-                eff = {n: self.masked[n] * m.flatten(0, 1).to(self.masked[n].dtype) for n, m in per_weight.items()}
                 n_inputs = len(batches[group[0]][0])
                 stacked = (torch.stack([batches[k][0][i] for k in group]) for i in range(n_inputs))  # (G, B, ...)
                 xs = tuple(x.reshape(len(group) * S, x.shape[1] // S, *x.shape[2:]) for x in stacked)
-                out = torch.func.vmap(self._call)(eff, *xs)
+                out = torch.func.vmap(self._call)({n: t.flatten(0, 1) for n, t in eff.items()}, *xs)
                 for g, k in enumerate(group):
                     chunk = pytree.tree_map(lambda t: t[g * S : (g + 1) * S].flatten(0, 1), out)
                     results[k] = self.tasks[k].select_output(chunk)
             else:
                 for g, k in enumerate(group):
-                    xs = batches[k][0]
-                    chunks = []
-                    for s in range(S):
-                        eff = {n: self.masked[n] * m[g, s].to(self.masked[n].dtype) for n, m in per_weight.items()}
-                        part = tuple(x.chunk(S)[s] for x in xs)
-                        chunks.append(self.tasks[k].select_output(self._call(eff, *part)))
-                    results[k] = torch.cat(chunks)
+                    parts = [x.chunk(S) for x in batches[k][0]]
+                    outs = [self._call({n: t[g, s] for n, t in eff.items()}, *(p[s] for p in parts)) for s in range(S)]
+                    results[k] = torch.cat([self.tasks[k].select_output(o) for o in outs])
         return results
 
 
@@ -345,14 +341,18 @@ def _last_point(state: TrainingState) -> tuple[dict[str, float], dict[str, float
 
 
 def _forward_losses(runner: _StepRunner, tasks: list[Task], logits: torch.Tensor, uniforms: torch.Tensor, batches: list) -> torch.Tensor:
-    masks = sample_masks(logits, uniforms, runner.config.tau)
+    def effective() -> dict[str, torch.Tensor]:
+        layout = runner.layout
+        eff = sample_masked_weights(logits, uniforms, [runner.masked[w.name] for w in layout.weights], layout.offsets, runner.config.tau)
+        return {w.name: t for w, t in zip(layout.weights, eff)}
+
     if runner.settled:
-        outputs = runner.outputs(masks, batches)
+        outputs = runner.outputs(effective(), batches)
     else:
         try:
-            outputs = runner.first_outputs(masks, batches)
+            outputs = runner.first_outputs(effective(), batches)
             if outputs is None:  # vmap failed part-way: rebuild the graph on the loop path
-                outputs = runner.outputs(sample_masks(logits, uniforms, runner.config.tau), batches)
+                outputs = runner.outputs(effective(), batches)
         except Exception as exc:  # noqa: BLE001 - the first step is where data and model meet: explain, keep the cause
             chunk = runner.config.batch_size // runner.config.n_samples
             raise ShapeError(
