@@ -301,6 +301,8 @@ def check_converted(data: bytes, inputs: tuple, tmp_path: Path) -> modscope.Mode
         out = model.functional_call(p, *tensors)
         return tuple(out) if isinstance(out, tuple) else (out,)
 
+    if not stacked:  # scikit-learn's linear models keep their coefficients in attributes: nothing to batch
+        return model
     batched = torch.func.vmap(run)(stacked)
     for i in range(2):
         looped = run({k: v[i] for k, v in stacked.items()})

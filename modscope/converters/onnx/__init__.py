@@ -26,6 +26,7 @@ FAMILY_MODULES = (
     "ops_quantization",
     "ops_detection",
     "ops_ml",
+    "ops_ml_linear",
 )
 
 
