@@ -335,7 +335,7 @@ def _sklearn_models() -> dict[str, Callable[[], object]]:
     from sklearn.preprocessing import StandardScaler
 
     return {
-        "mlp_classifier": lambda: MLPClassifier(hidden_layer_sizes=(12,), max_iter=300, random_state=0),
+        "mlp_classifier": lambda: MLPClassifier(hidden_layer_sizes=(12,), max_iter=50, random_state=0),
         "scaler_logistic": lambda: make_pipeline(StandardScaler(), LogisticRegression(max_iter=300)),
     }
 
