@@ -1,8 +1,9 @@
 """`OnnxGraphModule`: an ONNX graph run with torch operations.
 
-Loading compiles the graph once: every node gets its handler and decoded attributes, nodes whose inputs are all
-constants (``Constant`` nodes, shape arithmetic on constant initializers) are computed once and kept as buffers,
-and the rest becomes a `Plan` (see ``plan.py``) that ``forward`` walks over a list of values.
+Loading compiles the graph once (``compiler.py``): every node gets its handler and decoded attributes, nodes
+whose inputs are all constants (``Constant`` nodes, shape arithmetic on constant initializers) are computed once
+and kept as buffers, and the rest becomes a `Plan` (``plan.py``) that ``forward`` walks over a list of values,
+freeing each intermediate value after its last use.
 
 Float initializers that act as weights (see ``roles.py``) become `nn.Parameter`s named after the ONNX initializer
 (made safe for torch), so gradients reach them, `torch.func.functional_call` can replace them (also under
