@@ -19,15 +19,11 @@ import torch
 from ...errors import UnsupportedOperatorError
 from .fusion import fuse_linear
 from .plan import Entry, Plan, build_plan, free_names, order_nodes
-from .registry import Handler, NodeContext, OpTable, _norm_domain, decode_attribute
+from .registry import NONDETERMINISTIC_OPS, Handler, NodeContext, OpTable, _norm_domain, decode_attribute
 from .roles import subgraphs, walk_nodes
 from .shapes import cache_shape_arithmetic
 from .specialize import specialize
 
-#: operators whose result differs between runs, so they are never computed ahead of time.
-_NOT_FOLDABLE = {
-    "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Bernoulli", "Multinomial", "Dropout",
-}
 #: node inputs that hold statistics, never weights, even when an exporter merged them with an equal weight.
 _STATISTICS_INPUTS = {"BatchNormalization": (3, 4)}
 #: results larger than this many elements are recomputed on each call rather than kept in memory.
@@ -150,7 +146,7 @@ class GraphCompiler:
                 self._try_fold(node, constants, folded)
         known = set(values) | set(constants) | {i.name for i in graph.input}
         for node in order_nodes(graph.node, known, lambda n: self._reads(n, folded)):
-            if id(node) in folded or node.op_type in _NOT_FOLDABLE or _norm_domain(node.domain) != "":
+            if id(node) in folded or node.op_type in NONDETERMINISTIC_OPS or _norm_domain(node.domain) != "":
                 continue
             if not subgraphs(node) and all(not name or name in constants for name in node.input):
                 self._try_fold(node, constants, folded)

@@ -31,6 +31,11 @@ OpKey = tuple[str, str]  # (domain, op_type); "" is the default ONNX domain
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 
+#: operators whose results are not a function of their inputs alone: never computed ahead of time or reused.
+NONDETERMINISTIC_OPS = frozenset(
+    {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Bernoulli", "Multinomial", "Dropout"}
+)
+
 
 def _norm_domain(domain: str) -> str:
     return "" if domain in _DEFAULT_DOMAINS else domain

@@ -20,12 +20,9 @@ from typing import Any
 import torch
 
 from .plan import Entry
+from .registry import NONDETERMINISTIC_OPS
 
 _ROOTS = {"Shape", "Size"}
-#: operators whose results are not a function of their inputs alone.
-_IMPURE = {
-    "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Bernoulli", "Multinomial", "Dropout",
-}
 
 
 class ShapeCached:
@@ -73,7 +70,7 @@ def cache_shape_arithmetic(entries: Sequence[Entry], constants: set[str]) -> lis
     for entry in entries:
         op = entry.node.op_type if entry.node.domain in ("", "ai.onnx") else ""
         names = [n for n in entry.inputs if n]
-        if entry.outer or op in _IMPURE or not op:
+        if entry.outer or op in NONDETERMINISTIC_OPS or not op:
             cached = False
         elif op in _ROOTS:
             cached = len(names) == 1
