@@ -5,7 +5,8 @@
 
 For ONNX output, the original ``ModelProto`` is copied and only the data of the initializers that lose weights is
 replaced, in the storage they had (``raw_data``, typed fields such as ``float_data``, or external data), with the
-same name and dtype; every other byte of the graph stays as it was. Ablated external tensors go to
+same name and dtype; every other byte of the graph stays as it was. A quantized weight (an integer initializer
+that loaded as dequantized floats) gets its zero point where the mask removes an element, so it dequantizes to 0. Ablated external tensors go to
 ``<output name>.data`` next to the output. Untouched external tensors keep pointing at the original data file when
 the output is written into the same folder, and are copied into ``<output name>.data`` otherwise. The result is
 run once in onnxruntime, when it is installed, before it replaces anything.
@@ -169,6 +170,7 @@ def _export_onnx(model: Model, masks: Mapping[str, torch.Tensor], out: Path, pro
     initializers = {init.name: init for init in _initializers(proto.graph)}
     data = _ExternalData(f"{out.name}.data")
     edited = set()
+    quantized: dict[str, Any] | None = None
     for name, mask in masks.items():
         w = model.weight(name)
         init = initializers.get(w.source_name)
@@ -179,7 +181,11 @@ def _export_onnx(model: Model, masks: Mapping[str, torch.Tensor], out: Path, pro
         array = _read_array(init, base_dir)
         if array.shape != tuple(mask.shape):
             raise ShapeError(f"initializer {init.name!r} has shape {array.shape}, the mask {tuple(mask.shape)}")
-        _replace_data(init, np.where(mask.numpy(), array, np.zeros((), array.dtype)), data)
+        removed = np.zeros((), array.dtype)
+        if array.dtype.kind in "iu":
+            quantized = _quantized_weights(proto) if quantized is None else quantized
+            removed = _zero_point(quantized.get(init.name), array, initializers, base_dir)
+        _replace_data(init, np.where(mask.numpy(), array, removed), data)
         edited.add(init.name)
     same_dir = base_dir is not None and out.parent.resolve() == base_dir.resolve()
     for init in initializers.values():
@@ -189,6 +195,22 @@ def _export_onnx(model: Model, masks: Mapping[str, torch.Tensor], out: Path, pro
         if not same_dir or location == data.file_name:  # the output folder cannot point at the original file
             _relocate(init, base_dir, data)
     _write_onnx(proto, out, data, check)
+
+
+def _quantized_weights(proto: Any) -> dict[str, Any]:
+    from .onnx.quantized import find_quantized_weights
+
+    return find_quantized_weights(proto.graph)
+
+
+def _zero_point(info: Any, array: np.ndarray, initializers: Mapping[str, Any], base_dir: Path | None) -> np.ndarray:
+    """What a removed element of the integer weight ``array`` becomes: its zero point (0 without one)."""
+    from .onnx.quantized import removed_value
+
+    if info is None:
+        return np.zeros((), array.dtype)
+    zero_point = _read_array(initializers[info.zero_point], base_dir) if info.zero_point else None
+    return removed_value(info, array.shape, zero_point).astype(array.dtype)
 
 
 def _initializers(graph: Any) -> Iterator[Any]:

@@ -41,6 +41,8 @@ class GraphCompiler:
         run_graph: the module's sub-graph runner, handed to every `NodeContext`.
         weights: the ONNX names of the initializers that are parameters.
         overridable: initializers the graph also lists as inputs (a caller may feed them, so they are not constant).
+        dequantized: quantized weights whose parameter holds the dequantized values: a DequantizeLinear node
+            reading one becomes an alias of it.
         add_buffer: registers a computed constant on the module: ``add_buffer(value_name, tensor)``.
     """
 
@@ -53,9 +55,11 @@ class GraphCompiler:
         weights: set[str],
         overridable: set[str],
         add_buffer: Callable[[str, torch.Tensor], None],
+        dequantized: set[str] | None = None,
     ):
         self.table, self.opsets, self.run_graph = table, opsets, run_graph
         self.weights, self.overridable, self.add_buffer = weights, overridable, add_buffer
+        self.dequantized = dequantized or set()
         self.prepared: dict[int, tuple[Handler, NodeContext]] = {}
         self.rewired: dict[tuple[int, int], str] = {}
         self.constants: dict[str, torch.Tensor] = {}
@@ -195,7 +199,7 @@ class GraphCompiler:
         for node in order_nodes(graph.node, known, lambda n: self._reads(n, folded)):
             if id(node) in folded:
                 continue
-            if _is_alias(node) and ("", "Identity") not in overridden:
+            if (_is_alias(node) and ("", "Identity") not in overridden) or self._reads_dequantized(node):
                 aliases[node.output[0]] = aliases.get(node.input[0], node.input[0])
                 continue
             handler, ctx = self.prepared[id(node)]
@@ -220,6 +224,12 @@ class GraphCompiler:
         )
         self.plans[id(graph)] = (graph, plan)
         return plan
+
+
+    def _reads_dequantized(self, node: onnx.NodeProto) -> bool:
+        """A DequantizeLinear node of a quantized weight whose parameter already holds its output."""
+        plain = node.op_type == "DequantizeLinear" and _norm_domain(node.domain) == ""
+        return plain and bool(node.input) and node.input[0] in self.dequantized and len(node.output) == 1
 
 
 def _is_alias(node: onnx.NodeProto) -> bool:

@@ -7,7 +7,9 @@ freeing each intermediate value after its last use.
 
 Float initializers that act as weights (see ``roles.py``) become `nn.Parameter`s named after the ONNX initializer
 (made safe for torch), so gradients reach them, `torch.func.functional_call` can replace them (also under
-`torch.func.vmap`), and results can be written back under the original name (``module.param_names``). Every other
+`torch.func.vmap`), and results can be written back under the original name (``module.param_names``). Quantized
+weights (constant integer initializers read by DequantizeLinear or the integer/QLinear operators, ``quantized.py``)
+become parameters holding their dequantized float values, under the integer initializer's name. Every other
 initializer is a buffer. Initializers that old exporters also list as graph inputs need not be fed, but may be:
 pass them by ONNX name as keyword arguments.
 
@@ -28,6 +30,7 @@ from torch import nn
 from ...errors import InvalidParameterError, ModelLoadError, ModscopeError, OperatorError
 from .compiler import GraphCompiler
 from .plan import FIRST_SLOT, Plan
+from .quantized import dequantize_weight, find_quantized_weights
 from .registry import OpTable, _norm_domain
 from .roles import all_initializers
 from .tensors import tensor_from_proto
@@ -92,6 +95,7 @@ class OnnxGraphModule(nn.Module):
             self.opsets,
             self.run_graph,
             weights=set(self.param_names),
+            dequantized={n for n in self.param_names if n in self._quantized},
             overridable=self._overridable,
             add_buffer=lambda name, tensor: self._add_buffer(name, tensor, persistent=False),
         )
@@ -110,8 +114,11 @@ class OnnxGraphModule(nn.Module):
         values = {name: tensor_from_proto(proto, base_dir) for name, proto in protos.items()}
         if weights is None:
             weights = [n for n, t in values.items() if t.is_floating_point() and t.numel() > 1]
+        self._quantized = find_quantized_weights(graph)
         for name in weights:
             tensor = values.get(name)
+            if name in self._quantized and tensor is not None and not tensor.is_floating_point():
+                tensor = dequantize_weight(name, self._quantized[name], values, self.opsets.get("", 1))
             if tensor is None or not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
                 continue  # tensors holding inf/nan are masks or limits, not trained weights
             safe = safe_name(name, self._taken)

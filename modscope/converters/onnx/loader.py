@@ -3,7 +3,8 @@
 The file is parsed with protobuf only (nothing in it is executed), checked for the damage a truncated or foreign
 file shows (no graph, no opset, values that nothing defines), and compiled into an `OnnxGraphModule`. The weight
 registry comes from how the graph uses each initializer (``roles.py``): every weight keeps its ONNX initializer
-name as ``WeightInfo.source_name``, so masks and ablations can be written back into the original file.
+name as ``WeightInfo.source_name``, so masks and ablations can be written back into the original file. Quantized
+weights (``quantized.py``) are listed with their dequantized float values under the integer initializer's name.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ...errors import ModelLoadError
 from ...model import Model, Source, WeightInfo
 from . import make_table
 from .graph import OnnxGraphModule
+from .quantized import find_quantized_weights
 from .registry import Handler, OpKey
 from .roles import find_weights
 
@@ -68,7 +70,7 @@ def load_onnx(
         proto = _parse(data, path)
         checksum = hashlib.sha256(data).hexdigest()
         base_dir = str(path.resolve().parent)
-    roles = find_weights(proto.graph)
+    roles = find_weights(proto.graph, quantized=find_quantized_weights(proto.graph))
     module = OnnxGraphModule(proto, make_table(op_handlers), weight_initializers=roles, base_dir=base_dir)
     weights = []
     for onnx_name, torch_name in module.param_names.items():

@@ -10,6 +10,11 @@ which holds every int32 accumulator exactly, on CPU and GPU alike. Dequantized v
 so gradients flow through DequantizeLinear into the scales (which may be learned weights) and through
 DynamicQuantizeLinear's scale into its input; quantized outputs are integers and carry no gradient.
 
+A float weight operand of MatMulInteger, ConvInteger, QLinearMatMul or QLinearConv is a quantized weight that
+modscope loaded as a parameter (``quantized.py``): already centred on its zero point (and, for the QLinear ops,
+multiplied by its scale). MatMulInteger and ConvInteger then return the float64 accumulator, so gradients reach
+the weight; the QLinear ops re-quantize it (``round(w / scale)``, exact for unmasked and masked values alike).
+
 Supported integer types: uint8, int8, uint16, int16 (int32 data for DequantizeLinear). The 2-, 4-bit and float8
 types have no torch arithmetic and are refused with an `UnsupportedOperatorError`.
 """
@@ -170,6 +175,24 @@ def _centred(q: torch.Tensor, zero_point: Any, zp_shape: list[int] | None = None
     return out - zp
 
 
+def _weight(
+    w: torch.Tensor, zero_point: Any, zp_shape: list[int] | None = None, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A weight operand centred on its zero point, in float64.
+
+    A float ``w`` is a dequantized parameter (already centred): with a ``scale`` it is re-quantized, without one
+    it is used as it is (differentiably).
+    """
+    if not w.is_floating_point():
+        return _centred(w, zero_point, zp_shape)
+    if scale is None:
+        return w.to(torch.float64)
+    s = scale.to(torch.float64)
+    if s.numel() > 1 and zp_shape is not None:
+        s = s.reshape(zp_shape)
+    return torch.round(w.to(torch.float64) / s)
+
+
 def _row_param(p: torch.Tensor) -> torch.Tensor:
     """A per-row parameter of a matmul's left operand (shape (M,)) shaped to broadcast as (M, 1)."""
     return p.reshape(-1, 1) if p.dim() == 1 and p.numel() > 1 else p
@@ -181,8 +204,8 @@ def matmul_integer(
 ) -> torch.Tensor:
     """int32 (a - a_zero_point) @ (b - b_zero_point); a's zero point per row or scalar, b's per column or scalar."""
     a, b = as_tensor(a), as_tensor(b)
-    acc = torch.matmul(_centred(a, a_zero_point, [-1, 1]), _centred(b, b_zero_point))
-    return acc.round().to(torch.int32)
+    acc = torch.matmul(_centred(a, a_zero_point, [-1, 1]), _weight(b, b_zero_point))
+    return acc if b.is_floating_point() else acc.round().to(torch.int32)
 
 
 @ops.register("ConvInteger", since=10)
@@ -190,8 +213,8 @@ def conv_integer(ctx: NodeContext, x: Any, w: Any, x_zero_point: Any = None, w_z
     """int32 convolution of (x - x_zero_point) with (w - w_zero_point); padding contributes zero."""
     x, w = as_tensor(x), as_tensor(w)
     per_channel = [-1] + [1] * (w.dim() - 1)
-    acc = conv(ctx, _centred(x, x_zero_point), _centred(w, w_zero_point, per_channel))
-    return acc.round().to(torch.int32)
+    acc = conv(ctx, _centred(x, x_zero_point), _weight(w, w_zero_point, per_channel))
+    return acc if w.is_floating_point() else acc.round().to(torch.int32)
 
 
 def _requantize(ctx: NodeContext, acc: torch.Tensor, multiplier: torch.Tensor, y_zero_point: Any) -> torch.Tensor:
@@ -223,7 +246,7 @@ def qlinear_matmul(
     """Quantized matmul: round((a - a_zp) @ (b - b_zp) * a_scale * b_scale / y_scale) + y_zp, saturated."""
     a, b = as_tensor(a), as_tensor(b)
     a_scale, b_scale, y_scale = as_tensor(a_scale), as_tensor(b_scale), as_tensor(y_scale)
-    acc = torch.matmul(_centred(a, a_zero_point, [-1, 1]), _centred(b, b_zero_point))
+    acc = torch.matmul(_centred(a, a_zero_point, [-1, 1]), _weight(b, b_zero_point, scale=b_scale))
     work = _multiplier_dtype(y_scale)
     multiplier = _row_param(a_scale).to(work) * b_scale.to(work) / y_scale.to(work)
     return _requantize(ctx, acc, multiplier, y_zero_point)
@@ -246,7 +269,7 @@ def qlinear_conv(
     x, w = as_tensor(x), as_tensor(w)
     x_scale, w_scale, y_scale = as_tensor(x_scale), as_tensor(w_scale), as_tensor(y_scale)
     per_channel = [-1] + [1] * (w.dim() - 1)
-    acc = conv(ctx, _centred(x, x_zero_point), _centred(w, w_zero_point, per_channel))
+    acc = conv(ctx, _centred(x, x_zero_point), _weight(w, w_zero_point, per_channel, w_scale))
     channel_shape = [1, -1] + [1] * (x.dim() - 2)
     if bias is not None:
         acc = acc + as_tensor(bias).to(torch.float64).reshape(channel_shape)

@@ -32,8 +32,9 @@ of its initializers (``fc1.weight`` + ``fc1.bias`` -> ``fc1``), else after the a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import onnx
 
@@ -73,6 +74,10 @@ _INPUT_ROLES: dict[str, dict[int, WeightKind]] = {
     "RMSNormalization": {1: "norm"},
     "Gather": {0: "embedding"},
     "PRelu": {1: "weight"},
+    "MatMulInteger": {1: "weight"},
+    "ConvInteger": {1: "weight"},
+    "QLinearMatMul": {3: "weight"},
+    "QLinearConv": {3: "weight", 8: "bias"},
 }
 
 _ELEMENTWISE = {"Add", "Sub", "Mul"}
@@ -93,11 +98,14 @@ class WeightRole:
     node: str
 
 
-def find_weights(graph: onnx.GraphProto) -> dict[str, WeightRole]:
+def find_weights(graph: onnx.GraphProto, *, quantized: Mapping[str, Any] | None = None) -> dict[str, WeightRole]:
     """The float initializers that act as weights, in the order the graph first uses them.
 
     Args:
         graph: the main graph; sub-graphs (If/Loop/Scan bodies) and their initializers are included.
+        quantized: integer initializers that load as dequantized float weights (``quantized.py``), by name. A
+            DequantizeLinear node passes such a weight through, so its role comes from how the dequantized value
+            is used; QLinear and integer matmul/conv operators read it directly.
 
     Returns:
         initializer name -> `WeightRole`. Initializers not listed are buffers.
@@ -113,7 +121,8 @@ def find_weights(graph: onnx.GraphProto) -> dict[str, WeightRole]:
         >>> {k: (r.kind, r.layer) for k, r in find_weights(g).items()}
         {'fc.weight': ('weight', 'fc'), 'fc.bias': ('bias', 'fc')}
     """
-    inits = {t.name: t for t in all_initializers(graph) if t.data_type in _FLOAT_TYPES}
+    quantized = quantized or {}
+    inits = {t.name: t for t in all_initializers(graph) if t.data_type in _FLOAT_TYPES or t.name in quantized}
     origin: dict[str, str] = {name: name for name in inits}  # value -> the initializer it carries
     producer: dict[str, int] = {}
     anchor: dict[int, int] = {}  # weight-carrying node -> the node whose layer it belongs to
@@ -122,7 +131,8 @@ def find_weights(graph: onnx.GraphProto) -> dict[str, WeightRole]:
     for index, node in enumerate(nodes):
         for out in node.output:
             producer[out] = index
-        if node.op_type in _PASS_THROUGH and node.input and node.input[0] in origin:
+        dequantizes = node.op_type == "DequantizeLinear" and node.input and node.input[0] in quantized
+        if (node.op_type in _PASS_THROUGH or dequantizes) and node.input and node.input[0] in origin:
             for out in node.output:
                 origin[out] = origin[node.input[0]]
             continue
