@@ -89,7 +89,7 @@ def test_class_pairs_are_distinct_and_ordered():
 
 
 def test_tiny_class_removal_reports_every_claimed_quantity(tmp_path):
-    tiny = {"base_steps": 10, "mask_steps": 3, "classes": (0, 1), "batch_size": 32}
+    tiny = {"base_steps": 10, "mask_steps": 3, "classes": (0, 1), "batch_size": 32, "mask_batch_size": 32}
     report = get_experiment("class-removal").run(ExperimentOptions(out=tmp_path, progress=False, overrides=tiny))
     run = report["runs"][0]
     assert run["dataset"] == "digits" and set(run["per_class"]) == {0, 1}
@@ -104,7 +104,7 @@ def test_class_masks_freeze_the_output_layer_at_the_control(tmp_path):
     from modscope.experiments.common import ExperimentOptions as Options
 
     data = image_data.load_digits()
-    settings = {**class_removal.SETTINGS, "base_steps": 5, "mask_steps": 30, "batch_size": 32, "mask_lr": 0.1}
+    settings = {**class_removal.SETTINGS, "base_steps": 5, "mask_steps": 30, "batch_size": 32, "mask_batch_size": 32, "mask_lr": 0.1}
     options = Options(out=tmp_path, progress=False, device="cpu")
     model = class_removal.base_network(data, settings, 0, options, "test")
     masks = class_removal.class_masks(model, data, [3], settings, 0, options)
@@ -115,7 +115,7 @@ def test_class_masks_freeze_the_output_layer_at_the_control(tmp_path):
 
 
 def test_tiny_stability_reports_iou_and_chance(tmp_path):
-    tiny = {"base_steps": 10, "mask_steps": 3, "n_pairs": 2, "batch_size": 32}
+    tiny = {"base_steps": 10, "mask_steps": 3, "n_pairs": 2, "batch_size": 32, "mask_batch_size": 32}
     report = get_experiment("stability").run(ExperimentOptions(out=tmp_path, progress=False, overrides=tiny))
     st = report["runs"][0]["stability"]
     assert len(st["tasks"]) == 2 and all(0 <= v <= 1 for v in st["mean"].values())

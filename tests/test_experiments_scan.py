@@ -143,7 +143,7 @@ def one_thread():
 
 
 def test_tiny_run_reports_every_claimed_quantity(tmp_path, one_thread):
-    tiny = {"hidden": 8, "base_steps": 3, "mask_steps": 2, "batch_size": 8, "max_test": 16, "scratch": False}
+    tiny = {"hidden": 8, "base_steps": 3, "mask_steps": 2, "batch_size": 8, "mask_batch_size": 8, "max_test": 16, "scratch": False}
     report = get_experiment("scan").run(ExperimentOptions(out=tmp_path, progress=False, overrides=tiny))
     run = report["runs"][0]
     assert set(run["accuracy"]) == {"full", *scan.MASKS}

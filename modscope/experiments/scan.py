@@ -35,9 +35,11 @@ DESCRIPTION = "SCAN LSTM encoder-decoder: masks trained without compositions los
 SETTINGS: dict[str, Any] = {
     "hidden": 200,
     "layers": 2,
+    "dropout": 0.5,
     "base_steps": 25_000,
     "mask_steps": 25_000,
     "batch_size": 256,
+    "mask_batch_size": 256,
     "base_lr": 1e-3,
     "mask_lr": 1e-2,
     "beta": 3e-5,
@@ -45,8 +47,10 @@ SETTINGS: dict[str, Any] = {
     "max_test": None,
     "scratch": True,
 }
-QUICK: dict[str, Any] = {"hidden": 64, "base_steps": 2500, "mask_steps": 1500, "batch_size": 128, "base_lr": 3e-3,
-                         "max_test": 600, "scratch": False}
+#: quick: a 64-unit LSTM with light dropout learns the simple split to ~90% in 1,000 steps on a CPU; the masks see
+#: 32 examples per step (β is still divided by the base batch size, as in the paper).
+QUICK: dict[str, Any] = {"hidden": 64, "dropout": 0.1, "base_steps": 1000, "mask_steps": 800, "mask_batch_size": 32,
+                         "base_lr": 3e-3, "max_test": 600, "scratch": False}
 
 #: mask name -> the split whose training set it is trained on.
 MASKS = {"control": "simple", "length": "length", "jump": "addprim_jump", "turn_left": "addprim_turn_left"}
@@ -77,7 +81,7 @@ def make_tasks(data: dict[str, tuple[list, list]], max_test: int | None, seed: i
 def train_net(task: Task, settings: dict[str, Any], seed: int, options: ExperimentOptions, what: str) -> Model:
     device = resolve_device(options.device)
     torch.manual_seed(seed)
-    net = scan_model.build(settings["hidden"], settings["layers"])
+    net = scan_model.build(settings["hidden"], settings["layers"], settings["dropout"])
     log(f"[scan seed {seed}] training {what} for {settings['base_steps']} steps")
     train_network(net, task, n_steps=settings["base_steps"], batch_size=settings["batch_size"], lr=settings["base_lr"],
                   grad_clip=settings["grad_clip"], seed=seed, device=device, progress=options.progress)
@@ -98,8 +102,9 @@ def run_seed(settings: dict[str, Any], seed: int, options: ExperimentOptions) ->
     data = splits()
     train, test = make_tasks(data, settings["max_test"], seed)
     model = train_net(train["control"], settings, seed, options, "the LSTM on the simple split")
-    config = MaskConfig(n_steps=settings["mask_steps"], batch_size=settings["batch_size"], lr=settings["mask_lr"],
-                        beta=settings["beta"], grad_clip=settings["grad_clip"], seed=seed, device=str(device))
+    config = MaskConfig(n_steps=settings["mask_steps"], batch_size=settings["mask_batch_size"], lr=settings["mask_lr"],
+                        beta=settings["beta"], penalty_batch_size=settings["batch_size"], grad_clip=settings["grad_clip"],
+                        seed=seed, device=str(device))
     log(f"[scan seed {seed}] training masks on {', '.join(MASKS.values())} for {settings['mask_steps']} steps")
     masks = train_masks(model, list(train.values()), config, progress=options.progress)
     log(f"[scan seed {seed}] evaluating")
