@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from modscope.masks.sampling import draw_uniforms, sample_masks
@@ -72,3 +73,23 @@ def test_soft_derivative_closed_form_equals_the_sigmoid_form():
     expected = (s * (1 - s)).float()
     torch.testing.assert_close(_soft_derivative(logits, u.clone(), 1.0), expected, rtol=1e-4, atol=1e-12)
     assert torch.isfinite(_soft_derivative(torch.tensor([[-1e4, 1e4]]), torch.rand(2, 2), 1.0)).all()
+
+
+@pytest.mark.slow
+def test_compiled_sampler_matches_eager():
+    from modscope.masks.sampling import SamplerKernels, sample_masked_weights
+
+    weights = [torch.randn(30, 20), torch.randn(7)]
+    u = torch.rand(2, 4, 607)
+    probe = [torch.randn(2, 4, 30, 20), torch.randn(2, 4, 7)]
+    grads = []
+    for compiled in (False, True):
+        logits = torch.randn(2, 607).requires_grad_()
+        with torch.no_grad():
+            logits.copy_(torch.linspace(-3, 3, 607).expand(2, -1))
+        eff = sample_masked_weights(logits, u, weights, [0, 600], kernels=SamplerKernels(compile=compiled))
+        sum((e * p).sum() for e, p in zip(eff, probe)).backward()
+        grads.append((eff, logits.grad))
+    for a, b in zip(grads[0][0], grads[1][0]):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-7)

@@ -58,6 +58,8 @@ class MaskConfig:
     """"cuda", "cpu" ...; ``None`` picks cuda when present."""
     vectorize: Literal["auto", "vmap", "loop"] = "auto"
     """How the K tasks x S samples run: one torch.func.vmap call, or a loop (for ops without a batching rule)."""
+    compile: bool | None = None
+    """Fuse the mask sampler's element-wise work with torch.compile; ``None`` does so for runs of >= 1000 steps."""
     train_mode: bool = False
     """Run the frozen network in train mode (dropout, batch statistics). Paper: eval mode (except SCAN-LSTM)."""
     log_every: int = 50
@@ -91,6 +93,11 @@ class MaskConfig:
                 raise InvalidParameterError(f"MaskConfig.{name} must be a tuple of name patterns, got {value!r}")
             else:
                 object.__setattr__(self, name, tuple(value))
+
+    @property
+    def use_compile(self) -> bool:
+        """Whether the sampler is compiled (``compile``, or for ``None``: runs of at least 1000 steps)."""
+        return self.compile if self.compile is not None else self.n_steps >= 1000
 
     @property
     def alpha(self) -> float:

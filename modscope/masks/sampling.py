@@ -71,18 +71,68 @@ def sample_masks(logits: torch.Tensor, uniforms: torch.Tensor, tau: float = 1.0)
     return _HardConcrete.apply(logits, uniforms, tau)
 
 
+def _keep_weights(logits: torch.Tensor, uniforms: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """W where u > sigmoid(-l), else 0: ``logits`` (K, 1, n), ``uniforms`` (K, S, n), ``weight`` (n,)."""
+    return torch.where(uniforms > torch.sigmoid(-logits), weight, 0)
+
+
+def _logit_grad(logits: torch.Tensor, uniforms: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, tau: float) -> torch.Tensor:
+    """Σ_s grad · W · ds/dl: the straight-through gradient of the logits (K, n); written out-of-place to fuse."""
+    if tau == 1.0:
+        e = torch.exp(-logits.clamp(-_LOGIT_CLAMP, _LOGIT_CLAMP))
+        other = (1 - uniforms) * e
+        denom = other + uniforms
+        local = other * uniforms / (denom * denom)
+    else:
+        soft = torch.sigmoid((logits + torch.logit(uniforms)) / tau)
+        local = soft * (1 - soft) / tau
+    return (local * grad * weight).sum(1)
+
+
+class SamplerKernels:
+    """The two element-wise kernels of `sample_masked_weights`, eager or fused with `torch.compile`.
+
+    Fusing pays on long runs: each kernel becomes one pass over the (K, S, n) elements instead of about ten, at the
+    price of a one-off compilation (tens of seconds on a small CPU; cached on disk afterwards). If compilation fails
+    (no C++ compiler, unsupported platform) the kernels fall back to eager mode and say so once.
+    """
+
+    def __init__(self, compile: bool = False):
+        self.compiled = compile
+        self.keep: Any = torch.compile(_keep_weights, dynamic=True) if compile else _keep_weights
+        self.grad: Any = torch.compile(_logit_grad, dynamic=True) if compile else _logit_grad
+
+    def call(self, name: str, *args: Any) -> torch.Tensor:
+        try:
+            return getattr(self, name)(*args)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: run eagerly instead
+            if not self.compiled:
+                raise
+            import warnings
+
+            from ..errors import ModscopeWarning
+
+            warnings.warn(f"torch.compile of the mask sampler failed ({type(exc).__name__}); running it eagerly "
+                          "(same results, slower). Pass MaskConfig(compile=False) to skip the attempt.", ModscopeWarning, stacklevel=2)
+            self.compiled, self.keep, self.grad = False, _keep_weights, _logit_grad
+            return getattr(self, name)(*args)
+
+
+_EAGER = SamplerKernels(compile=False)
+
+
 class _MaskedWeights(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, uniforms: torch.Tensor, tau: float, offsets: Sequence[int], *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(ctx: Any, logits: torch.Tensor, uniforms: torch.Tensor, tau: float, offsets: Sequence[int],
+                kernels: SamplerKernels, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.save_for_backward(logits, uniforms, *weights)
-        ctx.tau, ctx.offsets = tau, offsets
-        threshold = torch.sigmoid(-logits).unsqueeze(1)
+        ctx.tau, ctx.offsets, ctx.kernels = tau, offsets, kernels
         K, S = uniforms.shape[:2]
         out = []
         for w, a in zip(weights, offsets):
             n = w.numel()
-            keep = uniforms[..., a : a + n] > threshold[..., a : a + n]
-            out.append(torch.where(keep, w.reshape(-1), 0).view(K, S, *w.shape))
+            eff = kernels.call("keep", logits[:, None, a : a + n], uniforms[..., a : a + n], w.reshape(-1))
+            out.append(eff.view(K, S, *w.shape))
         return tuple(out)
 
     @staticmethod
@@ -94,13 +144,19 @@ class _MaskedWeights(torch.autograd.Function):
             if g is None:
                 continue
             n = w.numel()
-            local = _soft_derivative(logits[:, None, a : a + n], uniforms[..., a : a + n], ctx.tau)
-            grad_logits[:, a : a + n] = local.mul_(g.reshape(K, S, n)).mul_(w.reshape(-1)).sum(1)
-        return (grad_logits, None, None, None, *([None] * len(weights)))
+            grad_logits[:, a : a + n] = ctx.kernels.call(
+                "grad", logits[:, None, a : a + n], uniforms[..., a : a + n], g.reshape(K, S, n), w.reshape(-1), ctx.tau
+            )
+        return (grad_logits, None, None, None, None, *([None] * len(weights)))
 
 
 def sample_masked_weights(
-    logits: torch.Tensor, uniforms: torch.Tensor, weights: Sequence[torch.Tensor], offsets: Sequence[int], tau: float = 1.0
+    logits: torch.Tensor,
+    uniforms: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    offsets: Sequence[int],
+    tau: float = 1.0,
+    kernels: SamplerKernels | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """W ⊙ m for every weight, with m hard Gumbel-sigmoid samples and straight-through gradients to ``logits``.
 
@@ -110,6 +166,7 @@ def sample_masked_weights(
         weights: the masked weights (frozen), in the order of ``offsets``.
         offsets: where each weight's elements start in the N axis.
         tau: the temperature τ.
+        kernels: eager (default) or compiled `SamplerKernels`.
 
     Returns:
         One ``(K, S, *weight.shape)`` tensor per weight.
@@ -121,7 +178,7 @@ def sample_masked_weights(
         >>> [tuple(e.shape) for e in eff]
         [(1, 4, 2, 2), (1, 4, 3)]
     """
-    return _MaskedWeights.apply(logits, uniforms, tau, tuple(offsets), *weights)
+    return _MaskedWeights.apply(logits, uniforms, tau, tuple(offsets), kernels or _EAGER, *weights)
 
 
 def draw_uniforms(shape: tuple[int, ...], generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:

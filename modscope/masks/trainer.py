@@ -35,7 +35,7 @@ from .checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from .config import MaskConfig
 from .maskset import MaskSet
 from .progress import Progress
-from .sampling import draw_uniforms, sample_masked_weights
+from .sampling import SamplerKernels, draw_uniforms, sample_masked_weights
 from .selection import frozen_weights, select_weights
 
 _NO_BATCHING_RULE = "not yet implemented the batching rule"
@@ -91,6 +91,7 @@ class _StepRunner:
         for k, task in enumerate(tasks):
             groups.setdefault(task.signature(), []).append(k)
         self.groups = list(groups.values())
+        self.kernels = SamplerKernels(compile=config.use_compile)
 
     def first_outputs(self, effective: dict[str, torch.Tensor], batches: list) -> list[torch.Tensor] | None:
         """`outputs` on the first step in "auto" mode: try vmap, and settle on the loop if it cannot batch."""
@@ -343,7 +344,8 @@ def _last_point(state: TrainingState) -> tuple[dict[str, float], dict[str, float
 def _forward_losses(runner: _StepRunner, tasks: list[Task], logits: torch.Tensor, uniforms: torch.Tensor, batches: list) -> torch.Tensor:
     def effective() -> dict[str, torch.Tensor]:
         layout = runner.layout
-        eff = sample_masked_weights(logits, uniforms, [runner.masked[w.name] for w in layout.weights], layout.offsets, runner.config.tau)
+        weights = [runner.masked[w.name] for w in layout.weights]
+        eff = sample_masked_weights(logits, uniforms, weights, layout.offsets, runner.config.tau, runner.kernels)
         return {w.name: t for w, t in zip(layout.weights, eff)}
 
     if runner.settled:
