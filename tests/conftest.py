@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-import random
+import os
 
-import numpy as np
-import pytest
-import torch
-from torch import nn
+# The test models are tiny: one thread is as fast, and it keeps torch's thread pool from stalling when the machine is
+# shared (with two busy-waiting threads on two loaded cores, tiny ops run ~35x slower). Subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import random  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+torch.set_num_threads(1)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
