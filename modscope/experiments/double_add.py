@@ -152,6 +152,7 @@ def run_seed(settings: dict[str, Any], seed: int, options: ExperimentOptions) ->
         "counts": masks.counts(),
         "sharing": metrics.sharing(masks, list(PAIRS)).to_dict(),
         "iou": metrics.iou(masks, list(PAIRS)).to_dict(),
+        "iomin": metrics.iomin(masks, list(PAIRS)).to_dict(),
         "layers": layers,
         "io_layers": [layers[0], layers[-1]],
     }
@@ -176,23 +177,22 @@ def _accuracy_table(runs: list[dict[str, Any]]) -> str:
     return format_table(["weights", "pair 1 acc", "pair 2 acc"], rows)
 
 
+def _pair_value(run: dict[str, Any], metric: str, layer: str, chance: bool = False) -> float:
+    """The pair1/pair2 value of an overlap metric in ``layer`` ("all" for the whole model)."""
+    key = ("chance_" if chance else "") + ("total" if layer == "all" else "per_layer")
+    matrix = run[metric][key] if layer == "all" else run[metric][key][layer]
+    return matrix[0][1]
+
+
 def _layer_table(runs: list[dict[str, Any]]) -> str:
     rows = []
     for layer in [*runs[0]["layers"], "all"]:
-        if layer == "all":
-            ious = [r["iou"]["total"][0][1] for r in runs]
-            chance = [r["iou"]["chance_total"][0][1] for r in runs]
-            shared = [r["sharing"]["total"]["pair1"] for r in runs]
-            n1 = [sum(r["counts"]["pair1"].values()) for r in runs]
-            n2 = [sum(r["counts"]["pair2"].values()) for r in runs]
-        else:
-            ious = [r["iou"]["per_layer"][layer][0][1] for r in runs]
-            chance = [r["iou"]["chance_per_layer"][layer][0][1] for r in runs]
-            shared = [r["sharing"]["per_layer"][layer]["pair1"] for r in runs]
-            n1 = [r["counts"]["pair1"][layer] for r in runs]
-            n2 = [r["counts"]["pair2"][layer] for r in runs]
-        rows.append([layer, fmt(ious), fmt(chance), fmt(shared), f"{mean_std(n1)[0]:.0f}", f"{mean_std(n2)[0]:.0f}"])
-    return format_table(["layer", "IoU pair1/pair2", "IoU chance", "pair-1 shared with pair 2", "n(pair1)", "n(pair2)"], rows)
+        shared = [r["sharing"]["total"]["pair1"] if layer == "all" else r["sharing"]["per_layer"][layer]["pair1"] for r in runs]
+        counts = [[sum(r["counts"][p].values()) if layer == "all" else r["counts"][p][layer] for r in runs] for p in PAIRS]
+        rows.append([layer, fmt([_pair_value(r, "iou", layer) for r in runs]), fmt([_pair_value(r, "iou", layer, True) for r in runs]),
+                     fmt([_pair_value(r, "iomin", layer) for r in runs]), fmt(shared),
+                     f"{mean_std(counts[0])[0]:.0f}", f"{mean_std(counts[1])[0]:.0f}"])
+    return format_table(["layer", "IoU pair1/pair2", "IoU chance", "IoMin", "pair-1 shared with pair 2", "n(pair1)", "n(pair2)"], rows)
 
 
 def hidden_iou(run: dict[str, Any]) -> tuple[float, float]:
