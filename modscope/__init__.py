@@ -42,16 +42,16 @@ _LAZY = {
 __all__ = sorted(_LAZY) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import converters, metrics
-    from .converters import load
-    from .errors import ModscopeError
-    from .evaluation import evaluate
-    from .masks.config import MaskConfig
-    from .masks.maskset import Mask, MaskSet
-    from .masks.trainer import train_masks
-    from .model import Model, WeightInfo
-    from .report import Report
-    from .tasks import Task
+    from . import converters, metrics  # noqa: F401 - re-exported lazily
+    from .converters import load  # noqa: F401 - re-exported lazily
+    from .errors import ModscopeError  # noqa: F401 - re-exported lazily
+    from .evaluation import evaluate  # noqa: F401 - re-exported lazily
+    from .masks.config import MaskConfig  # noqa: F401 - re-exported lazily
+    from .masks.maskset import Mask, MaskSet  # noqa: F401 - re-exported lazily
+    from .masks.trainer import train_masks  # noqa: F401 - re-exported lazily
+    from .model import Model, WeightInfo  # noqa: F401 - re-exported lazily
+    from .report import Report  # noqa: F401 - re-exported lazily
+    from .tasks import Task  # noqa: F401 - re-exported lazily
 
 
 def __getattr__(name: str) -> Any:
