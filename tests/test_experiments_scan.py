@@ -146,7 +146,7 @@ def test_tiny_run_reports_every_claimed_quantity(tmp_path, one_thread):
     tiny = {"hidden": 8, "base_steps": 3, "mask_steps": 2, "batch_size": 8, "mask_batch_size": 8, "max_test": 16, "scratch": False}
     report = get_experiment("scan").run(ExperimentOptions(out=tmp_path, progress=False, overrides=tiny))
     run = report["runs"][0]
-    assert set(run["accuracy"]) == {"full", *scan.MASKS}
+    assert set(run["accuracy"]) == {"full", *scan.MASKS} and run["masks"] == list(scan.MASKS)
     assert all(set(v) == set(scan_data.SPLITS) for v in run["accuracy"].values())
     assert list(run["removed_per_token"]) == scan_data.Vocab().token_names()
     assert all(0 <= v <= 100 for v in run["removed_per_token"].values())
@@ -155,6 +155,15 @@ def test_tiny_run_reports_every_claimed_quantity(tmp_path, one_thread):
     assert "addprim_jump: before → after" in whats and "I_JUMP row" in whats
     assert json.loads((tmp_path / "scan.json").read_text())["claims"] == report["claims"]
     assert (tmp_path / "scan.html").read_text().count("<pre>") == 4
+
+
+def test_mask_choice_is_validated_and_control_is_required():
+    data = {name: ([("walk", "I_WALK")], [("run", "I_RUN")]) for name in scan_data.SPLITS}
+    train, test = scan.make_tasks(data, None, masks=("control", "jump"))
+    assert list(train) == ["control", "jump"] and list(test) == list(scan_data.SPLITS)
+    for bad in (("jump",), ("control", "mcd")):
+        with pytest.raises(InvalidParameterError):
+            scan.make_tasks(data, None, masks=bad)
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import InvalidParameterError
 from ..evaluation import evaluate
 from ..masks.config import MaskConfig
 from ..masks.maskset import MaskSet
@@ -46,11 +47,13 @@ SETTINGS: dict[str, Any] = {
     "grad_clip": 5.0,
     "max_test": None,
     "scratch": True,
+    "masks": ("control", "length", "jump", "turn_left"),
 }
-#: quick: a 64-unit LSTM with light dropout learns the simple split to ~90% in 1,000 steps on a CPU; the masks see
-#: 32 examples per step (β is still divided by the base batch size, as in the paper).
-QUICK: dict[str, Any] = {"hidden": 64, "dropout": 0.1, "base_steps": 1000, "mask_steps": 800, "mask_batch_size": 32,
-                         "base_lr": 3e-3, "max_test": 600, "scratch": False}
+#: quick: a 64-unit LSTM with light dropout learns the simple split to ~90% in 1,000 steps on a CPU. Only the control
+#: and jump masks are trained, on 64 examples per step (β is still divided by the base batch size, as in the paper),
+#: with lr 0.1 for 1,500 steps: at the paper's 1e-2 the masks barely move in that time (density 99.6% after 800 steps).
+QUICK: dict[str, Any] = {"hidden": 64, "dropout": 0.1, "base_steps": 1000, "base_lr": 3e-3, "mask_steps": 1500,
+                         "mask_batch_size": 64, "mask_lr": 0.1, "max_test": 600, "scratch": False, "masks": ("control", "jump")}
 
 #: mask name -> the split whose training set it is trained on.
 MASKS = {"control": "simple", "length": "length", "jump": "addprim_jump", "turn_left": "addprim_turn_left"}
@@ -70,9 +73,13 @@ def _subsample(examples: list[scan_data.Example], limit: int | None, seed: int) 
     return [examples[i] for i in keep]
 
 
-def make_tasks(data: dict[str, tuple[list, list]], max_test: int | None, seed: int = 0) -> tuple[dict[str, Task], dict[str, Task]]:
+def make_tasks(data: dict[str, tuple[list, list]], max_test: int | None, seed: int = 0,
+               masks: tuple[str, ...] = tuple(MASKS)) -> tuple[dict[str, Task], dict[str, Task]]:
     """Training tasks per mask (teacher forcing on half of the draws) and greedy test tasks per split."""
-    train = {mask: scan_model.make_task(mask, scan_data.encode(data[split][0])) for mask, split in MASKS.items()}
+    unknown = [m for m in masks if m not in MASKS]
+    if unknown or "control" not in masks:
+        raise InvalidParameterError(f"SCAN masks must include 'control' and come from {list(MASKS)}; got {list(masks)}")
+    train = {mask: scan_model.make_task(mask, scan_data.encode(data[MASKS[mask]][0])) for mask in masks}
     test = {split: scan_model.make_task(split, scan_data.encode(_subsample(data[split][1], max_test, seed)), teacher_forcing=False)
             for split in scan_data.SPLITS}
     return train, test
@@ -100,30 +107,36 @@ def run_seed(settings: dict[str, Any], seed: int, options: ExperimentOptions) ->
     """One seed: base net on the simple split, a mask per split, accuracies before/after, per-token removal."""
     device = resolve_device(options.device)
     data = splits()
-    train, test = make_tasks(data, settings["max_test"], seed)
+    train, test = make_tasks(data, settings["max_test"], seed, tuple(settings["masks"]))
     model = train_net(train["control"], settings, seed, options, "the LSTM on the simple split")
     config = MaskConfig(n_steps=settings["mask_steps"], batch_size=settings["mask_batch_size"], lr=settings["mask_lr"],
                         beta=settings["beta"], penalty_batch_size=settings["batch_size"], grad_clip=settings["grad_clip"],
                         seed=seed, device=str(device))
-    log(f"[scan seed {seed}] training masks on {', '.join(MASKS.values())} for {settings['mask_steps']} steps")
+    log(f"[scan seed {seed}] training masks on {', '.join(MASKS[m] for m in train)} for {settings['mask_steps']} steps")
     masks = train_masks(model, list(train.values()), config, progress=options.progress)
     log(f"[scan seed {seed}] evaluating")
     accuracy = {"full": {s: evaluate(model, test[s], device=device) for s in scan_data.SPLITS}}
-    for mask in MASKS:
+    for mask in train:
         accuracy[mask] = {s: evaluate(model, test[s], masks[mask], device=device) for s in scan_data.SPLITS}
     scratch = {}
     if settings["scratch"]:
-        for mask, split in MASKS.items():
-            if split != "simple":
-                net = train_net(train[mask], settings, seed, options, f"a net from scratch on {split}")
-                scratch[split] = evaluate(net, test[split], device=device)
-    return {"seed": seed, "accuracy": accuracy, "scratch": scratch, "density": masks.density(),
-            "removed_per_token": removed_per_token(masks), "vectorize": masks.extra.get("vectorize")}
+        for mask in train:
+            if mask != "control":
+                net = train_net(train[mask], settings, seed, options, f"a net from scratch on {MASKS[mask]}")
+                scratch[MASKS[mask]] = evaluate(net, test[MASKS[mask]], device=device)
+    return {"seed": seed, "masks": list(train), "accuracy": accuracy, "scratch": scratch, "density": masks.density(),
+            "removed_per_token": removed_per_token(masks) if "jump" in masks else None,
+            "vectorize": masks.extra.get("vectorize")}
+
+
+def _trained(runs: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(mask, split) of the masks the runs trained, control first."""
+    return [(mask, MASKS[mask]) for mask in runs[0]["masks"]]
 
 
 def _split_table(runs: list[dict[str, Any]]) -> str:
     rows = []
-    for mask, split in MASKS.items():
+    for mask, split in _trained(runs):
         row = [split, fmt([r["accuracy"]["full"][split] for r in runs]), fmt([r["accuracy"]["control"][split] for r in runs]),
                fmt([r["accuracy"][mask][split] for r in runs])]
         row.append(fmt([r["scratch"][split] for r in runs]) if runs[0]["scratch"] and split in runs[0]["scratch"] else "-")
@@ -132,7 +145,7 @@ def _split_table(runs: list[dict[str, Any]]) -> str:
 
 
 def _matrix_table(runs: list[dict[str, Any]]) -> str:
-    rows = [[mask] + [fmt([r["accuracy"][mask][s] for r in runs]) for s in scan_data.SPLITS] for mask in ("full", *MASKS)]
+    rows = [[mask] + [fmt([r["accuracy"][mask][s] for r in runs]) for s in scan_data.SPLITS] for mask in ("full", *runs[0]["masks"])]
     return format_table(["mask \\ test set", *scan_data.SPLITS], rows)
 
 
@@ -149,19 +162,22 @@ def claims(runs: list[dict[str, Any]]) -> list[Claim]:
 
     out = [Claim("control mask on simple test (of full)", f"{m('control', 'simple') / max(m('full', 'simple'), 1e-9) * 100:.1f}%",
                  "≈ full", m("control", "simple") >= 0.9 * m("full", "simple"))]
-    for mask, split in MASKS.items():
+    for mask, split in _trained(runs):
         if split == "simple":
             continue
         before, after = m("control", split), m(mask, split)
         paper = "drops to about from-scratch accuracy"
-        holds = after < 0.5 * before
+        holds = after < 0.5 * before  # without a measured from-scratch net: a large drop
         if runs[0]["scratch"]:
             scratch = mean_std([r["scratch"][split] for r in runs])[0]
             paper += f" (from scratch here: {scratch * 100:.1f}%)"
+            holds = after <= scratch + (before - scratch) / 2  # closer to from-scratch than to before
         if split == "addprim_turn_left":
             paper = "about from-scratch accuracy, which is high for turn left"
             holds = None
         out.append(Claim(f"{split}: before → after", f"{before * 100:.1f}% → {after * 100:.1f}%", paper, holds))
+    if runs[0]["removed_per_token"] is None:
+        return out
     tok = {t: mean_std([r["removed_per_token"][t] for r in runs])[0] for t in runs[0]["removed_per_token"]}
     others = max(v for t, v in tok.items() if t != "I_JUMP")
     out.append(Claim("jump mask: I_JUMP row removed vs largest other row", f"{tok['I_JUMP']:.1f}% vs {others:.1f}%",
@@ -175,9 +191,10 @@ def run(options: ExperimentOptions) -> dict[str, Any]:
     runs = [run_seed(settings, seed, options) for seed in range(options.seeds)]
     checks = claims(runs)
     tables = [("Test accuracy per split, before and after (paper Fig. 4a)", _split_table(runs)),
-              ("Every mask on every test set", _matrix_table(runs)),
-              ("Decoder output layer: weights removed by the jump mask (paper Fig. 4b)", _token_table(runs)),
-              ("Claims", claims_table(checks))]
+              ("Every mask on every test set", _matrix_table(runs))]
+    if runs[0]["removed_per_token"] is not None:
+        tables.append(("Decoder output layer: weights removed by the jump mask (paper Fig. 4b)", _token_table(runs)))
+    tables.append(("Claims", claims_table(checks)))
     for title, text in tables:
         print(f"\n{title}\n{text}")
     report = {"experiment": "scan", "settings": settings, "quick": options.quick, "runs": runs,
