@@ -45,7 +45,7 @@ SETTINGS: dict[str, Any] = {
 }
 #: quick: the masks see 32 examples per step (β is still divided by the base batch size, as in the paper) and use the
 #: paper's default mask lr 1e-2 instead of CIFAR's 1e-3, which needs ~10x more steps to move a logit from 2 to 0.
-QUICK: dict[str, Any] = {"base_steps": 600, "mask_steps": 500, "mask_batch_size": 32, "mask_lr": 1e-2}
+QUICK: dict[str, Any] = {"base_steps": 600, "mask_steps": 1000, "mask_batch_size": 32, "mask_lr": 1e-2}
 
 OUTPUT_LAYER = ("out_layer.*",)
 # tasks_per_call: the per-class masks train independently, in groups of this size. On a CPU, one call for all 10
@@ -134,17 +134,23 @@ def run_seed(settings: dict[str, Any], seed: int, options: ExperimentOptions) ->
     }
 
 
+def _pct(values: list[float]) -> str:
+    """Mean (± std) of the finite values in %, or "-" when none is defined."""
+    finite = [v for v in values if np.isfinite(v)]
+    return fmt(finite, percent=False) + "%" if finite else "-"
+
+
 def _class_table(runs: list[dict[str, Any]]) -> str:
     names = runs[0]["class_names"]
     rows = []
     for c in runs[0]["per_class"]:
         got = [r["per_class"][c] for r in runs]
-        lost_to = [g["lost_to"] for g in got]
-        top = max(set(lost_to), key=lost_to.count)
-        rows.append([names[c], fmt([g["target_drop"] for g in got], percent=False) + "%",
-                     fmt([g["mean_other_drop"] for g in got], percent=False) + "%",
-                     fmt([g["largest_other_over_target"] for g in got], percent=False) + "%",
-                     f"{names[top]} ({fmt([g['lost_to_share'] for g in got])} of class)"])
+        lost = [g for g in got if g["lost_to_share"] > 0]
+        lost_to = [g["lost_to"] for g in lost]
+        top = max(set(lost_to), key=lost_to.count) if lost_to else None
+        where = f"{names[top]} ({fmt([g['lost_to_share'] for g in lost])} of class)" if top is not None else "-"
+        rows.append([names[c], _pct([g["target_drop"] for g in got]), _pct([g["mean_other_drop"] for g in got]),
+                     _pct([g["largest_other_over_target"] for g in got]), where])
     return format_table(["removed class", "its drop", "mean drop of others", "largest other / target", "lost samples go to"], rows)
 
 
