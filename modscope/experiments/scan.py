@@ -145,8 +145,9 @@ def _split_table(runs: list[dict[str, Any]]) -> str:
 
 
 def _matrix_table(runs: list[dict[str, Any]]) -> str:
-    rows = [[mask] + [fmt([r["accuracy"][mask][s] for r in runs]) for s in scan_data.SPLITS] for mask in ("full", *runs[0]["masks"])]
-    return format_table(["mask \\ test set", *scan_data.SPLITS], rows)
+    rows = [[mask] + [fmt([r["accuracy"][mask][s] for r in runs]) for s in scan_data.SPLITS]
+            + [fmt([r["density"][mask] for r in runs]) if mask != "full" else "100.0%"] for mask in ("full", *runs[0]["masks"])]
+    return format_table(["mask \\ test set", *scan_data.SPLITS, "weights kept"], rows)
 
 
 def _token_table(runs: list[dict[str, Any]]) -> str:

@@ -29,7 +29,7 @@ DESCRIPTION = "IoU of masks trained on the same task with different seeds, for t
 SETTINGS: dict[str, Any] = {**{k: v for k, v in CNN_SETTINGS.items() if k not in ("classes", "tasks_per_call")},
                             "dropout": False, "n_pairs": 10}
 #: quick: as class-removal's quick preset, with 4 class pairs.
-QUICK: dict[str, Any] = {"base_steps": 600, "mask_steps": 500, "mask_batch_size": 32, "mask_lr": 1e-2, "n_pairs": 4}
+QUICK: dict[str, Any] = {"base_steps": 600, "mask_steps": 1000, "mask_batch_size": 32, "mask_lr": 1e-2, "n_pairs": 4}
 
 
 def class_pairs(n_classes: int, n_pairs: int, seed: int) -> list[tuple[int, int]]:
