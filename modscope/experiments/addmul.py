@@ -11,6 +11,7 @@ with each mask, and with each mask removed, and the masks' sharing and IoU per l
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,17 @@ from ..masks.config import MaskConfig
 from ..masks.trainer import resolve_device, train_masks
 from ..model import Model
 from ..tasks import Task
-from .common import Claim, ExperimentOptions, claims_table, fmt, format_table, log, mean_std, resolve_settings, train_network, write_html, write_json
+from .common import (
+    Claim,
+    ExperimentOptions,
+    fmt,
+    format_table,
+    log,
+    mean_std,
+    publish,
+    resolve_settings,
+    train_network,
+)
 
 DESCRIPTION = "addition vs multiplication on a feed-forward net: specialization and sharing (paper 8.1)"
 
@@ -88,7 +99,7 @@ class AddMulNet(nn.Module):
         super().__init__()
         sizes = (42, *hidden)
         layers: list[nn.Module] = []
-        for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        for n_in, n_out in itertools.pairwise(sizes):
             layers += [nn.Linear(n_in, n_out), nn.ReLU()]
         layers.append(nn.Linear(sizes[-1], 20))
         self.layers = nn.Sequential(*layers)
@@ -187,13 +198,5 @@ def run(options: ExperimentOptions) -> dict[str, Any]:
     settings = resolve_settings(SETTINGS, QUICK, options)
     runs = [run_seed(settings, seed, options) for seed in range(options.seeds)]
     checks = claims(runs)
-    tables = [("Accuracy on validation data", _accuracy_table(runs)), ("+ and × masks per layer", _layer_table(runs)),
-              ("Claims", claims_table(checks))]
-    for title, text in tables:
-        print(f"\n{title}\n{text}")
-    report = {"experiment": "addmul", "settings": settings, "quick": options.quick, "runs": runs,
-              "claims": [c.to_dict() for c in checks]}
-    path = write_json(options.out / "addmul.json", report)
-    write_html(options.out / "addmul.html", "modscope reproduce addmul", tables)
-    log(f"report written to {path}")
-    return report
+    tables = [("Accuracy on validation data", _accuracy_table(runs)), ("+ and × masks per layer", _layer_table(runs))]
+    return publish("addmul", options, settings, runs, checks, tables)

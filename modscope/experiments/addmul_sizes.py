@@ -20,7 +20,17 @@ from ..masks.trainer import resolve_device, train_masks
 from ..model import Model
 from .addmul import SETTINGS as ADDMUL_SETTINGS
 from .addmul import AddMulNet, make_tasks
-from .common import Claim, ExperimentOptions, claims_table, fmt, format_table, log, mean_std, resolve_settings, train_network, write_html, write_json
+from .common import (
+    Claim,
+    ExperimentOptions,
+    fmt,
+    format_table,
+    log,
+    mean_std,
+    publish,
+    resolve_settings,
+    train_network,
+)
 
 DESCRIPTION = "share of the + mask used by the × mask for three network sizes (paper 8.1)"
 
@@ -88,12 +98,5 @@ def run(options: ExperimentOptions) -> dict[str, Any]:
     settings = resolve_settings(SETTINGS, QUICK, options)
     by_size = [[run_size(settings, tuple(h), seed, options) for seed in range(options.seeds)] for h in settings["sizes"]]
     checks = claims(by_size)
-    tables = [("Sharing of the + mask with the × mask per network size", _table(by_size)), ("Claims", claims_table(checks))]
-    for title, text in tables:
-        print(f"\n{title}\n{text}")
-    report = {"experiment": "addmul-sizes", "settings": settings, "quick": options.quick, "runs": by_size,
-              "claims": [c.to_dict() for c in checks]}
-    path = write_json(options.out / "addmul-sizes.json", report)
-    write_html(options.out / "addmul-sizes.html", "modscope reproduce addmul-sizes", tables)
-    log(f"report written to {path}")
-    return report
+    tables = [("Sharing of the + mask with the × mask per network size", _table(by_size))]
+    return publish("addmul-sizes", options, settings, by_size, checks, tables)

@@ -25,7 +25,17 @@ from ..masks.maskset import MaskSet
 from ..masks.trainer import resolve_device, train_masks
 from ..model import Model
 from ..tasks import Task
-from .common import Claim, ExperimentOptions, claims_table, fmt, format_table, log, mean_std, resolve_settings, train_network, write_html, write_json
+from .common import (
+    Claim,
+    ExperimentOptions,
+    fmt,
+    format_table,
+    log,
+    mean_std,
+    publish,
+    resolve_settings,
+    train_network,
+)
 from .image_data import ImageData, SimpleCNN, load_images
 
 DESCRIPTION = "a CNN on digits (or CIFAR-10): does removing one class's weights hurt only that class? (paper 8.5)"
@@ -183,13 +193,5 @@ def run(options: ExperimentOptions) -> dict[str, Any]:
     checks = claims(runs)
     acc = format_table(["weights", "validation accuracy"],
                        [["full net", fmt([r["accuracy"]["full"] for r in runs])], ["control mask", fmt([r["accuracy"]["control"] for r in runs])]])
-    tables = [(f"CNN on {runs[0]['dataset']}", acc), ("Per removed class (mask trained without it, vs control)", _class_table(runs)),
-              ("Claims", claims_table(checks))]
-    for title, text in tables:
-        print(f"\n{title}\n{text}")
-    report = {"experiment": "class-removal", "settings": settings, "quick": options.quick, "runs": runs,
-              "claims": [c.to_dict() for c in checks]}
-    path = write_json(options.out / "class-removal.json", report)
-    write_html(options.out / "class-removal.html", "modscope reproduce class-removal", tables)
-    log(f"report written to {path}")
-    return report
+    tables = [(f"CNN on {runs[0]['dataset']}", acc), ("Per removed class (mask trained without it, vs control)", _class_table(runs))]
+    return publish("class-removal", options, settings, runs, checks, tables)

@@ -150,10 +150,10 @@ def write_html(path: Path, title: str, sections: Sequence[tuple[str, str]]) -> P
 
     body = "\n".join(f"<h2>{html.escape(h)}</h2>\n<pre>{html.escape(text)}</pre>" for h, text in sections)
     page = (
-        "<!doctype html><html><head><meta charset='utf-8'><title>{t}</title>"
-        "<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}}"
-        "pre{{background:#f6f8fa;padding:1em;overflow-x:auto}}</style></head><body><h1>{t}</h1>{b}</body></html>"
-    ).format(t=html.escape(title), b=body)
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+        f"pre{{background:#f6f8fa;padding:1em;overflow-x:auto}}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>"
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(page)
@@ -173,3 +173,23 @@ def resolve_settings(defaults: dict[str, Any], quick: dict[str, Any], options: E
         raise InvalidParameterError(f"unknown experiment settings {unknown}; known: {sorted(settings)}")
     settings.update(options.overrides)
     return settings
+
+
+def publish(
+    name: str,
+    options: ExperimentOptions,
+    settings: dict[str, Any],
+    runs: list[Any],
+    checks: Sequence[Claim],
+    tables: Sequence[tuple[str, str]],
+) -> dict[str, Any]:
+    """Print ``tables`` and the claims, write ``NAME.json`` and ``NAME.html`` into ``options.out``; return the report."""
+    tables = [*tables, ("Claims", claims_table(checks))]
+    for title, text in tables:
+        print(f"\n{title}\n{text}")
+    report = {"experiment": name, "settings": settings, "quick": options.quick, "runs": runs,
+              "claims": [c.to_dict() for c in checks]}
+    path = write_json(options.out / f"{name}.json", report)
+    write_html(options.out / f"{name}.html", f"modscope reproduce {name}", tables)
+    log(f"report written to {path}")
+    return report

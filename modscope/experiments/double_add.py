@@ -16,6 +16,7 @@ removing pair 1's hidden weights would break pair 2.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -29,7 +30,17 @@ from ..masks.maskset import Mask, MaskSet
 from ..masks.trainer import resolve_device, train_masks
 from ..model import Model
 from ..tasks import Task
-from .common import Claim, ExperimentOptions, claims_table, fmt, format_table, log, mean_std, resolve_settings, train_network, write_html, write_json
+from .common import (
+    Claim,
+    ExperimentOptions,
+    fmt,
+    format_table,
+    log,
+    mean_std,
+    publish,
+    resolve_settings,
+    train_network,
+)
 
 DESCRIPTION = "two pairs of additions through one feed-forward net: is the adder reused? (paper 8.2)"
 
@@ -78,7 +89,7 @@ class DoubleAddNet(nn.Module):
         super().__init__()
         sizes = (80, *hidden)
         layers: list[nn.Module] = []
-        for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        for n_in, n_out in itertools.pairwise(sizes):
             layers += [nn.Linear(n_in, n_out), nn.ReLU()]
         layers.append(nn.Linear(sizes[-1], 40))
         self.layers = nn.Sequential(*layers)
@@ -233,13 +244,5 @@ def run(options: ExperimentOptions) -> dict[str, Any]:
     settings = resolve_settings(SETTINGS, QUICK, options)
     runs = [run_seed(settings, seed, options) for seed in range(options.seeds)]
     checks = claims(runs)
-    tables = [("Accuracy on validation data", _accuracy_table(runs)), ("Pair masks per layer", _layer_table(runs)),
-              ("Claims", claims_table(checks))]
-    for title, text in tables:
-        print(f"\n{title}\n{text}")
-    report = {"experiment": "double-add", "settings": settings, "quick": options.quick, "runs": runs,
-              "claims": [c.to_dict() for c in checks]}
-    path = write_json(options.out / "double-add.json", report)
-    write_html(options.out / "double-add.html", "modscope reproduce double-add", tables)
-    log(f"report written to {path}")
-    return report
+    tables = [("Accuracy on validation data", _accuracy_table(runs)), ("Pair masks per layer", _layer_table(runs))]
+    return publish("double-add", options, settings, runs, checks, tables)

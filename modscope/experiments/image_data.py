@@ -50,7 +50,7 @@ class ImageData:
 
 def _split_normalize(x: np.ndarray, y: np.ndarray, classes: tuple[str, ...], seed: int) -> ImageData:
     order = np.random.RandomState(seed).permutation(len(x))
-    n_train = int(round(0.8 * len(x)))
+    n_train = round(0.8 * len(x))
     tr, va = order[:n_train], order[n_train:]
     mean = x[tr].mean(axis=(0, 2, 3), keepdims=True)
     std = x[tr].std(axis=(0, 2, 3), keepdims=True) + 1e-8

@@ -28,7 +28,17 @@ from ..masks.trainer import resolve_device, train_masks
 from ..model import Model
 from ..tasks import Task
 from . import scan_data, scan_model
-from .common import Claim, ExperimentOptions, claims_table, fmt, format_table, log, mean_std, resolve_settings, train_network, write_html, write_json
+from .common import (
+    Claim,
+    ExperimentOptions,
+    fmt,
+    format_table,
+    log,
+    mean_std,
+    publish,
+    resolve_settings,
+    train_network,
+)
 
 DESCRIPTION = "SCAN LSTM encoder-decoder: masks trained without compositions lose them (paper 8.3)"
 
@@ -195,12 +205,4 @@ def run(options: ExperimentOptions) -> dict[str, Any]:
               ("Every mask on every test set", _matrix_table(runs))]
     if runs[0]["removed_per_token"] is not None:
         tables.append(("Decoder output layer: weights removed by the jump mask (paper Fig. 4b)", _token_table(runs)))
-    tables.append(("Claims", claims_table(checks)))
-    for title, text in tables:
-        print(f"\n{title}\n{text}")
-    report = {"experiment": "scan", "settings": settings, "quick": options.quick, "runs": runs,
-              "claims": [c.to_dict() for c in checks]}
-    path = write_json(options.out / "scan.json", report)
-    write_html(options.out / "scan.html", "modscope reproduce scan", tables)
-    log(f"report written to {path}")
-    return report
+    return publish("scan", options, settings, runs, checks, tables)

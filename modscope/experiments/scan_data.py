@@ -108,7 +108,7 @@ def split(examples: Sequence[Example], name: str, *, seed: int = 0) -> tuple[lis
     """
     if name == "simple":
         order = np.random.RandomState(seed).permutation(len(examples))
-        n_test = int(round(0.2 * len(examples)))
+        n_test = round(0.2 * len(examples))
         return [examples[i] for i in sorted(order[n_test:])], [examples[i] for i in sorted(order[:n_test])]
     if name == "length":
         short = [len(a.split()) <= LENGTH_THRESHOLD for _, a in examples]

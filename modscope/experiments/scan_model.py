@@ -132,6 +132,7 @@ def make_task(name: str, data: Encoded, *, teacher_forcing: bool | None = None) 
     return Task(name, (src, src_len, tgt, tf), tgt, loss="seq_ce")
 
 
-def build(hidden: int = 200, layers: int = 2, dropout: float = 0.5, vocab: Vocab = Vocab()) -> ScanLSTM:
-    """The paper's model for ``vocab`` (hidden 200, 2 layers, dropout 0.5)."""
+def build(hidden: int = 200, layers: int = 2, dropout: float = 0.5, vocab: Vocab | None = None) -> ScanLSTM:
+    """The paper's model for ``vocab`` (SCAN's by default; hidden 200, 2 layers, dropout 0.5)."""
+    vocab = vocab or Vocab()
     return ScanLSTM(len(vocab.commands), vocab.n_out, hidden=hidden, layers=layers, dropout=dropout)

@@ -21,7 +21,16 @@ from ..masks.trainer import train_masks
 from ..tasks import Task
 from .class_removal import SETTINGS as CNN_SETTINGS
 from .class_removal import base_network, mask_config
-from .common import Claim, ExperimentOptions, claims_table, fmt, format_table, log, mean_std, resolve_settings, write_html, write_json
+from .common import (
+    Claim,
+    ExperimentOptions,
+    fmt,
+    format_table,
+    log,
+    mean_std,
+    publish,
+    resolve_settings,
+)
 from .image_data import ImageData, load_images
 
 DESCRIPTION = "IoU of masks trained on the same task with different seeds, for the CNN (paper 8.6)"
@@ -98,12 +107,5 @@ def run(options: ExperimentOptions) -> dict[str, Any]:
     runs = [run_seed(settings, seed, options) for seed in range(options.seeds)]
     checks = claims(runs)
     tables = [(f"Mask IoU across seeds per class pair ({runs[0]['dataset']})", _pair_table(runs)),
-              ("Per layer", _layer_table(runs)), ("Claims", claims_table(checks))]
-    for title, text in tables:
-        print(f"\n{title}\n{text}")
-    report = {"experiment": "stability", "settings": settings, "quick": options.quick, "runs": runs,
-              "claims": [c.to_dict() for c in checks]}
-    path = write_json(options.out / "stability.json", report)
-    write_html(options.out / "stability.html", "modscope reproduce stability", tables)
-    log(f"report written to {path}")
-    return report
+              ("Per layer", _layer_table(runs))]
+    return publish("stability", options, settings, runs, checks, tables)
