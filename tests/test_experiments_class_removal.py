@@ -128,3 +128,10 @@ def test_quick_class_removal_hurts_the_removed_class_most(tmp_path):
     report = class_removal.run(ExperimentOptions(quick=True, out=tmp_path, progress=False))
     per_class = report["runs"][0]["per_class"].values()
     assert np.mean([g["target_drop"] for g in per_class]) > 3 * np.mean([g["mean_other_drop"] for g in per_class])
+
+
+@pytest.mark.slow
+def test_quick_stability_masks_agree_far_above_chance(tmp_path):
+    report = stability.run(ExperimentOptions(quick=True, out=tmp_path, progress=False))
+    iou, chance = stability.summary(report["runs"][0])
+    assert iou > 0.5 and iou > 3 * chance

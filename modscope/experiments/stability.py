@@ -74,8 +74,8 @@ def _pair_table(runs: list[dict[str, Any]]) -> str:
         st = r["stability"]
         for task in st["tasks"]:
             dens = [d[task] for d in r["density"]]
-            rows.append([r["seed"], task, f"{st['mean'][task]:.3f}", f"{st['chance'][task]:.3f}", fmt(dens)])
-    return format_table(["seed", "task", "IoU (2 seeds)", "chance IoU", "mask density"], rows)
+            rows.append([r["seed"], task, fmt(st["mean"][task]), fmt(st["chance"][task]), fmt(dens)])
+    return format_table(["seed", "task", "IoU (2 seeds)", "chance IoU", "mask density (both runs)"], rows)
 
 
 def _layer_table(runs: list[dict[str, Any]]) -> str:
