@@ -72,12 +72,10 @@ def test_tiny_run_reports_every_claimed_quantity(tmp_path):
 
 
 @pytest.mark.slow
-def test_quick_preset_masks_keep_their_own_pair(tmp_path):
-    # What the method guarantees; whether the other pair survives is the finding, reported in RESULTS.md (it did not
-    # hold at the quick preset's size).
+def test_quick_preset_shows_no_reuse(tmp_path):
     report = double_add.run(ExperimentOptions(quick=True, out=tmp_path, progress=False))
     acc = report["runs"][0]["accuracy"]
-    for pair in double_add.PAIRS:
+    for pair, other in (("pair1", "pair2"), ("pair2", "pair1")):
         assert acc[pair][pair] >= 0.9 * acc["full"][pair]
         assert acc[f"removed_{pair}"][pair] < 0.1
-    assert "hidden-layer IoU pair1/pair2 (chance)" in {c["what"] for c in report["claims"]}
+        assert acc[f"removed_{pair}"][other] >= 0.5 * acc["full"][other], "the other pair must survive"
