@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from modscope.errors import InvalidParameterError
 from modscope.experiments import get_experiment, scan, scan_data, scan_model
 from modscope.experiments.common import ExperimentOptions
 
-ORIGINAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "scan"
+#: the original SCAN files (tasks_*.txt): ../shared/data/scan next to the checkout, or $MODSCOPE_SCAN_DATA.
+ORIGINAL = Path(os.environ.get("MODSCOPE_SCAN_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "scan"))
 
 
 def _read_original(name: str) -> Counter:
@@ -27,7 +29,7 @@ def _read_original(name: str) -> Counter:
     return out
 
 
-needs_original = pytest.mark.skipif(not ORIGINAL.is_dir(), reason="the original SCAN files are not in ../shared/data/scan")
+needs_original = pytest.mark.skipif(not ORIGINAL.is_dir(), reason=f"the original SCAN files are not in {ORIGINAL} (set MODSCOPE_SCAN_DATA)")
 
 
 @pytest.fixture(scope="module")
