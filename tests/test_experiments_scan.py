@@ -174,3 +174,12 @@ def test_quick_preset_shows_the_jump_finding(tmp_path):
     acc = report["runs"][0]["accuracy"]
     assert acc["control"]["simple"] >= 0.8
     assert acc["jump"]["addprim_jump"] < 0.5 * acc["control"]["addprim_jump"]
+
+
+@pytest.mark.parametrize(("after", "scratch", "holds"), [(0.38, 0.0, False), (0.05, 0.0, True), (0.12, 0.10, True), (None, None, None)])
+def test_the_before_after_claim_needs_most_of_the_way_down_to_from_scratch(after, scratch, holds):
+    run = {"masks": ["control", "jump"], "removed_per_token": None, "scratch": {} if scratch is None else {"addprim_jump": scratch},
+           "accuracy": {"full": {"simple": 0.9, "addprim_jump": 0.9}, "control": {"simple": 0.9, "addprim_jump": 0.95},
+                        "jump": {"simple": 0.8, "addprim_jump": 0.2 if after is None else after}}}
+    claim = next(c for c in scan.claims([run]) if c.what == "addprim_jump: before → after")
+    assert claim.holds is holds

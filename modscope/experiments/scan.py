@@ -62,8 +62,9 @@ SETTINGS: dict[str, Any] = {
 #: quick: a 64-unit LSTM with light dropout learns the simple split to ~90% in 1,000 steps on a CPU. Only the control
 #: and jump masks are trained, on 64 examples per step (β is still divided by the base batch size, as in the paper),
 #: with lr 0.1 for 2,500 steps: at the paper's 1e-2 the masks barely move in that time (density 99.6% after 800 steps).
+#: One net is trained from scratch on the jump split with the base settings, the reference the paper compares with.
 QUICK: dict[str, Any] = {"hidden": 64, "dropout": 0.1, "base_steps": 1000, "base_lr": 3e-3, "mask_steps": 2500,
-                         "mask_batch_size": 64, "mask_lr": 0.1, "max_test": 600, "scratch": False, "masks": ("control", "jump")}
+                         "mask_batch_size": 64, "mask_lr": 0.1, "max_test": 600, "scratch": True, "masks": ("control", "jump")}
 
 #: mask name -> the split whose training set it is trained on.
 MASKS = {"control": "simple", "length": "length", "jump": "addprim_jump", "turn_left": "addprim_turn_left"}
@@ -181,8 +182,8 @@ def claims(runs: list[dict[str, Any]]) -> list[Claim]:
         holds = None  # a drop alone does not say "to about from-scratch": no verdict without a from-scratch net
         if runs[0]["scratch"]:
             scratch = mean_std([r["scratch"][split] for r in runs])[0]
-            paper += f" (from scratch here: {scratch * 100:.1f}%)"
-            holds = after <= scratch + (before - scratch) / 2  # closer to from-scratch than to before
+            paper += f" (from scratch here: {scratch * 100:.1f}%; check: ≤ 1/5 of the gap left)"
+            holds = after - scratch <= 0.2 * (before - scratch)  # "about": at least 4/5 of the way down
         if split == "addprim_turn_left":
             paper = "about from-scratch accuracy, which is high for turn left"
             holds = None
