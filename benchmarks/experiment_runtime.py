@@ -84,13 +84,13 @@ def hours(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("names", nargs="*", default=[n for n in EXPERIMENTS], help="experiments (default: all)")
+    parser.add_argument("names", nargs="*", default=list(EXPERIMENTS), help="experiments (default: all)")
     parser.add_argument("--steps", type=int, default=20, help="base and mask steps per call to time (default: 20)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when present)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -103,7 +103,8 @@ def main() -> None:
         calls = f"{r['calls']['base']}/{r['calls']['masks']}"
         print(f"{name:<14} {calls:>9} {hours(r['measured']):>9} {hours(r['base']):>13} {hours(r['masks']):>14} "
               f"{hours(r['other']):>9} {hours(r['projected']):>10}", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
