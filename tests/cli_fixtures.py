@@ -111,7 +111,9 @@ def fitted_run(toy: Toy, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def console(*argv: str | os.PathLike, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run the installed ``modscope`` console script."""
     exe = Path(sys.executable).with_name("modscope")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    # The checkout's own package first, so a worktree or a clone tests its code, not whatever is installed.
+    path = os.pathsep.join([str(Path(__file__).parents[1]), str(Path(__file__).parent)])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     return subprocess.run([str(exe), *map(str, argv)], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout,
                           check=False)
 
