@@ -27,6 +27,7 @@ FAMILY_MODULES = (
     "ops_detection",
     "ops_ml",
     "ops_ml_linear",
+    "ops_contrib_transformer",
 )
 
 
