@@ -1,4 +1,4 @@
-"""Addition vs multiplication (paper section 8.1): does a network keep separate weights for + and ×?
+"""Addition vs multiplication (docs/method.md section 8.1): does a network keep separate weights for + and ×?
 
 Data: two 2-digit operands a, b and an operation flag; the target is (a op b) mod 100 as two digits. The input is the
 one-hot of the four digits, little-endian (40), and of the operation (2): 42 values. The input space has 20,000
@@ -38,7 +38,7 @@ from .common import (
 
 DESCRIPTION = "addition vs multiplication on a feed-forward net: specialization and sharing (paper 8.1)"
 
-#: the paper's settings (paper-method.md 8.1); hidden sizes of the 800-800-256 FNN of the issue and benchmark.
+#: the paper's settings (docs/method.md section 8.1); hidden sizes of the 800-800-256 FNN of the issue and benchmark.
 SETTINGS: dict[str, Any] = {
     "hidden": (800, 800, 256),
     "base_steps": 20_000,

@@ -1,4 +1,4 @@
-"""Sharing between the + and × masks as the network grows (paper section 8.1, "total shared vs network size").
+"""Sharing between the + and × masks as the network grows (docs/method.md section 8.1, "total shared vs network size").
 
 For each of three FNN sizes (the paper's small 400-400-200, medium 800x4 and big 2000x4; its huge 4000x4 is left out
 for time), the add/mul network of `addmul` is trained on both operations and a + mask and a × mask are trained on the
@@ -34,7 +34,7 @@ from .common import (
 
 DESCRIPTION = "share of the + mask used by the × mask for three network sizes (paper 8.1)"
 
-#: the paper's settings (paper-method.md 8.1): small, medium and big FNNs, β 1e-4.
+#: the paper's settings (docs/method.md section 8.1): small, medium and big FNNs, β 1e-4.
 SETTINGS: dict[str, Any] = {
     **{k: ADDMUL_SETTINGS[k] for k in ("base_steps", "mask_steps", "batch_size", "base_lr", "mask_lr", "beta", "n_valid")},
     "sizes": ((400, 400, 200), (800, 800, 800, 800), (2000, 2000, 2000, 2000)),

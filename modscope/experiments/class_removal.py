@@ -1,4 +1,4 @@
-"""Class removal (paper section 8.5): are there weights that only one class needs?
+"""Class removal (docs/method.md section 8.5): are there weights that only one class needs?
 
 The paper's 4-layer CNN is trained on all classes of scikit-learn's 8x8 digits (or of CIFAR-10 with ``--data``). A
 control mask is trained on all classes; then one mask per class c on the training data without class c. As in the
@@ -40,7 +40,7 @@ from .image_data import ImageData, SimpleCNN, load_images
 
 DESCRIPTION = "a CNN on digits (or CIFAR-10): does removing one class's weights hurt only that class? (paper 8.5)"
 
-#: the paper's settings (paper-method.md 8.5).
+#: the paper's settings (docs/method.md section 8.5).
 SETTINGS: dict[str, Any] = {
     "base_steps": 20_000,
     "mask_steps": 20_000,

@@ -1,4 +1,4 @@
-"""Double addition (paper section 8.2): does one network reuse the same weights for two identical sub-problems?
+"""Double addition (docs/method.md section 8.2): does one network reuse the same weights for two identical sub-problems?
 
 Data: two independent pairs (a1, b1), (a2, b2) of 2-digit numbers; the targets are (a_t + b_t) mod 100 as two digits
 each. The network is the paper's feed-forward variant: a ReLU FNN with 80 inputs (one-hot of the 8 digits,
@@ -44,7 +44,7 @@ from .common import (
 
 DESCRIPTION = "two pairs of additions through one feed-forward net: is the adder reused? (paper 8.2)"
 
-#: the paper's settings (paper-method.md 8.2, ``tuple_ff`` big): FNN 2000x4, β 4e-4.
+#: the paper's settings (docs/method.md section 8.2, the authors' ``tuple_ff`` big): FNN 2000x4, β 4e-4.
 SETTINGS: dict[str, Any] = {
     "hidden": (2000, 2000, 2000, 2000),
     "base_steps": 20_000,

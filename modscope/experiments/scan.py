@@ -1,4 +1,4 @@
-"""SCAN (paper section 8.3): does a network trained on the IID split use combination-specific weights?
+"""SCAN (docs/method.md section 8.3): does a network trained on the IID split use combination-specific weights?
 
 An LSTM encoder-decoder (`scan_model`) is trained on the simple (IID) split of SCAN, generated from its grammar
 (`scan_data`). Masks are then trained on the frozen net on the training set of each split: a control mask on the
@@ -42,7 +42,7 @@ from .common import (
 
 DESCRIPTION = "SCAN LSTM encoder-decoder: masks trained without compositions lose them (paper 8.3)"
 
-#: the paper's settings (paper-method.md 8.3).
+#: the paper's settings (docs/method.md section 8.3).
 SETTINGS: dict[str, Any] = {
     "hidden": 200,
     "layers": 2,
