@@ -31,6 +31,7 @@ from ..masks.trainer import resolve_device, train_masks
 from ..model import Model
 from ..tasks import Task
 from .common import (
+    MODSCOPE,
     Claim,
     ExperimentOptions,
     fmt,
@@ -228,16 +229,19 @@ def claims(runs: list[dict[str, Any]]) -> list[Claim]:
     for pair, other in (("pair1", "pair2"), ("pair2", "pair1")):
         t, o = pair[-1], other[-1]
         kept = m(pair, pair) / max(m("full", pair), 1e-9)
-        out.append(Claim(f"pair-{t} mask keeps pair {t} (of full)", f"{kept * 100:.1f}%", "≈ full (method: ≥ 90%)", kept >= 0.9))
-        out.append(Claim(f"pair {t} removed: pair {t} acc", fmt(vals(f"removed_{pair}", pair)), "≈ 0 (method: < 10%)",
-                         m(f"removed_{pair}", pair) < 0.1))
+        out.append(Claim(f"pair-{t} mask keeps pair {t} (of full)", f"{kept * 100:.1f}%", "≈ full", kept >= 0.9,
+                         MODSCOPE + "≥ 90% of the full net"))
+        out.append(Claim(f"pair {t} removed: pair {t} acc", fmt(vals(f"removed_{pair}", pair)), "≈ 0",
+                         m(f"removed_{pair}", pair) < 0.1, MODSCOPE + "< 10%"))
         for test, label in (("removed", ""), ("removed_io_kept", ", I/O kept"), ("removed_io_control", ", I/O = control")):
             spared = m(f"{test}_{pair}", other) / max(m("full", other), 1e-9)
             out.append(Claim(f"pair {t} removed{label}: pair {o} acc (of full)", f"{spared * 100:.1f}%",
-                             "largely kept (no reuse)", spared >= 0.5))
+                             "largely kept (no reuse)", spared >= 0.5,
+                             MODSCOPE + "≥ 50% of the full net"))
     hid = [hidden_iou(r) for r in runs]
     out.append(Claim("hidden-layer IoU pair1/pair2 (chance)", f"{fmt([h[0] for h in hid])} ({fmt([h[1] for h in hid])})",
-                     "low: little overlap beyond what is forced", None))
+                     "low: little overlap beyond what is forced", None,
+                     "reported, not judged"))
     return out
 
 

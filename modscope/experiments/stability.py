@@ -22,6 +22,7 @@ from ..tasks import Task
 from .class_removal import SETTINGS as CNN_SETTINGS
 from .class_removal import base_network, mask_config
 from .common import (
+    MODSCOPE,
     Claim,
     ExperimentOptions,
     fmt,
@@ -97,7 +98,8 @@ def claims(runs: list[dict[str, Any]]) -> list[Claim]:
     m_iou, m_chance = mean_std(iou)[0], mean_std(chance)[0]
     corrected = (m_iou - m_chance) / max(1 - m_chance, 1e-9)
     return [Claim("IoU of two masks, same task, different seeds (chance)",
-                  f"{fmt(iou)} ({fmt(chance)})", "high: masks are reproducible", corrected >= 0.5),
+                  f"{fmt(iou)} ({fmt(chance)})", "high: masks are reproducible", corrected >= 0.5,
+                  MODSCOPE + "chance-corrected IoU ≥ 0.5"),
             Claim("chance-corrected IoU (IoU − chance) / (1 − chance)", f"{corrected:.2f}", "-", None)]
 
 
