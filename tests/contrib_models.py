@@ -170,3 +170,75 @@ def export_family(family: Family, folder: Path) -> tuple[Path, Path, dict[str, n
                                    hidden_size=family.hidden)
         optimized.save_model_to_file(str(fused))
     return plain, fused, {k: v.numpy() for k, v in inputs.items()}
+
+
+class _Lstm(nn.Module):
+    """A two-layer LSTM classifier over token embeddings."""
+
+    def __init__(self, vocab: int = 20, dim: int = 8, hidden: int = 12, classes: int = 3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.lstm = nn.LSTM(dim, hidden, num_layers=2, batch_first=True)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(self.embed(tokens))
+        return self.head(out[:, -1])
+
+
+def export_lstm(folder: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    """A small LSTM classifier exported to ONNX (LSTM nodes), and its inputs."""
+    tokens = torch.randint(0, 20, (8, 6), generator=torch.Generator().manual_seed(2))
+    path = folder / "lstm.onnx"
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_randomized(_Lstm()), (tokens,), str(path), input_names=["tokens"], opset_version=17,
+                          dynamo=False, dynamic_axes={"tokens": {0: "batch"}})
+    return path, {"tokens": tokens.numpy()}
+
+
+#: how a float file is quantized: quantize_dynamic (MatMul -> MatMulInteger, Attention -> QAttention,
+#: EmbedLayerNormalization -> QEmbedLayerNormalization, LSTM -> DynamicQuantizeLSTM), the same file as
+#: onnxruntime's graph optimizer saves it (DynamicQuantizeMatMul), or the 4-bit MatMulNBits quantizer.
+QUANTIZERS = ("dynamic", "dynamic_optimized", "nbits")
+
+
+def quantize_file(source: Path, how: str, folder: Path) -> Path:
+    """``source`` quantized ``how`` (one of `QUANTIZERS`), written into ``folder``."""
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out = folder / f"{source.stem}_{how}.onnx"
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_logging():
+        warnings.simplefilter("ignore")
+        if how == "nbits":
+            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+            quantizer = MatMulNBitsQuantizer(onnx.load(source), block_size=16, is_symmetric=False)
+            quantizer.process()
+            quantizer.model.save_model_to_file(str(out), False)
+            return out
+        dynamic = folder / f"{source.stem}_dynamic.onnx"
+        quantize_dynamic(str(source), str(dynamic), weight_type=QuantType.QInt8,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        if how == "dynamic":
+            return dynamic
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(out)
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        ort.InferenceSession(str(dynamic), options, providers=["CPUExecutionProvider"])
+    return out
+
+
+@contextlib.contextmanager
+def _quiet_logging():
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)

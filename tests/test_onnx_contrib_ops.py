@@ -7,111 +7,15 @@ batch of weights gives what separate calls give.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
-import onnx
 import pytest
-import torch
-from onnx import TensorProto, helper, numpy_helper
 
-import modscope
+pytest.importorskip("onnxruntime")
 
-ort = pytest.importorskip("onnxruntime")
-
-MS = "com.microsoft"
-_NP_TO_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.int32): TensorProto.INT32,
-               np.dtype(np.int64): TensorProto.INT64}
-
-
-@dataclass
-class Case:
-    op: str
-    inputs: list[tuple[str, np.ndarray | None]]  # in node order; None: omitted optional input
-    weights: dict[str, str] = field(default_factory=dict)  # input name -> expected kind (an initializer)
-    attrs: dict = field(default_factory=dict)
-    n_outputs: int = 1
-    domain: str = MS
-    int_outputs: tuple[int, ...] = ()  # outputs of type int32
-
-
-def _rng(seed: int = 0) -> np.random.Generator:
-    return np.random.default_rng(seed)
-
-
-def _f(rng: np.random.Generator, *shape: int, scale: float = 1.0) -> np.ndarray:
-    return (rng.standard_normal(shape) * scale).astype(np.float32)
-
-
-def _model(case: Case) -> onnx.ModelProto:
-    inits, graph_inputs, names = [], [], []
-    for name, value in case.inputs:
-        if value is None:
-            names.append("")
-            continue
-        names.append(name)
-        if name in case.weights:
-            inits.append(numpy_helper.from_array(value, name))
-        else:
-            graph_inputs.append(helper.make_tensor_value_info(name, _NP_TO_ONNX[value.dtype], value.shape))
-    outputs = [f"y{i}" for i in range(case.n_outputs)]
-    node = helper.make_node(case.op, names, outputs, domain=case.domain, name=f"{case.op}_0", **case.attrs)
-    graph = helper.make_graph(
-        [node], "g", graph_inputs, [
-            helper.make_tensor_value_info(o, TensorProto.INT32 if i in case.int_outputs else TensorProto.FLOAT, None)
-            for i, o in enumerate(outputs)
-        ],
-        initializer=inits,
-    )
-    opsets = [helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)]
-    model = helper.make_model(graph, opset_imports=opsets)
-    model.ir_version = 8
-    return model
-
-
-def _feeds(case: Case) -> dict[str, np.ndarray]:
-    return {n: v for n, v in case.inputs if v is not None and n not in case.weights}
-
-
-def _check(case: Case, rtol: float = 1e-4) -> modscope.Model:
-    proto = _model(case)
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    expected = session.run(None, _feeds(case))
-    model = modscope.load(proto)
-    feeds = {k: torch.from_numpy(v) for k, v in _feeds(case).items()}
-    with torch.no_grad():
-        got = model.module(**feeds)
-    got = got if isinstance(got, tuple) else (got,)
-    for g, e in zip(got, expected):
-        g = g.numpy()
-        assert g.shape == e.shape
-        if e.dtype.kind in "iu":
-            np.testing.assert_array_equal(g, e)
-        else:
-            np.testing.assert_allclose(g, e, rtol=rtol, atol=rtol * max(1.0, float(np.abs(e).max())))
-    assert {w.source_name: w.kind for w in model.weights} == case.weights
-    if case.weights:
-        _check_vmap_and_gradients(model, feeds)
-    return model
-
-
-def _check_vmap_and_gradients(model: modscope.Model, feeds: dict[str, torch.Tensor]) -> None:
-    params = model.parameters()
-    gen = torch.Generator().manual_seed(0)
-    stacked = {n: torch.stack([p, p * (torch.rand(p.shape, generator=gen) > 0.3)]) for n, p in params.items()}
-
-    def first(ps: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = torch.func.functional_call(model.module, ps, (), feeds, strict=False)
-        return out[0] if isinstance(out, tuple) else out
-
-    batched = torch.func.vmap(first)(stacked)
-    for i in range(2):
-        single = first({n: t[i] for n, t in stacked.items()})
-        torch.testing.assert_close(batched[i], single, rtol=1e-5, atol=1e-5)
-    leaves = {n: p.clone().requires_grad_(True) for n, p in params.items()}
-    first(leaves).square().sum().backward()
-    for name, leaf in leaves.items():
-        assert leaf.grad is not None and bool(leaf.grad.abs().sum() > 0), name
+from contrib_cases import Case  # noqa: E402
+from contrib_cases import check as _check  # noqa: E402
+from contrib_cases import floats as _f  # noqa: E402
+from contrib_cases import rng as _rng  # noqa: E402
 
 
 # -- Attention -----------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ FAMILY_MODULES = (
     "ops_ml",
     "ops_ml_linear",
     "ops_contrib_transformer",
+    "ops_contrib_quantized",
 )
 
 

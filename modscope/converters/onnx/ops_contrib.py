@@ -21,7 +21,7 @@ SimplifiedLayerNormalization scale, EmbedLayer-
 Normalization gamma
 their beta and bias inputs, BiasGelu B, FastGelu    "bias"
 bias, MultiHeadAttention bias
-EmbedLayerNormalization word, position and          "embedding"
+(Q)EmbedLayerNormalization word, position and       "embedding"
 segment tables
 ==================================================  =========================================================
 """
@@ -60,6 +60,7 @@ CONTRIB_INPUT_ROLES: MappingProxyType[tuple[str, str], dict[int, WeightKind]] = 
         (MS_DOMAIN, "DynamicQuantizeMatMul"): {1: _W, 4: _B},
         (MS_DOMAIN, "MatMulIntegerToFloat"): {1: _W, 6: _B},
         (MS_DOMAIN, "QAttention"): {1: _W, 2: _B},
+        (MS_DOMAIN, "QEmbedLayerNormalization"): {2: _E, 3: _E, 4: _E, 5: _N, 6: _B},
         (MS_DOMAIN, "DynamicQuantizeLSTM"): {1: _W, 2: _W, 3: _B, 7: _W},
         ("", "SimplifiedLayerNormalization"): {1: _N},
     }

@@ -58,19 +58,31 @@ def attention(
     Returns:
         output (B, S, Hv_total), and present (2, B, N, P + S, H) when the node declares it.
     """
-    if ctx.attr("do_rotary", 0) or ctx.attr("past_present_share_buffer", 0):
-        raise _refuse(ctx, "do_rotary / past_present_share_buffer")
-    n_heads = _heads(ctx)
-    sizes = ctx.attr("qkv_hidden_sizes", None) or [weights.shape[-1] // 3] * 3
     proj = x @ weights
     if bias is not None:
         proj = proj + bias
+    sizes = ctx.attr("qkv_hidden_sizes", None) or [weights.shape[-1] // 3] * 3
+    return packed_attention(ctx, proj, sizes, mask_index, past, attention_bias)
+
+
+def packed_attention(
+    ctx: NodeContext,
+    proj: torch.Tensor,
+    sizes: list[int],
+    mask_index: torch.Tensor | None,
+    past: torch.Tensor | None,
+    attention_bias: torch.Tensor | None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention (and QAttention) after the packed projection ``proj`` (B, S, Q + K + V widths ``sizes``)."""
+    if ctx.attr("do_rotary", 0) or ctx.attr("past_present_share_buffer", 0):
+        raise _refuse(ctx, "do_rotary / past_present_share_buffer")
+    n_heads = _heads(ctx)
     q, k, v = (split_heads(t, n_heads, ctx, "Q/K/V") for t in proj.split(list(sizes), dim=-1))
     past_len = 0
     if past is not None:
         past_len = past.shape[3]
         k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-    allowed = key_padding(ctx, mask_index, x.shape[0], q.shape[2], k.shape[2], past_len)
+    allowed = key_padding(ctx, mask_index, proj.shape[0], q.shape[2], k.shape[2], past_len)
     y = attend(
         q,
         k,
