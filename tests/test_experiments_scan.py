@@ -156,7 +156,7 @@ def test_tiny_run_reports_every_claimed_quantity(tmp_path, one_thread):
     whats = " ".join(c["what"] for c in report["claims"])
     assert "addprim_jump: before → after" in whats and "I_JUMP row" in whats
     assert json.loads((tmp_path / "scan.json").read_text())["claims"] == report["claims"]
-    assert (tmp_path / "scan.html").read_text().count("<pre>") == 4
+    assert (tmp_path / "scan.html").read_text().count("<pre>") == 5  # settings, three tables, claims
 
 
 def test_mask_choice_is_validated_and_control_is_required():

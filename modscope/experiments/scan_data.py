@@ -1,6 +1,6 @@
 """SCAN (Lake & Baroni, ICML 2018) generated from its grammar, its standard splits, and tensor encoding.
 
-The grammar (the paper's Table/Figure of phrase-structure rules, ``paper-method.md`` 8.3)::
+The grammar (the paper's Table/Figure of phrase-structure rules, docs/method.md section 8.3)::
 
     C -> S and S | S after S | S
     S -> V twice | V thrice | V

@@ -1,4 +1,4 @@
-"""The paper's LSTM encoder-decoder for SCAN (``paper-method.md`` 8.3), written with plain tensor ops.
+"""The paper's LSTM encoder-decoder for SCAN (docs/method.md section 8.3), written with plain tensor ops.
 
 Embeddings of 16 (never masked), a 2-layer LSTM of 200 units as encoder and as decoder, dropout 0.5 on the embeddings
 and between the layers, the encoder's final states initialise the decoder, and a linear output layer 200 → 7 (six

@@ -1,6 +1,6 @@
 """`MaskConfig`: every setting of the mask learner, with the paper's values as defaults.
 
-The paper's values are those of Csordás et al. (ICLR 2021), see ``shared/reference/paper-method.md`` sections 2-4 and
+The paper's values are those of Csordás et al. (ICLR 2021), see docs/method.md sections 2-4 and
 8. Vary a config with ``dataclasses.replace`` and record it with ``dataclasses.asdict``.
 """
 

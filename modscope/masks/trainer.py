@@ -1,6 +1,6 @@
 """`train_masks`: learn one binary weight mask per task on a frozen network.
 
-Method (Csordás et al., ICLR 2021; ``paper-method.md`` sections 2-3): every masked weight W gets a logit l per task,
+Method (Csordás et al., ICLR 2021; docs/method.md sections 2-3): every masked weight W gets a logit l per task,
 initialised to ``init``. At each step, S hard Gumbel-sigmoid samples of every task's mask are drawn
 (`sampling.sample_masks`); the batch of B examples is split into S contiguous chunks, chunk s runs the network with
 the effective weights W ⊙ m_s. The loss is the task loss plus (β/b)·Σ l; Adam updates the logits only; each task's
