@@ -54,3 +54,18 @@ def test_masks_and_logits_are_bit_identical_to_the_recorded_reference():
     masks = train()
     for task, (bits, digest) in REFERENCE.items():
         assert fingerprint(masks, task) == (bits, digest), f"task {task!r} changed"
+
+
+@pytest.mark.parametrize("pass_size", [4, 2, 3, 1])
+def test_passes_of_whole_tasks_or_sample_chunks_give_the_same_masks(pass_size):
+    masks = train(pass_size=pass_size)
+    assert len(masks.extra) >= 0
+    for task, (bits, digest) in REFERENCE.items():
+        got_bits, got_digest = fingerprint(masks, task)
+        assert got_bits == bits, f"task {task!r}: masks changed with pass_size={pass_size}"
+        if pass_size >= CONFIG["n_samples"]:  # whole tasks per pass: the same arithmetic, bit for bit
+            assert got_digest == digest
+    reference = train()
+    for task in REFERENCE:
+        for w, lg in reference.logits[task].items():
+            torch.testing.assert_close(masks.logits[task][w], lg, rtol=0, atol=1e-5)
