@@ -193,7 +193,7 @@ def draw_uniforms(shape: tuple[int, ...], generator: torch.Generator, device: to
     return u.to(device, non_blocking=True) if u.device != torch.device(device) else u
 
 
-_CPU_BLOCK = 1 << 16  # elements per block of the backward's temporaries on CPU: two 256 KiB floats stay in L2
+_CPU_BLOCK = 1 << 17  # elements per block of the backward's temporaries on CPU: two 512 KiB floats stay in L2
 
 
 class StepBuffers:
@@ -226,11 +226,11 @@ class StepBuffers:
         self.total = sum(w.numel() for w in weights)
         device, dtype = (weights[0].device, weights[0].dtype) if weights else (torch.device("cpu"), torch.float32)
         largest = max((w.numel() for w in weights), default=1)
+        widest = max((w[0].numel() if w.dim() else 1 for w in weights), default=1)  # the largest row of a weight
         self.block = _CPU_BLOCK if device.type == "cpu" else replicas * largest
-        scratch = min(self.block, replicas * largest)
+        scratch = min(max(self.block, replicas * widest), replicas * largest)
         self._uniforms = torch.empty(replicas * self.total, device=device, dtype=dtype)
         self._effective = [torch.empty(replicas * w.numel(), device=device, dtype=dtype) for w in weights]
-        self._keep = torch.empty(replicas * largest, device=device, dtype=torch.bool)
         self._rows = torch.empty(tasks * self.total, device=device, dtype=dtype)
         self._a = torch.empty(scratch, device=device, dtype=dtype)
         self._b = torch.empty(scratch, device=device, dtype=dtype)
@@ -239,7 +239,7 @@ class StepBuffers:
 
     def nbytes(self) -> int:
         """Bytes held by the buffers."""
-        held = [self._uniforms, *self._effective, self._keep, self._rows, self._a, self._b, self._sum]
+        held = [self._uniforms, *self._effective, self._rows, self._a, self._b, self._sum]
         return sum(t.numel() * t.element_size() for t in held)
 
     def uniforms(self, tasks: int, samples: int) -> torch.Tensor:
@@ -260,9 +260,9 @@ class StepBuffers:
             eff = buf[: G * s * n].view(G, s, n)
             if compiled:
                 eff.copy_(kernels.call("keep", logits[:, None, a : a + n], uniforms[..., a : a + n], w.reshape(-1)))  # type: ignore[union-attr]
-            else:
-                keep = self._keep[: G * s * n].view(G, s, n)
-                torch.where(torch.gt(uniforms[..., a : a + n], rows[..., a : a + n], out=keep), w.reshape(-1), self._zero, out=eff)
+            else:  # 0/1 into the buffer, then 0 + keep·W: W or +0.0 exactly as torch.where, three times faster
+                torch.gt(uniforms[..., a : a + n], rows[..., a : a + n], out=eff)
+                torch.addcmul(self._zero, eff, w.reshape(-1), out=eff)
             out.append(eff.view(G, s, *w.shape))
         return out
 
@@ -284,23 +284,25 @@ class StepBuffers:
                 if not accumulate:
                     target.zero_()
                 continue
-            g = g.reshape(G, s, n)
             if compiled:
-                part = kernels.call("grad", logits[:, None, a : a + n], uniforms[..., a : a + n], g, w.reshape(-1), tau)  # type: ignore[union-attr]
+                part = kernels.call("grad", logits[:, None, a : a + n], uniforms[..., a : a + n], g.reshape(G, s, n), w.reshape(-1), tau)  # type: ignore[union-attr]
                 target.add_(part) if accumulate else target.copy_(part)
                 continue
-            step = max(1, self.block // (G * s))
-            for j in range(0, n, step):
-                k = min(step, n - j)
-                cols = slice(a + j, a + j + k)
-                self._grad_block(logits[:, None, cols], rows[..., cols], uniforms[..., cols], g[..., j : j + k],
-                                 w.reshape(-1)[j : j + k], target[:, j : j + k], tau, accumulate)
+            # blocks of whole rows of the weight, read in g's own layout (a linear layer's g is transposed: no copy)
+            shape = tuple(w.shape) if w.dim() else (1,)
+            u = uniforms[..., a : a + n].view(G, s, *shape)
+            lw, ew = logits[:, None, a : a + n].view(G, 1, *shape), rows[..., a : a + n].view(G, 1, *shape)
+            g, wv, tv = g.view(G, s, *shape), w.view(shape), target.view(G, *shape)
+            step = max(1, self.block // (G * s * (n // shape[0])))
+            for j in range(0, shape[0], step):
+                r = slice(j, j + step)
+                self._grad_block(lw[:, :, r], ew[:, :, r], u[:, :, r], g[:, :, r], wv[r], tv[:, r], tau, accumulate)
 
     def _grad_block(self, logits: torch.Tensor, e: torch.Tensor, u: torch.Tensor, g: torch.Tensor, w: torch.Tensor,
                     target: torch.Tensor, tau: float, accumulate: bool) -> None:
         """One column block of `logit_grad`, operation for operation the arithmetic of `_logit_grad`."""
         shape = u.shape
-        size = shape[0] * shape[1] * shape[2]
+        size = u.numel()
         a, b = self._a[:size].view(shape), self._b[:size].view(shape)
         if tau == 1.0:
             torch.neg(u, out=a).add_(1).mul_(e)  # other = (1 − u) · e
@@ -312,6 +314,6 @@ class StepBuffers:
             torch.neg(a, out=b).add_(1)
             a.mul_(b).div_(tau)  # local = soft (1 − soft) / τ
         a.mul_(g).mul_(w)
-        total = self._sum[: shape[0] * shape[2]].view(shape[0], shape[2])
+        total = self._sum[: size // shape[1]].view(shape[0], *shape[2:])
         torch.sum(a, dim=1, out=total)
         target.add_(total) if accumulate else target.copy_(total)

@@ -35,7 +35,7 @@ from .checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from .config import MaskConfig
 from .maskset import MaskSet
 from .progress import Progress
-from .memory import MemoryPlan, plan_run, probe_activations
+from .memory import MemoryPlan, plan_run, probe_activations, retained_heap
 from .sampling import SamplerKernels, StepBuffers, draw_uniforms
 from .selection import frozen_weights, select_weights
 
@@ -267,7 +267,7 @@ def train_masks(
     show = progress if progress is not None else os.isatty(2)
     bar = Progress(config.n_steps, enabled=show)
     ckpt_path = Path(checkpoint) if checkpoint else None
-    with model.frozen(device, train=config.train_mode) as module:
+    with model.frozen(device, train=config.train_mode) as module, retained_heap(device.type == "cpu"):
         trainer = MaskTrainer(model, module, tasks, config, device, initial_logits=initial_logits)
         state = TrainingState(0, {t.name: {"step": [], "loss": [], "density": []} for t in tasks}, [0.0] * len(tasks))
         if resume and ckpt_path and ckpt_path.exists():
