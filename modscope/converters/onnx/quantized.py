@@ -15,6 +15,9 @@ QLinearMatMul (b), QLinearConv (w)    ``(w - zero_point) * scale``          re-q
                                                                             and computed as before: exact, but
                                                                             outputs are integers, so no gradient
 QLinearConv (B, int32 bias)           ``B`` (zero point 0, integer units)   unchanged
+Gather (data), when every reader of   ``(x - zero_point) * scale``          rows gathered from the parameter; the
+its rows (after data-movement nodes)                                        DequantizeLinear nodes pass them on
+is a per-tensor DequantizeLinear                                            (``gathered_rows``)
 com.microsoft DynamicQuantizeMatMul,  ``(w - zero_point) * scale``          see ``ops_contrib_quantized.py``
 MatMulIntegerToFloat, QAttention,     (MatMulNBits: unpacked to (K, N);
 QEmbedLayerNormalization,             DynamicQuantizeLSTM: per direction
@@ -29,6 +32,7 @@ in the parameter; `export_masked` writes it back as the zero point, which dequan
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,6 +128,10 @@ def find_quantized_weights(graph: onnx.GraphProto) -> dict[str, QuantizedWeight]
     """
     inits = {t.name: t for t in all_initializers(graph)}
     fed = {i.name for i in graph.input} | {o.name for o in graph.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in walk_nodes(graph):
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
     found: dict[str, QuantizedWeight] = {}
     rejected: set[str] = set(fed)
     for node in walk_nodes(graph):
@@ -133,11 +141,61 @@ def find_quantized_weights(graph: onnx.GraphProto) -> dict[str, QuantizedWeight]
             if name not in inits or name in rejected:
                 continue
             slot = by_index.get(index)
-            info = _describe(node, slot, inits, fed) if slot and inits[name].data_type in slot.types else None
+            if _is_table_read(node, index) and inits[name].data_type in _NARROW:
+                info = _gathered(node, inits, fed, readers)
+            else:
+                info = _describe(node, slot, inits, fed) if slot and inits[name].data_type in slot.types else None
             if info is None or found.setdefault(name, info) != info:
                 rejected.add(name)
                 found.pop(name, None)
     return found
+
+
+def _is_table_read(node: onnx.NodeProto, index: int) -> bool:
+    return node.op_type == "Gather" and index == 0 and node.domain in ("", "ai.onnx")
+
+
+#: data-movement nodes that may stand between a quantized table's Gather and the DequantizeLinear of its rows.
+_MOVES = frozenset({"Identity", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten"})
+
+
+def _gathered(
+    node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], fed: set[str], readers: dict[str, list[onnx.NodeProto]]
+) -> QuantizedWeight | None:
+    """A quantized table read by Gather whose gathered rows every reader (after data-movement nodes) dequantizes
+    with one per-tensor scale and zero point (``quantize_dynamic``'s embeddings); None otherwise."""
+    found = set()
+    pending = [node.output[0]] if node.output else []
+    while pending:
+        value = pending.pop()
+        users = readers.get(value, [])
+        if not users or value in fed:
+            return None
+        for user in users:
+            plain = user.domain in ("", "ai.onnx") and user.input[0] == value
+            if plain and user.op_type in _MOVES:
+                pending.extend(user.output[:1])
+                continue
+            info = _describe(user, _SLOTS["DequantizeLinear"][0], inits, fed) if plain else None
+            if user.op_type != "DequantizeLinear" or info is None:
+                return None
+            if any(int(np.prod(inits[n].dims)) != 1 for n in (info.scale, info.zero_point) if n):
+                return None
+            found.add(dataclasses.replace(info, op="Gather", slot=0))
+    return found.pop() if len(found) == 1 else None
+
+
+def gathered_rows(graph: onnx.GraphProto, tables: set[str]) -> set[str]:
+    """The values gathered from one of ``tables`` (quantized tables loaded as dequantized floats), through the
+    data-movement nodes after the Gather: already dequantized, so the DequantizeLinear nodes reading them pass
+    them through."""
+    rows: set[str] = set()
+    for node in walk_nodes(graph):
+        if not node.input or not node.output or node.domain not in ("", "ai.onnx"):
+            continue
+        if (node.op_type == "Gather" and node.input[0] in tables) or (node.op_type in _MOVES and node.input[0] in rows):
+            rows.add(node.output[0])
+    return rows
 
 
 def _slots(node: onnx.NodeProto) -> tuple[_Slot, ...]:
