@@ -197,6 +197,8 @@ def setting_text(value: Any) -> str:
     """A setting as the tables print it: ``2000x4`` for equal layer sizes, ``400-400-200`` otherwise, ``20,000``."""
     if isinstance(value, tuple | list) and all(isinstance(v, int) for v in value):
         return f"{value[0]}x{len(value)}" if len(value) > 1 and len(set(value)) == 1 else "-".join(map(str, value))
+    if isinstance(value, tuple | list) and len(value) > 6:
+        return f"{len(value)} values {setting_text(value[0])} … {setting_text(value[-1])}"
     if isinstance(value, tuple | list):
         return "/".join(setting_text(v) for v in value)
     return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
