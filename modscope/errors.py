@@ -88,3 +88,7 @@ class PolicyError(ModscopeError, ValueError):
 
 class ModscopeWarning(UserWarning):
     """Warnings modscope emits (once per cause) about a default it applied or a slower path it took."""
+
+
+class OutOfMemoryPlanError(ModscopeError, MemoryError):
+    """The memory plan of a mask-training run finds that not even one mask sample fits in the memory allowed."""

@@ -18,6 +18,8 @@ import torch
 
 from ...errors import UnsupportedOperatorError
 from .fusion import fuse_linear
+from .ops_contrib_gradients import straighten
+from .quantized import gathered_rows
 from .plan import Entry, Plan, build_plan, free_names, order_nodes
 from .registry import NONDETERMINISTIC_OPS, Handler, NodeContext, OpTable, _norm_domain, decode_attribute
 from .roles import subgraphs, walk_nodes
@@ -87,6 +89,7 @@ class GraphCompiler:
             ModelLoadError: the graph reads values nothing defines, or never computes an output.
         """
         self.prepare_nodes(graph)
+        self.dequantized |= gathered_rows(graph, self.dequantized)
         self.separate_statistics(graph, values)
         self.fold_constants(graph, values)
         pairs = presets()
@@ -213,6 +216,7 @@ class GraphCompiler:
             entries.append(specialize(entry, self.constants, overridden))
         if ("", "MatMul") not in overridden and ("", "Add") not in overridden:
             entries = fuse_linear(entries, self.preset_shapes, keep={o.name for o in graph.output})
+        entries = straighten(entries, {aliases.get(o.name, o.name) for o in graph.output}, overridden)
         entries = cache_shape_arithmetic(entries, set(self.constants))
         plan = build_plan(
             entries,
