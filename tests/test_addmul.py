@@ -43,7 +43,27 @@ def test_tiny_run_reports_every_claimed_quantity(tmp_path):
     assert any("also used by ×" in c["what"] for c in report["claims"])
     saved = json.loads((tmp_path / "addmul.json").read_text())
     assert saved["claims"] == report["claims"]
-    assert (tmp_path / "addmul.html").read_text().count("<pre>") == 3
+    assert (tmp_path / "addmul.html").read_text().count("<pre>") == 4  # settings, two tables, claims
+    judged = [c for c in report["claims"] if c["holds"] is not None]
+    assert judged and all(c["criterion"].startswith(("modscope's criterion: ", "the paper's words: ")) for c in judged)
+
+
+def test_defaults_are_the_papers_figure_settings():
+    from modscope.experiments import addmul
+
+    assert addmul.SETTINGS["hidden"] == (2000,) * 4  # the net of the paper's add/mul tables and figures
+    assert addmul.SETTINGS["mask_steps"] == addmul.SETTINGS["base_steps"] == 20_000
+    assert addmul.SETTINGS["beta"] == 1e-4 and addmul.SETTINGS["mask_lr"] == 1e-2
+
+
+def test_quick_preset_says_how_it_differs_from_the_paper():
+    from modscope.experiments import addmul
+    from modscope.experiments.common import resolve_settings
+
+    settings = resolve_settings(addmul.SETTINGS, addmul.QUICK, ExperimentOptions(quick=True))
+    assert settings.describe().startswith("differs from the paper's settings in: hidden 400-400-200 (paper 2000x4)")
+    assert "mask_steps 1,500 (paper 20,000)" in settings.describe()
+    assert resolve_settings(addmul.SETTINGS, addmul.QUICK, ExperimentOptions()).describe() == "the paper's settings"
 
 
 @pytest.mark.slow

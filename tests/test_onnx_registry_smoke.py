@@ -65,6 +65,7 @@ NO_FLOAT_CASE: dict[str, str] = {
     "ConvInteger": "integer operands; dequantized weights are covered in test_onnx_quantized.py",
     "MatMulInteger": "integer operands; dequantized weights are covered in test_onnx_quantized.py",
     "If": "its condition is a boolean; the ops of its branches are covered here",
+    "SimplifiedLayerNormalization": "onnxruntime's, no onnx case; vmap and gradients in test_onnx_contrib_ops.py",
 }
 
 

@@ -85,17 +85,33 @@ def train_network(
     return curve
 
 
+#: the paper states findings in words, not thresholds: every numeric criterion below is modscope's own reading.
+MODSCOPE = "modscope's criterion: "
+PAPER = "the paper's words: "
+
+
 @dataclass(frozen=True)
 class Claim:
-    """One line of an experiment's table: a measured figure beside what the paper reports."""
+    """One line of an experiment's table: a measured figure beside what the paper reports.
+
+    Attributes:
+        what: the quantity measured.
+        measured: its value, formatted.
+        paper: what the paper reports, in words.
+        holds: the verdict, or None where no criterion decides it.
+        criterion: how ``holds`` is decided and who set the bar: `MODSCOPE` + a threshold modscope chose, or `PAPER`
+            + a comparison the paper's words state (e.g. "× needs more weights than +": a ratio above 1).
+    """
 
     what: str
     measured: str
     paper: str
     holds: bool | None = None
+    criterion: str = "-"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"what": self.what, "measured": self.measured, "paper": self.paper, "holds": self.holds}
+        return {"what": self.what, "measured": self.measured, "paper": self.paper, "holds": self.holds,
+                "criterion": self.criterion}
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -122,7 +138,8 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def claims_table(claims: Sequence[Claim]) -> str:
     verdict = {True: "yes", False: "NO", None: "-"}
-    return format_table(["measurement", "measured", "paper", "holds"], [[c.what, c.measured, c.paper, verdict[c.holds]] for c in claims])
+    return format_table(["measurement", "measured", "paper", "criterion", "holds"],
+                        [[c.what, c.measured, c.paper, c.criterion, verdict[c.holds]] for c in claims])
 
 
 def write_json(path: Path, data: dict[str, Any]) -> Path:
@@ -161,9 +178,30 @@ def write_html(path: Path, title: str, sections: Sequence[tuple[str, str]]) -> P
     return path
 
 
-def resolve_settings(defaults: dict[str, Any], quick: dict[str, Any], options: ExperimentOptions) -> dict[str, Any]:
+class Settings(dict):
+    """An experiment's settings, knowing where they depart from the paper's (``departures``: key -> paper value)."""
+
+    departures: dict[str, Any]
+
+    def describe(self) -> str:
+        """One line for the report's header: the paper's settings, or how these differ from them."""
+        if not self.departures:
+            return "the paper's settings"
+        diffs = ", ".join(f"{k} {_setting(self[k])} (paper {_setting(v)})" for k, v in self.departures.items())
+        return f"differs from the paper's settings in: {diffs}"
+
+
+def _setting(value: Any) -> str:
+    if isinstance(value, tuple | list) and all(isinstance(v, int) for v in value):
+        return f"{value[0]}x{len(value)}" if len(value) > 1 and len(set(value)) == 1 else "-".join(map(str, value))
+    if isinstance(value, tuple | list):
+        return "/".join(_setting(v) for v in value)
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+
+
+def resolve_settings(defaults: dict[str, Any], quick: dict[str, Any], options: ExperimentOptions) -> Settings:
     """The paper's settings, the quick preset over them if asked for, then the caller's overrides."""
-    settings = dict(defaults)
+    settings = Settings(defaults)
     if options.quick:
         settings.update(quick)
     unknown = sorted(set(options.overrides) - set(settings))
@@ -172,6 +210,7 @@ def resolve_settings(defaults: dict[str, Any], quick: dict[str, Any], options: E
 
         raise InvalidParameterError(f"unknown experiment settings {unknown}; known: {sorted(settings)}")
     settings.update(options.overrides)
+    settings.departures = {k: v for k, v in defaults.items() if settings[k] != v}
     return settings
 
 
@@ -184,10 +223,12 @@ def publish(
     tables: Sequence[tuple[str, str]],
 ) -> dict[str, Any]:
     """Print ``tables`` and the claims, write ``NAME.json`` and ``NAME.html`` into ``options.out``; return the report."""
-    tables = [*tables, ("Claims", claims_table(checks))]
+    preset = settings.describe() if isinstance(settings, Settings) else "custom settings"
+    label = "quick preset" if options.quick else "full run"
+    tables = [("Settings", f"{label}: {preset}"), *tables, ("Claims", claims_table(checks))]
     for title, text in tables:
         print(f"\n{title}\n{text}")
-    report = {"experiment": name, "settings": settings, "quick": options.quick, "runs": runs,
+    report = {"experiment": name, "settings": settings, "quick": options.quick, "preset": f"{label}: {preset}", "runs": runs,
               "claims": [c.to_dict() for c in checks]}
     path = write_json(options.out / f"{name}.json", report)
     write_html(options.out / f"{name}.html", f"modscope reproduce {name}", tables)

@@ -1,6 +1,6 @@
 """`MaskConfig`: every setting of the mask learner, with the paper's values as defaults.
 
-The paper's values are those of Csordás et al. (ICLR 2021), see ``shared/reference/paper-method.md`` sections 2-4 and
+The paper's values are those of Csordás et al. (ICLR 2021), see docs/method.md sections 2-4 and
 8. Vary a config with ``dataclasses.replace`` and record it with ``dataclasses.asdict``.
 """
 
@@ -60,6 +60,12 @@ class MaskConfig:
     """How the K tasks x S samples run: one torch.func.vmap call, or a loop (for ops without a batching rule)."""
     compile: bool | None = None
     """Fuse the mask sampler's element-wise work with torch.compile; ``None`` does so for runs of >= 1000 steps."""
+    max_memory: int | str | None = None
+    """Peak memory the run may use (bytes, or a size like "12GB"): process RSS on a CPU, allocated memory on a GPU.
+    ``None``: what the process holds plus 90% of the free memory. The step is split into passes that fit (same
+    masks); see `modscope.masks.memory`."""
+    pass_size: int | None = None
+    """(task, sample) pairs per forward pass; ``None`` lets the memory plan choose (same masks either way)."""
     train_mode: bool = False
     """Run the frozen network in train mode (dropout, batch statistics). Paper: eval mode (except SCAN-LSTM)."""
     log_every: int = 50
@@ -85,6 +91,13 @@ class MaskConfig:
             raise InvalidParameterError(f"MaskConfig.grad_clip must be > 0 or None, got {self.grad_clip!r}")
         if self.vectorize not in ("auto", "vmap", "loop"):
             raise InvalidParameterError(f"MaskConfig.vectorize must be 'auto', 'vmap' or 'loop', got {self.vectorize!r}")
+        if self.pass_size is not None and (not isinstance(self.pass_size, int) or isinstance(self.pass_size, bool) or self.pass_size < 1):
+            raise InvalidParameterError(f"MaskConfig.pass_size must be a positive integer or None, got {self.pass_size!r}")
+        from .memory import parse_bytes
+
+        limit = parse_bytes(self.max_memory)
+        if limit is not None and limit < 1:
+            raise InvalidParameterError(f"MaskConfig.max_memory must be positive, got {self.max_memory!r}")
         for name in ("include", "exclude", "freeze"):
             value = getattr(self, name)
             if isinstance(value, str):

@@ -19,6 +19,8 @@ import torch
 from ...errors import UnsupportedOperatorError
 from .fusion import fuse_linear
 from .limits import DEFAULT_MAX_TENSOR_BYTES, FOLD_BUDGET_BYTES, too_large
+from .ops_contrib_gradients import straighten
+from .quantized import gathered_rows
 from .plan import Entry, Plan, build_plan, free_names, live_nodes, order_nodes
 from .registry import NONDETERMINISTIC_OPS, Handler, NodeContext, OpTable, _norm_domain, decode_attribute
 from .roles import subgraphs, walk_nodes
@@ -98,6 +100,7 @@ class GraphCompiler:
             ResourceLimitError: a node would make a tensor larger than ``max_tensor_bytes``.
         """
         self.prepare_nodes(graph)
+        self.dequantized |= gathered_rows(graph, self.dequantized)
         self.separate_statistics(graph, values)
         self.fold_constants(graph, values)
         pairs = presets()
@@ -262,6 +265,7 @@ class GraphCompiler:
             entries.append(entry)
         if ("", "MatMul") not in overridden and ("", "Add") not in overridden:
             entries = fuse_linear(entries, self.preset_shapes, keep={o.name for o in graph.output})
+        entries = straighten(entries, {aliases.get(o.name, o.name) for o in graph.output}, overridden)
         entries = cache_shape_arithmetic(entries, set(self.constants))
         plan = build_plan(
             entries,
