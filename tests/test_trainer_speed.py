@@ -10,6 +10,9 @@ import torch
 from torch import nn
 
 import modscope
+from modscope.errors import OutOfMemoryPlanError
+from modscope.masks.memory import parse_bytes, plan_passes
+from modscope.masks.trainer import MaskTrainer
 
 # Recorded on CPU with the learner as it was before the buffer-reusing step and the memory plan (commit c338bc8):
 # per task, the masks packed as bits (weights in name order, flattened) and the first 16 hex digits of the SHA-256
@@ -59,7 +62,6 @@ def test_masks_and_logits_are_bit_identical_to_the_recorded_reference():
 @pytest.mark.parametrize("pass_size", [4, 2, 3, 1])
 def test_passes_of_whole_tasks_or_sample_chunks_give_the_same_masks(pass_size):
     masks = train(pass_size=pass_size)
-    assert len(masks.extra) >= 0
     for task, (bits, digest) in REFERENCE.items():
         got_bits, got_digest = fingerprint(masks, task)
         assert got_bits == bits, f"task {task!r}: masks changed with pass_size={pass_size}"
@@ -69,3 +71,45 @@ def test_passes_of_whole_tasks_or_sample_chunks_give_the_same_masks(pass_size):
     for task in REFERENCE:
         for w, lg in reference.logits[task].items():
             torch.testing.assert_close(masks.logits[task][w], lg, rtol=0, atol=1e-5)
+
+
+def test_the_plan_splits_a_step_to_fit_max_memory_and_keeps_the_masks():
+    from modscope.masks.memory import process_memory
+
+    net, tasks = reference_net(), reference_tasks()
+    model = modscope.load(net)
+    config = modscope.MaskConfig(**{**CONFIG, "compile": False})
+    whole = MaskTrainer(model, model.module_on("cpu"), tasks, config, torch.device("cpu")).plan
+    assert len(whole.passes) == 1 or whole.replicas >= CONFIG["n_samples"]
+    per_replica = whole.parts["replica"]
+    held, _ = process_memory(torch.device("cpu"))
+    # room for the fixed part and three replicas: passes of three samples of one task
+    limit = held + whole.parts["tasks"] + 3 * per_replica + per_replica // 2
+    notes: list[str] = []
+    masks = modscope.train_masks(net, tasks, modscope.MaskConfig(**{**CONFIG, "compile": False, "max_memory": limit}),
+                                 progress=False, notes=notes.append)
+    assert "2 tasks" not in notes[0] and "passes of up to 3" in notes[0], notes
+    for task, (bits, _) in REFERENCE.items():
+        assert fingerprint(masks, task)[0] == bits
+
+
+def test_a_sample_that_does_not_fit_is_refused_with_the_estimate_and_the_levers():
+    config = modscope.MaskConfig(**{**CONFIG, "max_memory": "1MB"})
+    with pytest.raises(OutOfMemoryPlanError) as caught:
+        modscope.train_masks(reference_net(), reference_tasks(), config, progress=False)
+    message = str(caught.value)
+    assert "\n" not in message and message.count("; ") == 1, "one sentence: the estimate; the levers"
+    for words in ("one mask sample needs about", "MiB", "include=", "fewer samples", "smaller batch", "max_memory"):
+        assert words in message, message
+
+
+def test_plan_arithmetic():
+    plan = plan_passes(tasks=10, samples=4, per_replica=100, per_task=10, base=1000, limit=1000 + 100 + 8 * 100)
+    assert plan.replicas == 8 and [p.tasks for p in plan.passes] == [range(k, k + 2) for k in range(0, 10, 2)]
+    assert plan.estimate == 1000 + 100 + 800 and plan.unchunked == 1000 + 100 + 4000
+    split = plan_passes(tasks=2, samples=4, per_replica=100, per_task=10, base=0, limit=20 + 300)
+    assert [(p.tasks, p.samples) for p in split.passes] == [(range(0, 1), (0, 3)), (range(0, 1), (3, 4)),
+                                                           (range(1, 2), (0, 3)), (range(1, 2), (3, 4))]
+    assert parse_bytes("2 GiB") == 2 << 30 and parse_bytes("1.5kB") == 1500
+    with pytest.raises(modscope.errors.InvalidParameterError):
+        modscope.MaskConfig(max_memory="lots")

@@ -177,7 +177,7 @@ def _fit(args: argparse.Namespace, config: MaskConfig, names: list[str], options
                   f"{config.n_steps} steps")
         extra = {"checkpoint_every": args.checkpoint_every} if args.checkpoint_every else {}
         masks = train_masks(model, tasks, config, progress=False if args.quiet else args.progress,
-                            checkpoint=folder.checkpoint_path, resume=args.resume, **extra)
+                            checkpoint=folder.checkpoint_path, resume=args.resume, notes=lambda line: log(args, line), **extra)
         masks.save(folder.masks_path)  # first, so that an interrupted measurement can --resume without training
     log(args, "measuring sharing, overlap, ablation and clustering")
     report = Report.from_masks(masks, model, eval_tasks, device=config.device)

@@ -59,7 +59,8 @@ class MaskConfig:
     vectorize: Literal["auto", "vmap", "loop"] = "auto"
     """How the K tasks x S samples run: one torch.func.vmap call, or a loop (for ops without a batching rule)."""
     compile: bool | None = None
-    """Fuse the mask sampler's element-wise work with torch.compile; ``None`` does so for runs of >= 1000 steps."""
+    """Fuse the mask sampler's element-wise work with torch.compile. ``None``: on a GPU for runs of >= 1000 steps; never
+    on a CPU, where the eager step (cache-sized blocks, reused buffers) is as fast and needs no compilation."""
     max_memory: int | str | None = None
     """Peak memory the run may use (bytes, or a size like "12GB"): process RSS on a CPU, allocated memory on a GPU.
     ``None``: what the process holds plus 90% of the free memory. The step is split into passes that fit (same
@@ -107,10 +108,16 @@ class MaskConfig:
             else:
                 object.__setattr__(self, name, tuple(value))
 
-    @property
-    def use_compile(self) -> bool:
-        """Whether the sampler is compiled (``compile``, or for ``None``: runs of at least 1000 steps)."""
-        return self.compile if self.compile is not None else self.n_steps >= 1000
+    def use_compile(self, device: str | Any = "cpu") -> bool:
+        """Whether the sampler is compiled on ``device`` (``compile``, or for ``None``: GPU runs of 1000+ steps).
+
+        Example:
+            >>> MaskConfig(n_steps=5000).use_compile("cpu"), MaskConfig(n_steps=5000).use_compile("cuda")
+            (False, True)
+        """
+        if self.compile is not None:
+            return self.compile
+        return str(device).startswith("cuda") and self.n_steps >= 1000
 
     @property
     def alpha(self) -> float:

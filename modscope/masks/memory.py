@@ -87,7 +87,11 @@ class MemoryPlan:
 
 
 def gib(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB"
+    """Bytes in GiB, MiB or KiB: ``gib(3 << 30) == '3.0 GiB'``."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 1024:.1f} KiB"
 
 
 def parse_bytes(value: int | str | None) -> int | None:
@@ -196,10 +200,9 @@ def plan_passes(tasks: int, samples: int, per_replica: int, per_task: int, base:
         fit = (limit - fixed) // per_replica if per_replica else total
         if fit < 1:
             raise OutOfMemoryPlanError(
-                f"one mask sample needs about {gib(fixed + per_replica)} ({gib(fixed)} for the model, data and "
+                f"one mask sample needs about {gib(fixed + per_replica)} ({gib(fixed)} for what the process holds (model, data, framework) and "
                 f"{tasks} task(s) of logits and optimizer state, {gib(per_replica)} per sample), more than the "
-                f"{gib(limit)} allowed; mask fewer layers (include=...), use fewer samples or a smaller batch, or "
-                "raise max_memory")
+                f"{gib(limit)} allowed (max_memory); mask fewer layers (include=...), use fewer samples or a smaller batch")
         replicas = int(min(total, fit, prefer or total))
     replicas = max(1, min(int(replicas), total))
     if replicas >= samples:

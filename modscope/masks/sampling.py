@@ -92,8 +92,9 @@ def _logit_grad(logits: torch.Tensor, uniforms: torch.Tensor, grad: torch.Tensor
 class SamplerKernels:
     """The two element-wise kernels of `sample_masked_weights`, eager or fused with `torch.compile`.
 
-    Fusing pays on long runs: each kernel becomes one pass over the (K, S, n) elements instead of about ten, at the
-    price of a one-off compilation (tens of seconds on a small CPU; cached on disk afterwards). If compilation fails
+    Fusing pays on long GPU runs: each kernel becomes one pass over the (K, S, n) elements instead of about ten, at
+    the price of a one-off compilation (tens of seconds; cached on disk afterwards; `compile_seconds` says how long).
+    On a CPU `StepBuffers` runs the same arithmetic eagerly in cache-sized blocks, about as fast as compiled. If compilation fails
     (no C++ compiler, unsupported platform) the kernels fall back to eager mode and say so once.
     """
 
@@ -101,8 +102,22 @@ class SamplerKernels:
         self.compiled = compile
         self.keep: Any = torch.compile(_keep_weights, dynamic=True) if compile else _keep_weights
         self.grad: Any = torch.compile(_logit_grad, dynamic=True) if compile else _logit_grad
+        self.compile_seconds = 0.0
+        """Time of the kernels' first calls (their compilation, when compiled)."""
+        self._called: set[str] = set()
 
     def call(self, name: str, *args: Any) -> torch.Tensor:
+        if self.compiled and name not in self._called:
+            import time
+
+            start = time.perf_counter()
+            out = self._call(name, *args)
+            self.compile_seconds += time.perf_counter() - start
+            self._called.add(name)
+            return out
+        return self._call(name, *args)
+
+    def _call(self, name: str, *args: Any) -> torch.Tensor:
         try:
             return getattr(self, name)(*args)
         except Exception as exc:  # noqa: BLE001 - any compiler failure: run eagerly instead
