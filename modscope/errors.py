@@ -44,6 +44,11 @@ class UntrustedFileError(ModelLoadError):
     """Loading the file would execute code from it (a pickle) and the caller did not pass ``trust=True``."""
 
 
+class ResourceLimitError(ModscopeError, ValueError):
+    """The input would make modscope allocate or compute more than a configured limit (e.g. an ONNX node whose output
+    would exceed ``max_tensor_bytes``); the message names the cause and how to raise the limit."""
+
+
 class UnsupportedOperatorError(ModscopeError, NotImplementedError):
     """The model uses an operator modscope cannot convert.
 

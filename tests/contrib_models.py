@@ -1,6 +1,7 @@
 """Small transformer models exported the way users export them, for the contrib-operator tests.
 
-Each family builds a tiny model with random weights (a ``transformers`` config, or plain torch in the classic
+Each family (BERT, GPT-2 and CLIP's text encoder from ``transformers`` configs, a ViT in plain torch) builds a
+tiny model with random weights (a ``transformers`` config, or plain torch in the classic
 layout that onnxruntime's fusions recognise), exports it with ``torch.onnx.export`` (TorchScript exporter) and
 fuses it with ``onnxruntime.transformers.optimizer.optimize_model`` for its model type. Nothing is downloaded.
 """
@@ -31,6 +32,7 @@ class Family:
     output: int | None  # which output the training test reads (None: the model has one)
     heads: int = 2
     hidden: int = 16
+    needs: str = "transformers"  # the package the builder imports ("" for none)
 
 
 def _randomized(module: nn.Module, seed: int = 0) -> nn.Module:
@@ -87,6 +89,19 @@ def _gpt2() -> tuple[nn.Module, dict[str, torch.Tensor]]:
     inputs = _text_inputs(8, 7, 40, segments=False)
     model = _randomized(transformers.GPT2LMHeadModel(config))
     return _Outputs(model, list(inputs), ("logits",)), inputs
+
+
+def _clip() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    import transformers
+
+    config = transformers.CLIPTextConfig(
+        vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=16, hidden_act="quick_gelu", bos_token_id=0, eos_token_id=1, pad_token_id=2,
+        attn_implementation="eager",
+    )
+    inputs = _text_inputs(8, 7, 40, segments=False)
+    model = _randomized(transformers.CLIPTextModel(config))
+    return _Outputs(model, list(inputs), ("last_hidden_state", "pooler_output")), inputs
 
 
 class _VitAttention(nn.Module):
@@ -147,7 +162,9 @@ FAMILIES: dict[str, Family] = {
         Family("bert", "bert", _bert, frozenset({"Attention", "EmbedLayerNormalization", "SkipLayerNormalization",
                                                  "BiasGelu"}), output=1),
         Family("gpt2", "gpt2", _gpt2, frozenset({"SkipLayerNormalization", "FastGelu"}), output=None),
-        Family("vit", "vit", _vit, frozenset({"Attention", "SkipLayerNormalization", "BiasGelu"}), output=None),
+        Family("clip", "clip", _clip, frozenset({"SkipLayerNormalization", "QuickGelu"}), output=1),
+        Family("vit", "vit", _vit, frozenset({"Attention", "SkipLayerNormalization", "BiasGelu"}), output=None,
+               needs=""),
     )
 }
 

@@ -1,8 +1,8 @@
 """Transformer files fused by onnxruntime's optimizer load, match onnxruntime, keep their weights maskable, train
 masks under vmap and write back ablated files that onnxruntime runs.
 
-The files are made the way users make them (``contrib_models.py``): a small BERT (``transformers``), GPT-2
-(``transformers``) and ViT (plain torch) with random weights, exported with ``torch.onnx.export`` and fused by
+The files are made the way users make them (``contrib_models.py``): a small BERT, GPT-2 and CLIP text encoder
+(``transformers``) and a ViT (plain torch) with random weights, exported with ``torch.onnx.export`` and fused by
 ``onnxruntime.transformers.optimizer.optimize_model``. They are generated once per test session.
 """
 
@@ -26,8 +26,6 @@ pytest.importorskip("onnxruntime.transformers.optimizer")
 from contrib_cases import assert_loss_reaches_every_matrix  # noqa: E402
 from contrib_models import FAMILIES, export_family  # noqa: E402
 
-_NEEDS_TRANSFORMERS = {"bert", "gpt2"}
-
 
 @pytest.fixture(scope="session")
 def family_files(tmp_path_factory: pytest.TempPathFactory) -> dict:
@@ -36,8 +34,8 @@ def family_files(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
     def get(name: str):
         if name not in cache:
-            if name in _NEEDS_TRANSFORMERS:
-                pytest.importorskip("transformers")
+            if FAMILIES[name].needs:
+                pytest.importorskip(FAMILIES[name].needs)
             cache[name] = export_family(FAMILIES[name], tmp_path_factory.mktemp(name))
         return cache[name]
 

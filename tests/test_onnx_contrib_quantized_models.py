@@ -1,8 +1,8 @@
 """Transformer and LSTM files quantized by onnxruntime's tools load, match onnxruntime, keep their weights
 maskable as dequantized floats, train masks under vmap and write back ablated files that onnxruntime runs.
 
-The float files come from ``contrib_models.py`` (BERT, GPT-2 and ViT fused by ``optimize_model``; an LSTM
-classifier) and are quantized three ways (`contrib_models.QUANTIZERS`): ``quantize_dynamic`` (MatMulInteger,
+The float files come from ``contrib_models.py`` (BERT, GPT-2, CLIP and ViT fused by ``optimize_model``; an
+LSTM classifier) and are quantized three ways (`contrib_models.QUANTIZERS`): ``quantize_dynamic`` (MatMulInteger,
 QAttention, QEmbedLayerNormalization, DynamicQuantizeLSTM), that file as onnxruntime's graph optimizer saves it
 (DynamicQuantizeMatMul, MatMulIntegerToFloat) and the 4-bit ``MatMulNBitsQuantizer`` (MatMulNBits).
 """
@@ -52,7 +52,8 @@ def quantized_files(tmp_path_factory: pytest.TempPathFactory):
             if name == "lstm":
                 path, inputs = export_lstm(folder)
             else:
-                pytest.importorskip("transformers")
+                if FAMILIES[name].needs:
+                    pytest.importorskip(FAMILIES[name].needs)
                 _, path, inputs = export_family(FAMILIES[name], folder)
             floats[name] = (path, inputs, folder)
         path, inputs, folder = floats[name]

@@ -30,6 +30,7 @@ def load_onnx(
     source: str | os.PathLike | onnx.ModelProto,
     *,
     op_handlers: Mapping[str | OpKey, Handler] | None = None,
+    max_tensor_bytes: int | str | None = None,
 ) -> Model:
     """Convert an ONNX model to a `Model` whose module runs the graph with torch operations.
 
@@ -38,6 +39,9 @@ def load_onnx(
             (not modified; its external data must already be loaded, as ``onnx.load(path)`` does).
         op_handlers: extra or replacement op handlers, keyed by op type (default domain) or (domain, op_type);
             each is ``handler(ctx, *inputs)`` as in ``modscope.converters.onnx.registry``.
+        max_tensor_bytes: the largest tensor one node may make, in bytes or as ``"8GiB"``; None reads the
+            environment variable ``MODSCOPE_MAX_TENSOR_BYTES``, else 2 GiB. A node whose output would be larger
+            fails the load (constant nodes) or the forward pass, naming the node (see docs/security.md).
 
     Returns:
         A `Model`: ``model.module`` is an `OnnxGraphModule`, ``model.weights`` lists the float initializers that
@@ -47,6 +51,7 @@ def load_onnx(
         ModelLoadError: the file is missing, empty, truncated, corrupt or not ONNX, or its external data is
             missing or lies outside the model's folder.
         UnsupportedOperatorError: an operator has no handler (all of them are named).
+        ResourceLimitError: a node would make a tensor larger than ``max_tensor_bytes``.
 
     Example:
         >>> import numpy as np
@@ -71,7 +76,9 @@ def load_onnx(
         checksum = hashlib.sha256(data).hexdigest()
         base_dir = str(path.resolve().parent)
     roles = find_weights(proto.graph, quantized=find_quantized_weights(proto.graph))
-    module = OnnxGraphModule(proto, make_table(op_handlers), weight_initializers=roles, base_dir=base_dir)
+    module = OnnxGraphModule(
+        proto, make_table(op_handlers), weight_initializers=roles, base_dir=base_dir, max_tensor_bytes=max_tensor_bytes
+    )
     weights = []
     for onnx_name, torch_name in module.param_names.items():
         role = roles[onnx_name]
