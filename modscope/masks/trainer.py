@@ -234,7 +234,8 @@ def train_masks(
         model: a `Model` (from `modscope.load`) or a torch module.
         tasks: the tasks, or one task; names must be unique.
         config: a `MaskConfig`; the paper's defaults when omitted.
-        progress: show a progress line on stderr; by default when stderr is a terminal.
+        progress: False for silence; by default a live bar on a terminal, a plain line every 10 s elsewhere
+            (``$MODSCOPE_PROGRESS_INTERVAL`` sets the seconds).
         checkpoint: a file to save the training state to every ``checkpoint_every`` steps and on Ctrl-C.
         checkpoint_every: steps between checkpoints.
         resume: continue from ``checkpoint`` if it exists (same tasks, config and model required); the result is
@@ -268,8 +269,7 @@ def train_masks(
     config = config or MaskConfig()
     _check_tasks(tasks)
     device = resolve_device(config.device)
-    show = progress if progress is not None else os.isatty(2)
-    bar = Progress(config.n_steps, enabled=show)
+    bar = Progress(config.n_steps, enabled=progress)
     ckpt_path = Path(checkpoint) if checkpoint else None
     with model.frozen(device, train=config.train_mode) as module, retained_heap(device.type == "cpu"):
         trainer = MaskTrainer(model, module, tasks, config, device, initial_logits=initial_logits)
