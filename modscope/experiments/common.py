@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..masks.progress import Progress
 from ..tasks import Task
 
 
@@ -64,7 +64,8 @@ def train_network(
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
     loss_fn = task.loss_fn()
     curve = []
-    start = time.perf_counter()
+    bar = Progress(n_steps, enabled=progress, what="base network")
+    bar.start(0)
     for step in range(1, n_steps + 1):
         xs, y = task.batch(torch.randint(len(task), (batch_size,), generator=gen), device)
         out = forward(net, xs) if forward else task.select_output(net(*xs))
@@ -76,11 +77,8 @@ def train_network(
         optimizer.step()
         if step % 100 == 0 or step == n_steps:
             curve.append(float(loss.detach()))
-            if progress:
-                rate = step / (time.perf_counter() - start)
-                print(f"\rbase network {step}/{n_steps} {rate:6.1f} steps/s loss {curve[-1]:.4f}\033[K", end="", file=sys.stderr)
-    if progress:
-        print(file=sys.stderr)
+            bar.update(step, {"train": curve[-1]})
+    bar.close()
     net.eval()
     return curve
 
