@@ -237,7 +237,9 @@ def quantize_file(source: Path, how: str, folder: Path) -> Path:
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_logging():
         warnings.simplefilter("ignore")
         if how == "nbits":
-            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+            from onnxruntime.quantization.matmul_nbits_quantizer import (
+                MatMulNBitsQuantizer,
+            )
 
             quantizer = MatMulNBitsQuantizer(onnx.load(source), block_size=16, is_symmetric=False)
             quantizer.process()

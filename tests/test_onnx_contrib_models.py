@@ -23,8 +23,8 @@ from modscope.converters.export import export_masked
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxruntime.transformers.optimizer")
 
-from contrib_cases import assert_loss_reaches_every_matrix  # noqa: E402
-from contrib_models import FAMILIES, export_family  # noqa: E402
+from contrib_cases import assert_loss_reaches_every_matrix
+from contrib_models import FAMILIES, export_family
 
 
 @pytest.fixture(scope="session")

@@ -12,10 +12,10 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 
-from contrib_cases import Case  # noqa: E402
-from contrib_cases import check as _check  # noqa: E402
-from contrib_cases import floats as _f  # noqa: E402
-from contrib_cases import rng as _rng  # noqa: E402
+from contrib_cases import Case
+from contrib_cases import check as _check
+from contrib_cases import floats as _f
+from contrib_cases import rng as _rng
 
 
 # -- Attention -----------------------------------------------------------------------------------------------------

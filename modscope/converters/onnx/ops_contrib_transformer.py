@@ -19,7 +19,14 @@ import torch.nn.functional as F
 
 from ...errors import InvalidParameterError, ShapeError, UnsupportedOperatorError
 from ._nn_sequence import rotary_embedding
-from .ops_contrib import MS_DOMAIN, attend, declared_outputs, key_padding, merge_heads, split_heads
+from .ops_contrib import (
+    MS_DOMAIN,
+    attend,
+    declared_outputs,
+    key_padding,
+    merge_heads,
+    split_heads,
+)
 from .oputil import as_int
 from .registry import NodeContext, OpSet
 
