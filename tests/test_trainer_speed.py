@@ -113,3 +113,39 @@ def test_plan_arithmetic():
     assert parse_bytes("2 GiB") == 2 << 30 and parse_bytes("1.5kB") == 1500
     with pytest.raises(modscope.errors.InvalidParameterError):
         modscope.MaskConfig(max_memory="lots")
+
+
+def test_noise_drawn_ahead_in_threads_gives_the_same_masks():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        masks = train()
+        split = train(pass_size=4)  # one task per pass: the next task's noise is drawn while this one runs
+    finally:
+        torch.set_num_threads(threads)
+    for task, (bits, _) in REFERENCE.items():
+        assert fingerprint(masks, task)[0] == bits and fingerprint(split, task)[0] == bits
+
+
+def test_a_checkpoint_taken_while_noise_is_drawn_ahead_holds_the_streams_of_the_step_boundary(tmp_path):
+    from modscope.masks.checkpoint import TrainingState
+
+    def saved_generators(threads: int) -> list[torch.Tensor]:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            model = modscope.load(reference_net())
+            config = modscope.MaskConfig(**{**CONFIG, "compile": False, "pass_size": 4})
+            trainer = MaskTrainer(model, model.module_on("cpu"), reference_tasks(), config, torch.device("cpu"))
+            for _ in range(3):
+                trainer.step()
+            assert trainer._ahead == (threads > 1)
+            path = tmp_path / f"ckpt{threads}.pt"
+            trainer.save(path, TrainingState(3, {}, [0.0, 0.0]))
+            trainer.close()
+        finally:
+            torch.set_num_threads(before)
+        return torch.load(path, weights_only=True)["generators"]
+
+    for ahead, plain in zip(saved_generators(2), saved_generators(1)):
+        assert torch.equal(ahead, plain)

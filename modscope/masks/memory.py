@@ -1,8 +1,8 @@
 """The memory plan of a mask-training run: how much memory a step needs, and how to split it into passes that fit.
 
 A step runs the frozen network K tasks x S samples times, each "replica" with its own effective weights W ⊙ m. Per
-replica it holds, for the N masked elements: the uniform noise (4 bytes each), the effective weights (4), their
-gradient (4) and a keep flag (1): 13 bytes per masked weight, plus the replica's activations kept for the backward
+replica it holds, for the N masked elements: the uniform noise (4 bytes each, and 4 more for the next pass's noise
+drawn ahead by a second thread), the effective weights (4) and their gradient (4): 16 bytes per masked weight, plus the replica's activations kept for the backward
 pass (measured once on a probe pass of one replica, see `probe_activations`). Per task the run holds the logits,
 their gradient, Adam's two moments, one Adam temporary and a row of thresholds: 24 bytes per masked weight. On top come the process's
 memory before training (weights, data, the framework) and the pass buffers of `sampling.StepBuffers`.
@@ -34,8 +34,9 @@ from ..errors import InvalidParameterError, OutOfMemoryPlanError
 if TYPE_CHECKING:
     from .config import MaskConfig
 
-REPLICA_BYTES_PER_WEIGHT = 13
-"""Noise, effective weight and its gradient (float32) and a keep flag, per masked weight and replica."""
+REPLICA_BYTES_PER_WEIGHT = 16
+"""Noise (twice: the next pass's is drawn ahead with threads), effective weight and its gradient (float32), per
+masked weight and replica."""
 TASK_BYTES_PER_WEIGHT = 24
 """Logits, their gradient, Adam's two moments, one Adam temporary and a row of thresholds (float32), per masked
 weight and task."""

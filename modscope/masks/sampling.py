@@ -224,6 +224,7 @@ class StepBuffers:
         offsets: where each weight starts in the flat N axis.
         replicas: the most (task, sample) pairs of one forward pass.
         tasks: the most tasks of one forward pass.
+        slots: noise buffers (2 to draw one pass ahead).
 
     Example:
         >>> import torch
@@ -236,7 +237,7 @@ class StepBuffers:
         [(1, 4, 2, 2), (1, 4, 3)]
     """
 
-    def __init__(self, weights: Sequence[torch.Tensor], offsets: Sequence[int], replicas: int, tasks: int):
+    def __init__(self, weights: Sequence[torch.Tensor], offsets: Sequence[int], replicas: int, tasks: int, slots: int = 1):
         self.weights, self.offsets = list(weights), list(offsets)
         self.total = sum(w.numel() for w in weights)
         device, dtype = (weights[0].device, weights[0].dtype) if weights else (torch.device("cpu"), torch.float32)
@@ -244,7 +245,7 @@ class StepBuffers:
         widest = max((w[0].numel() if w.dim() else 1 for w in weights), default=1)  # the largest row of a weight
         self.block = _CPU_BLOCK if device.type == "cpu" else replicas * largest
         scratch = min(max(self.block, replicas * widest), replicas * largest)
-        self._uniforms = torch.empty(replicas * self.total, device=device, dtype=dtype)
+        self._uniforms = [torch.empty(replicas * self.total, device=device, dtype=dtype) for _ in range(slots)]
         self._effective = [torch.empty(replicas * w.numel(), device=device, dtype=dtype) for w in weights]
         self._rows = torch.empty(tasks * self.total, device=device, dtype=dtype)
         self._a = torch.empty(scratch, device=device, dtype=dtype)
@@ -254,12 +255,13 @@ class StepBuffers:
 
     def nbytes(self) -> int:
         """Bytes held by the buffers."""
-        held = [self._uniforms, *self._effective, self._rows, self._a, self._b, self._sum]
+        held = [*self._uniforms, *self._effective, self._rows, self._a, self._b, self._sum]
         return sum(t.numel() * t.element_size() for t in held)
 
-    def uniforms(self, tasks: int, samples: int) -> torch.Tensor:
-        """A ``(tasks, samples, N)`` view to draw a pass's noise into (row by row, each task from its stream)."""
-        return self._uniforms[: tasks * samples * self.total].view(tasks, samples, self.total)
+    def uniforms(self, tasks: int, samples: int, slot: int = 0) -> torch.Tensor:
+        """A ``(tasks, samples, N)`` view to draw a pass's noise into (row by row, each task from its stream); with
+        two ``slots`` the next pass's noise can be drawn into one while the other is in use."""
+        return self._uniforms[slot][: tasks * samples * self.total].view(tasks, samples, self.total)
 
     def effective(self, logits: torch.Tensor, uniforms: torch.Tensor, weights: Sequence[torch.Tensor],
                   kernels: SamplerKernels | None = None) -> list[torch.Tensor]:

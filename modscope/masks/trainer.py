@@ -20,7 +20,7 @@ import signal
 import threading
 import warnings
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -343,7 +343,10 @@ class MaskTrainer:
         self._masked = [self.runner.masked[w.name] for w in self.weights]
         self._plan: MemoryPlan | None = None
         threads = torch.get_num_threads() if device.type == "cpu" else 1
-        self._draw_pool = ThreadPoolExecutor(min(threads, len(self.tasks))) if threads > 1 and len(self.tasks) > 1 else None
+        self._draw_pool = ThreadPoolExecutor(min(threads, len(self.tasks) + 1)) if threads > 1 else None
+        self._ahead = False
+        self._next: tuple[Future, dict[int, torch.Tensor]] | None = None  # the pass drawn ahead, the states before it
+        self._drawn = 0  # passes drawn so far (their slot alternates)
         self.logits.grad = torch.zeros_like(self.logits)
         self.identity = {"tasks": [t.name for t in self.tasks], "config": _identity_config(config), "model": model.checksum, "n_masked": N}
 
@@ -361,7 +364,9 @@ class MaskTrainer:
         self._plan = plan_run(len(self.tasks), self.config, self.layout.total, self._probe_activations(xs), self.device,
                               prefer=self._preferred_replicas())
         most_tasks = max(len(p.tasks) for p in self._plan.passes)
-        self.buffers = StepBuffers(self._masked, self.layout.offsets, self._plan.replicas, most_tasks)
+        whole = all(p.samples == (0, self.config.n_samples) for p in self._plan.passes)
+        self._ahead = self._draw_pool is not None and whole  # draw the next pass's noise while this one computes
+        self.buffers = StepBuffers(self._masked, self.layout.offsets, self._plan.replicas, most_tasks, slots=2 if self._ahead else 1)
 
     def _preferred_replicas(self) -> int | None:
         """The pass size the step's speed favours when memory allows any: on a GPU all tasks at once; on a CPU as many
@@ -422,20 +427,47 @@ class MaskTrainer:
 
     def _sample(self, tasks: range, samples: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """Draw the pass's noise (each task from its own stream, in sample order) and its effective weights."""
-        G, n, N = len(tasks), samples[1] - samples[0], self.layout.total
-        uniforms = self.buffers.uniforms(G, n)
+        if self._ahead:
+            uniforms = self._take_ahead(tasks)
+        else:
+            uniforms = self.buffers.uniforms(len(tasks), samples[1] - samples[0])
+            self._draw(tasks, samples, uniforms, parallel=True)
+        rows = self.logits.detach()[tasks.start : tasks.stop]
+        effective = self.buffers.effective(rows, uniforms, self._masked, self.runner.kernels)
+        return rows, uniforms, [e.detach().requires_grad_() for e in effective]
+
+    def _draw(self, tasks: range, samples: tuple[int, int], uniforms: torch.Tensor, parallel: bool) -> None:
+        n, N = samples[1] - samples[0], self.layout.total
 
         def draw(g: int) -> None:
             draw_uniforms((n, N), self.gens.noise[tasks[g]], self.device, out=uniforms[g])
 
-        if G > 1 and self._draw_pool is not None:  # each task's stream is serial; different tasks' are not
-            list(self._draw_pool.map(draw, range(G)))
+        if parallel and len(tasks) > 1 and self._draw_pool is not None:  # each stream is serial, different tasks' not
+            list(self._draw_pool.map(draw, range(len(tasks))))
         else:
-            for g in range(G):
+            for g in range(len(tasks)):
                 draw(g)
-        rows = self.logits.detach()[tasks.start : tasks.stop]
-        effective = self.buffers.effective(rows, uniforms, self._masked, self.runner.kernels)
-        return rows, uniforms, [e.detach().requires_grad_() for e in effective]
+
+    def _take_ahead(self, tasks: range) -> torch.Tensor:
+        """The noise of this pass (drawn ahead, or now on the first pass), after starting the next pass's draw.
+
+        Passes run in the plan's order step after step, so the next pass is known; its slot is the one the previous
+        pass used, which is finished. The streams are drawn in the same order as without drawing ahead."""
+        passes, S = self.plan.passes, self.config.n_samples
+        slot = self._drawn % 2
+        uniforms = self.buffers.uniforms(len(tasks), S, slot)
+        if self._next is None:
+            self._draw(tasks, (0, S), uniforms, parallel=False)
+        else:
+            self._next[0].result()
+        index = next(i for i, p in enumerate(passes) if p.tasks == tasks)
+        following = passes[(index + 1) % len(passes)].tasks
+        ahead = self.buffers.uniforms(len(following), S, 1 - slot)
+        states = {k: self.gens.noise[k].get_state() for k in following}
+        assert self._draw_pool is not None
+        self._next = (self._draw_pool.submit(self._draw, following, (0, S), ahead, False), states)
+        self._drawn += 1
+        return uniforms
 
     def _outputs(self, leaves: list[torch.Tensor], batches: list, tasks: range, samples: tuple[int, int]) -> list[torch.Tensor]:
         runner = self.runner
@@ -488,12 +520,26 @@ class MaskTrainer:
 
     def close(self) -> None:
         """Stop the noise-drawing threads (if any)."""
+        if self._next is not None:
+            self._next[0].result()
         if self._draw_pool is not None:
             self._draw_pool.shutdown()
             self._draw_pool = None
 
     def save(self, path: Path, state: TrainingState) -> None:
-        save_checkpoint(path, self.identity, state, self.logits, self.optimizer, self.gens.all())
+        """Save the run; noise drawn ahead for the next step is not part of it (its streams are saved before it)."""
+        ahead: dict[int, torch.Tensor] = {}
+        if self._next is not None:
+            self._next[0].result()
+            ahead = self._next[1]
+        current = {k: self.gens.noise[k].get_state() for k in ahead}
+        for k, before in ahead.items():
+            self.gens.noise[k].set_state(before)
+        try:
+            save_checkpoint(path, self.identity, state, self.logits, self.optimizer, self.gens.all())
+        finally:
+            for k, now in current.items():
+                self.gens.noise[k].set_state(now)
 
     def result(self, curves: dict[str, dict[str, list[float]]]) -> MaskSet:
         per_weight = self.layout.split(self.logits.detach().cpu())
