@@ -565,8 +565,9 @@ def _record(state: TrainingState, tasks: list[Task], logits: torch.Tensor) -> No
 
 
 def _identity_config(config: MaskConfig) -> dict[str, Any]:
-    """The config as a checkpoint's identity: settings that cannot change the masks (memory, passes) left out."""
-    return {k: v for k, v in config.to_dict().items() if k not in ("max_memory", "pass_size")}
+    """The config as a checkpoint's identity: settings that cannot change the masks (memory, passes, threads) left
+    out."""
+    return {k: v for k, v in config.to_dict().items() if k not in ("max_memory", "pass_size", "threads")}
 
 
 def _check_tasks(tasks: list[Task]) -> None:
