@@ -16,13 +16,14 @@ all of its positions are), ``"mse"`` (default for ``"mse"``; lower is better), o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .errors import DataError, InvalidParameterError
 
@@ -122,6 +123,7 @@ class Task:
     output: int | str | None = None
     higher_is_better: bool | None = None
     inputs: tuple[torch.Tensor, ...] = field(init=False, repr=False)
+    input_names: tuple[str, ...] | None = field(init=False, repr=False, default=None)
     targets: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -145,8 +147,15 @@ class Task:
             x, y = _collate_dataset(x, self.name)
         if y is None:
             raise DataError(f"task {self.name!r} has no targets; pass y (or a Dataset of (x, y) pairs)")
-        xs = tuple(x) if isinstance(x, tuple | list) and not _is_numeric_list(x) else (x,)
-        inputs = tuple(_as_tensor(v, f"input {i}", self.name) for i, v in enumerate(xs))
+        if isinstance(x, Mapping):
+            if not x or not all(isinstance(k, str) and k for k in x):
+                raise DataError(f"task {self.name!r}: named inputs must be a non-empty mapping of names to arrays, e.g. {{'input_ids': ids}}")
+            self.input_names = tuple(x)
+            xs = tuple(x.values())
+        else:
+            xs = tuple(x) if isinstance(x, tuple | list) and not _is_numeric_list(x) else (x,)
+        labels = self.input_names or tuple(str(i) for i in range(len(xs)))
+        inputs = tuple(_as_tensor(v, f"input {n!r}" if self.input_names else f"input {n}", self.name) for n, v in zip(labels, xs))
         targets = _as_tensor(y, "targets", self.name)
         lengths = {len(t) if t.dim() else 0 for t in inputs} | {len(targets) if targets.dim() else 0}
         if 0 in lengths:
@@ -154,8 +163,8 @@ class Task:
         if len(lengths) > 1:
             sizes = [len(t) for t in inputs] + [len(targets)]
             raise DataError(f"task {self.name!r}: inputs and targets have different lengths {sizes}; they must all have one row per example")
-        for i, t in enumerate(inputs):
-            _check_finite(t, f"input {i}", self.name)
+        for n, t in zip(labels, inputs):
+            _check_finite(t, f"input {n}", self.name)
         _check_finite(targets, "targets", self.name)
         if self.loss in ("ce", "seq_ce") and targets.is_floating_point():
             if not torch.equal(targets, targets.round()):
@@ -201,7 +210,21 @@ class Task:
 
     def signature(self) -> tuple[tuple[tuple[int, ...], torch.dtype], ...]:
         """Per-example input shapes and dtypes; tasks with equal signatures are batched together."""
-        return tuple((tuple(t.shape[1:]), t.dtype) for t in self.inputs)
+        return (self.input_names, *((tuple(t.shape[1:]), t.dtype) for t in self.inputs))
+
+
+def call_module(module: nn.Module, params: Mapping[str, torch.Tensor], xs: Sequence[torch.Tensor],
+                names: Sequence[str] | None = None) -> Any:
+    """Run ``module`` with ``params`` substituted, on positional inputs or, given ``names``, keyword inputs.
+
+    Example:
+        >>> import torch
+        >>> lin = torch.nn.Linear(2, 1)
+        >>> call_module(lin, {}, [torch.ones(3, 2)], names=["input"]).shape
+        torch.Size([3, 1])
+    """
+    args, kwargs = (tuple(xs), {}) if names is None else ((), dict(zip(names, xs)))
+    return torch.func.functional_call(module, dict(params), args, kwargs, strict=False, tie_weights=False)
 
 
 def _is_numeric_list(x: Sequence[Any]) -> bool:
