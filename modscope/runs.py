@@ -204,19 +204,34 @@ class RunFolder:
 
         return MaskSet.load(self.masks_path)
 
-    def load_model(self, path: str | os.PathLike | None = None) -> Model:
+    def load_model(self, path: str | os.PathLike | None = None, *, factory: Any = None, trust: bool = False) -> Model:
         """The model the run was trained on, after checking that its file has not changed.
+
+        Trust and factories come only from the caller, never from the run folder: a shared folder whose config.json
+        says ``trust: true`` or names a factory grants nothing by itself. When the run was made with them, the
+        caller must pass them again.
 
         Args:
             path: the model file, if it has moved since the run; by default the path recorded in config.json.
+            factory: the factory that builds the module of a state_dict checkpoint (CLI: ``--factory``).
+            trust: allow the model file to run code when loaded (CLI: ``--trust``).
 
         Raises:
             ModelLoadError: the file is missing or its checksum differs from the one recorded.
+            UntrustedFileError: the run was made with ``trust`` and the caller did not pass it.
+            InvalidParameterError: config.json is malformed.
+
+        Example:
+            >>> model = RunFolder("runs/addmul").load_model()  # doctest: +SKIP
         """
         from .converters import load
+        from .errors import UntrustedFileError
 
-        recorded = self.config().get("model") or {}
-        model_path = Path(path or recorded.get("path") or "")
+        config = self.config()
+        recorded = config.get("model") or {}
+        if not isinstance(recorded, dict):
+            raise InvalidParameterError(f"run config {self.config_path} is malformed: 'model' is not an object; make it again with `modscope fit`")
+        model_path = Path(path or _text(recorded.get("path")) or "")
         if not str(model_path) or not model_path.is_file():
             raise ModelLoadError(
                 f"the model file {model_path} recorded in {self.config_path} does not exist; pass --model PATH of the same file"
@@ -227,4 +242,19 @@ class RunFolder:
                 f"the model file {model_path} has changed since the run was made (its sha256 differs from the one in "
                 f"{self.config_path}); use the exact file the masks were trained on"
             )
-        return load(model_path, **(recorded.get("options") or {}))
+        options = recorded.get("options") if isinstance(recorded.get("options"), dict) else {}
+        if options.get("trust") and not trust:
+            raise UntrustedFileError(
+                f"the run in {self.path} was made with --trust (its model file runs code when loaded); a run folder cannot "
+                "grant trust by itself, so pass --trust (API: trust=True) if you trust the model file"
+            )
+        if options.get("factory") and factory is None:
+            raise ModelLoadError(
+                f"the run in {self.path} loaded its model with factory {str(options['factory'])[:200]!r}; a run folder "
+                "cannot name code to run by itself, so pass --factory (API: factory=...) yourself"
+            )
+        return load(model_path, **{k: v for k, v in (("factory", factory), ("trust", trust)) if v})
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and "\x00" not in value else None
