@@ -17,6 +17,17 @@ class InvalidParameterError(ModscopeError, ValueError, TypeError):
     """An argument or configuration value is out of range or of the wrong type."""
 
 
+class UnknownTaskError(InvalidParameterError, KeyError):
+    """A task name that a `MaskSet` (or another result keyed by task) does not have.
+
+    A ``KeyError`` too, so the mapping protocol works: ``"name" in masks`` and ``masks.get("name")`` answer instead
+    of raising.
+    """
+
+    def __str__(self) -> str:  # KeyError would quote the whole sentence
+        return str(self.args[0]) if self.args else ""
+
+
 class DataError(ModscopeError, ValueError):
     """Task data is unusable: empty, mismatched lengths, NaN, wrong width, missing targets."""
 
@@ -31,6 +42,11 @@ class ModelLoadError(ModscopeError, ValueError):
 
 class UntrustedFileError(ModelLoadError):
     """Loading the file would execute code from it (a pickle) and the caller did not pass ``trust=True``."""
+
+
+class ResourceLimitError(ModscopeError, ValueError):
+    """The input would make modscope allocate or compute more than a configured limit (e.g. an ONNX node whose output
+    would exceed ``max_tensor_bytes``); the message names the cause and how to raise the limit."""
 
 
 class UnsupportedOperatorError(ModscopeError, NotImplementedError):
@@ -77,3 +93,7 @@ class PolicyError(ModscopeError, ValueError):
 
 class ModscopeWarning(UserWarning):
     """Warnings modscope emits (once per cause) about a default it applied or a slower path it took."""
+
+
+class OutOfMemoryPlanError(ModscopeError, MemoryError):
+    """The memory plan of a mask-training run finds that not even one mask sample fits in the memory allowed."""

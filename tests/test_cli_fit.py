@@ -175,3 +175,22 @@ def test_fit_and_export_torch_formats(kind: str, toy: Toy, tmp_path: Path) -> No
     mask = MaskSet.load(run / "masks.safetensors")["a"]
     for w in MaskSet.load(run / "masks.safetensors").weights:
         assert torch.all(ablated[w.source_name][mask[w.name]] == 0)
+
+
+def test_fit_writes_periodic_plain_progress_lines_into_a_log(toy: Toy, tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("MODSCOPE_PROGRESS_INTERVAL", "0.000001")  # every recorded point
+    flags = [f for f in FIT_FLAGS if f != "--quiet"]
+    log = tmp_path / "fit.log"
+    with log.open("w") as stderr:
+        result = subprocess.run([str(Path(sys.executable).with_name("modscope")), "fit", str(toy.onnx), "--task",
+                                 f"a={toy.a}", "--out", str(tmp_path / "run"), *flags],
+                                stderr=stderr, stdout=subprocess.DEVNULL, check=False, timeout=120,
+                                env={**os.environ, "OMP_NUM_THREADS": "1",
+                                     "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
+                                                                    str(Path(__file__).parent)])})
+    assert result.returncode == 0
+    text = log.read_text()
+    lines = [line for line in text.splitlines() if line.startswith("masks ")]
+    assert [line.split()[1] for line in lines] == ["10/30", "20/30", "30/30"]
+    assert all(" steps/s | " in line and " left | a: loss " in line and " density " in line for line in lines)
+    assert not any(ch in text for ch in "\r\x1b"), "a log must hold no control characters"

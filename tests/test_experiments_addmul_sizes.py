@@ -10,8 +10,8 @@ from modscope.experiments import addmul_sizes, get_experiment
 from modscope.experiments.common import ExperimentOptions
 
 
-def test_paper_sizes_are_small_medium_big():
-    assert addmul_sizes.SETTINGS["sizes"] == ((400, 400, 200), (800,) * 4, (2000,) * 4)
+def test_paper_sizes_are_small_medium_big_huge():
+    assert addmul_sizes.SETTINGS["sizes"] == ((400, 400, 200), (800,) * 4, (2000,) * 4, (4000,) * 4)
     assert addmul_sizes.SETTINGS["beta"] == 1e-4 and addmul_sizes.SETTINGS["mask_steps"] == 20_000
 
 
@@ -24,6 +24,9 @@ def test_tiny_run_reports_sharing_per_size(tmp_path):
     assert run["n_weights"] == 42 * 32 + 32 * 32 + 32 * 20  # weights only: the paper leaves biases unmasked
     assert set(run["accuracy"]["mask"]) == {"add", "mul"}
     assert report["claims"][0]["paper"] == "falls as the network grows"
+    assert report["claims"][0]["criterion"].startswith("the paper's words")
+    assert report["preset"].startswith("full run: differs from the paper's settings in: ")
+    assert "sizes 8/16/32x2 (paper 400-400-200/800x4/2000x4/4000x4)" in report["preset"]
     assert json.loads((tmp_path / "addmul-sizes.json").read_text())["claims"] == report["claims"]
 
 

@@ -27,15 +27,27 @@ def test_digits_and_targets_are_little_endian_sums():
 def test_each_pair_is_read_from_its_own_slot_with_the_other_pair_zeroed():
     torch.manual_seed(0)
     net = double_add.DoubleAddNet((16, 16))
-    digits = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
-    out = net(digits)
-    assert out["pair1"].shape == out["pair2"].shape == (1, 2, 10) and out["both"].shape == (1, 4, 10)
+    digits = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]] * 2)
+    pair = torch.tensor([0, 1])
+    out = net(digits, pair)
+    assert out.shape == (2, 2, 10)
     other = digits.clone()
     other[:, 4:] = 0  # pair 2 changes: pair 1's prediction must not
-    torch.testing.assert_close(net(other)["pair1"], out["pair1"], rtol=0, atol=0)
-    x1 = torch.zeros(1, 80)
+    torch.testing.assert_close(net(other, pair)[0], out[0], rtol=0, atol=0)
+    x1, x2 = torch.zeros(1, 80), torch.zeros(1, 80)
     x1[0, [1, 12, 23, 34]] = 1  # one-hot of pair 1's digits only
-    torch.testing.assert_close(out["pair1"], net.layers(x1)[:, :20].view(1, 2, 10), rtol=1e-6, atol=1e-6)
+    x2[0, [45, 56, 67, 78]] = 1  # of pair 2's
+    torch.testing.assert_close(out[0], net.layers(x1)[0, :20].view(2, 10), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out[1], net.layers(x2)[0, 20:].view(2, 10), rtol=1e-6, atol=1e-6)
+
+
+def test_the_two_passes_are_separate_rows_so_they_get_separate_mask_samples():
+    digits, targets = double_add.sample_digits(5, seed=0)
+    tasks = double_add.make_tasks(digits, targets)
+    assert len(tasks["both"]) == 10 and len(tasks["pair1"]) == len(tasks["pair2"]) == 5
+    (d, pair), y = tasks["both"].batch(torch.tensor([0, 5]))
+    assert torch.equal(d[0], d[1]) and pair.tolist() == [0, 1]
+    assert torch.equal(y, torch.as_tensor(np.stack([targets[0, :2], targets[0, 2:]])))
 
 
 def test_removal_masks_protect_the_io_layers():

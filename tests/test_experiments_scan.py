@@ -86,8 +86,9 @@ def test_splits_partition_the_commands(full):
 def test_encoding_pads_and_ends_with_eos():
     enc = scan_data.encode([("walk twice", "I_WALK I_WALK"), ("turn left", "I_TURN_LEFT")])
     vocab = scan_data.Vocab()
-    assert enc.src.shape == (2, 9) and enc.tgt.shape == (2, 49)
-    assert enc.src_len.tolist() == [2, 2]
+    assert enc.src.shape == (2, 10) and enc.tgt.shape == (2, 49)
+    assert enc.src_len.tolist() == [3, 3]  # two words and the encoder's EOS
+    assert enc.src[:, 2].tolist() == [vocab.src_eos] * 2 and (enc.src[:, 3:] == 0).all()
     assert enc.tgt[0, :3].tolist() == [0, 0, vocab.eos] and (enc.tgt[0, 3:] == -1).all()
     with pytest.raises(InvalidParameterError):
         scan_data.encode([("walk", "I_WALK " * 60)])
@@ -128,11 +129,19 @@ def test_lstm_runs_under_vmap_like_a_loop():
         torch.testing.assert_close(batched[k], one, rtol=1e-5, atol=1e-6)
 
 
-def test_training_task_teacher_forces_half_of_the_rows():
-    enc = scan_data.encode([("walk", "I_WALK"), ("run", "I_RUN")])
+def test_training_batches_are_teacher_forced_as_a_whole_half_of_the_time():
+    enc = scan_data.encode([("walk", "I_WALK"), ("run", "I_RUN"), ("look", "I_LOOK")])
     task = scan_model.make_task("t", enc)
-    assert len(task) == 4 and task.inputs[3].tolist() == [True, True, False, False]
-    assert scan_model.make_task("t", enc, teacher_forcing=False).inputs[3].tolist() == [False, False]
+    gen = torch.Generator().manual_seed(0)
+    draws = []
+    for _ in range(400):
+        index = torch.randint(len(task), (8,), generator=gen)
+        (_, _, _, tf), _ = task.batch(index)
+        assert tf.all() or not tf.any(), "one draw per batch"
+        assert torch.equal(task.batch(index)[0][3], tf), "the draw depends on the batch only"
+        draws.append(bool(tf[0]))
+    assert 0.4 < sum(draws) / len(draws) < 0.6
+    assert scan_model.make_task("t", enc, teacher_forcing=False).inputs[3].tolist() == [False] * 3
 
 
 @pytest.fixture
@@ -156,7 +165,7 @@ def test_tiny_run_reports_every_claimed_quantity(tmp_path, one_thread):
     whats = " ".join(c["what"] for c in report["claims"])
     assert "addprim_jump: before → after" in whats and "I_JUMP row" in whats
     assert json.loads((tmp_path / "scan.json").read_text())["claims"] == report["claims"]
-    assert (tmp_path / "scan.html").read_text().count("<pre>") == 4
+    assert (tmp_path / "scan.html").read_text().count("<pre>") == 5  # settings, three tables, claims
 
 
 def test_mask_choice_is_validated_and_control_is_required():

@@ -38,6 +38,18 @@ def test_maskset_set_operations():
     assert ms.density() == {"a": pytest.approx(2 / 3), "b": pytest.approx(2 / 3)}
 
 
+def test_maskset_is_a_mapping_of_tasks():
+    ab = modscope.MaskSet.from_masks({"a": {"w": torch.tensor([1, 1, 0])}, "b": {"w": torch.tensor([0, 1, 1])}})
+    a = modscope.MaskSet.from_masks({"a": {"w": torch.tensor([1, 0, 0])}})
+    assert "a" in ab and "x" not in ab and ab.get("x") is None and ab.get("a") is ab["a"]
+    with pytest.raises(KeyError, match="no mask for task 'x'"):
+        ab["x"]
+    with pytest.raises(InvalidParameterError):  # still the error callers of older versions catch
+        ab["x"]
+    # the common tasks, whichever run comes first
+    assert modscope.metrics.stability([ab, a]).tasks == modscope.metrics.stability([a, ab]).tasks == ("a",)
+
+
 def test_loading_a_bad_mask_file(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
         modscope.MaskSet.load(tmp_path / "none.safetensors")

@@ -68,7 +68,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=_positive, metavar="N",
                    help="steps between checkpoints (default: that of modscope.train_masks)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction,
-                   help="show a progress line on stderr (default: when stderr is a terminal)")
+                   help="show progress on stderr: a live bar on a terminal, a plain line every 10 s in a log "
+                        "($MODSCOPE_PROGRESS_INTERVAL sets the seconds); on by default, --no-progress for none")
     p.add_argument("--quiet", "-q", action="store_true", help="no log lines on stderr")
     add_model_options(p)
     add_dataclass_flags(p.add_argument_group("mask training (the fields of modscope.MaskConfig)"), MaskConfig)
@@ -177,7 +178,7 @@ def _fit(args: argparse.Namespace, config: MaskConfig, names: list[str], options
                   f"{config.n_steps} steps")
         extra = {"checkpoint_every": args.checkpoint_every} if args.checkpoint_every else {}
         masks = train_masks(model, tasks, config, progress=False if args.quiet else args.progress,
-                            checkpoint=folder.checkpoint_path, resume=args.resume, **extra)
+                            checkpoint=folder.checkpoint_path, resume=args.resume, notes=lambda line: log(args, line), **extra)
         masks.save(folder.masks_path)  # first, so that an interrupted measurement can --resume without training
     log(args, "measuring sharing, overlap, ablation and clustering")
     report = Report.from_masks(masks, model, eval_tasks, device=config.device)

@@ -179,13 +179,14 @@ def _export_onnx(model: Model, masks: Mapping[str, torch.Tensor], out: Path, pro
         if bool(mask.all()):
             continue
         array = _read_array(init, base_dir)
-        if array.shape != tuple(mask.shape):
-            raise ShapeError(f"initializer {init.name!r} has shape {array.shape}, the mask {tuple(mask.shape)}")
-        removed = np.zeros((), array.dtype)
-        if array.dtype.kind in "iu":
+        if array.dtype.kind in "iu":  # quantized: removed elements become the zero point
             quantized = _quantized_weights(proto) if quantized is None else quantized
-            removed = _zero_point(quantized.get(init.name), array, initializers, base_dir)
-        _replace_data(init, np.where(mask.numpy(), array, removed), data)
+            ablated = _ablated_integers(quantized.get(init.name), array, mask.numpy(), initializers, base_dir)
+        elif array.shape != tuple(mask.shape):
+            raise ShapeError(f"initializer {init.name!r} has shape {array.shape}, the mask {tuple(mask.shape)}")
+        else:
+            ablated = np.where(mask.numpy(), array, np.zeros((), array.dtype))
+        _replace_data(init, ablated, data)
         edited.add(init.name)
     same_dir = base_dir is not None and out.parent.resolve() == base_dir.resolve()
     for init in initializers.values():
@@ -203,14 +204,14 @@ def _quantized_weights(proto: Any) -> dict[str, Any]:
     return find_quantized_weights(proto.graph)
 
 
-def _zero_point(info: Any, array: np.ndarray, initializers: Mapping[str, Any], base_dir: Path | None) -> np.ndarray:
-    """What a removed element of the integer weight ``array`` becomes: its zero point (0 without one)."""
-    from .onnx.quantized import removed_value
+def _ablated_integers(
+    info: Any, array: np.ndarray, keep: np.ndarray, initializers: Mapping[str, Any], base_dir: Path | None
+) -> np.ndarray:
+    """The integer weight ``array`` with removed elements set to its zero point (0 without one)."""
+    from .onnx.quantized import ablated_integers
 
-    if info is None:
-        return np.zeros((), array.dtype)
-    zero_point = _read_array(initializers[info.zero_point], base_dir) if info.zero_point else None
-    return removed_value(info, array.shape, zero_point).astype(array.dtype)
+    zero_point = _read_array(initializers[info.zero_point], base_dir) if info is not None and info.zero_point else None
+    return ablated_integers(info, array, keep, zero_point)
 
 
 def _initializers(graph: Any) -> Iterator[Any]:

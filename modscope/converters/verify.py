@@ -8,6 +8,7 @@ each other when both are installed (CUDA silently disappears), so `import_onnxru
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -23,6 +24,7 @@ from ..errors import (
     ModelLoadError,
     ModscopeError,
     ModscopeWarning,
+    ResourceLimitError,
     ShapeError,
 )
 from ..model import Model
@@ -125,14 +127,14 @@ def verify(
     proto, path = _onnx_source(model, source)
     input_names = _graph_input_names(proto)
     feeds = _feeds(proto, input_names, inputs, seed)
-    session = ort.InferenceSession(
-        str(path) if path is not None else proto.SerializeToString(),
-        providers=list(providers or ["CPUExecutionProvider"]),
-    )
-    reference = session.run(None, feeds)
+    # the converted model runs first: its size limits stop a hostile file before onnxruntime allocates for it
     with model.frozen() as module, torch.no_grad():
         device = model.device
         got = module(*[torch.from_numpy(np.ascontiguousarray(feeds[n])).to(device) for n in input_names])
+    session = ort.InferenceSession(
+        _reference_model(proto, path), providers=list(providers or ["CPUExecutionProvider"])
+    )
+    reference = session.run(None, feeds)
     got_list = list(got) if isinstance(got, tuple | list) else [got]
     names = [o.name for o in session.get_outputs()]
     diffs = tuple(_compare(n, g, r, rtol, atol) for n, g, r in zip(names, got_list, reference))
@@ -158,6 +160,8 @@ def random_inputs(proto: Any, *, seed: int = 0, symbolic_dim: int = 2) -> dict[s
 
     Raises:
         ShapeError: an input is not a tensor (sequence, map, optional).
+        ResourceLimitError: an input's declared shape would take more than ``$MODSCOPE_MAX_TENSOR_BYTES`` (default
+            2 GiB) of random data.
 
     Example:
         >>> import onnx
@@ -179,6 +183,7 @@ def random_inputs(proto: Any, *, seed: int = 0, symbolic_dim: int = 2) -> dict[s
         t = value.type.tensor_type
         shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else symbolic_dim for d in t.shape.dim)
         dtype = np.dtype(tensor_dtype_to_np_dtype(t.elem_type))
+        _check_input_size(value.name, shape)
         if dtype.kind == "f":
             out[value.name] = rng.standard_normal(shape).astype(dtype)
         elif dtype.kind in "iu":
@@ -188,6 +193,31 @@ def random_inputs(proto: Any, *, seed: int = 0, symbolic_dim: int = 2) -> dict[s
         else:
             raise ShapeError(f"graph input {value.name!r} has type {dtype}, which random_inputs cannot make; pass inputs=")
     return out
+
+
+def _reference_model(proto: Any, path: Path | None) -> str | bytes:
+    """What onnxruntime loads: the file, or the model without its dead nodes (which onnxruntime would compute, and a
+    hostile file can make huge) when it has some and keeps its weights inside."""
+    from .onnx.plan import without_dead_nodes
+
+    external = any(init.data_location == init.EXTERNAL for init in proto.graph.initializer)
+    pruned = None if external else without_dead_nodes(proto)
+    if pruned is not None:
+        return pruned.SerializeToString()
+    return str(path) if path is not None else proto.SerializeToString()
+
+
+def _check_input_size(name: str, shape: tuple[int, ...]) -> None:
+    """Refuse a declared input shape whose random data (made as 8-byte numbers) would exceed the tensor limit."""
+    from .onnx.limits import format_bytes, resolve_max_tensor_bytes
+
+    limit, nbytes = resolve_max_tensor_bytes(), 8 * math.prod(shape)
+    if nbytes > limit:
+        raise ResourceLimitError(
+            f"graph input {name!r} is declared with shape {list(shape)}, whose random data would take "
+            f"{format_bytes(nbytes)}, more than the limit of {format_bytes(limit)} per tensor; pass smaller inputs "
+            "or raise MODSCOPE_MAX_TENSOR_BYTES"
+        )
 
 
 def import_onnxruntime() -> ModuleType:

@@ -14,6 +14,8 @@ from ..errors import InvalidParameterError
 #: experiment name -> module; modules are imported on demand.
 EXPERIMENTS: dict[str, str] = {
     "addmul": "modscope.experiments.addmul",
+    "addmul-lstm": "modscope.experiments.addmul_lstm",
+    "beta-sweep": "modscope.experiments.beta_sweep",
     "addmul-sizes": "modscope.experiments.addmul_sizes",
     "double-add": "modscope.experiments.double_add",
     "class-removal": "modscope.experiments.class_removal",

@@ -1,4 +1,4 @@
-"""Sharing between the + and × masks as the network grows (paper section 8.1, "total shared vs network size").
+"""Sharing between the + and × masks as the network grows (docs/method.md section 8.1, "total shared vs network size").
 
 For each of three FNN sizes (the paper's small 400-400-200, medium 800x4 and big 2000x4; its huge 4000x4 is left out
 for time), the add/mul network of `addmul` is trained on both operations and a + mask and a × mask are trained on the
@@ -21,6 +21,7 @@ from ..model import Model
 from .addmul import SETTINGS as ADDMUL_SETTINGS
 from .addmul import AddMulNet, make_tasks
 from .common import (
+    PAPER,
     Claim,
     ExperimentOptions,
     fmt,
@@ -34,10 +35,11 @@ from .common import (
 
 DESCRIPTION = "share of the + mask used by the × mask for three network sizes (paper 8.1)"
 
-#: the paper's settings (paper-method.md 8.1): small, medium and big FNNs, β 1e-4.
+#: the paper's settings (docs/method.md section 8.1): its sharing-vs-size figure's small, medium, big and huge FNNs,
+#: β 1e-4.
 SETTINGS: dict[str, Any] = {
     **{k: ADDMUL_SETTINGS[k] for k in ("base_steps", "mask_steps", "batch_size", "base_lr", "mask_lr", "beta", "n_valid")},
-    "sizes": ((400, 400, 200), (800, 800, 800, 800), (2000, 2000, 2000, 2000)),
+    "sizes": ((400, 400, 200), (800, 800, 800, 800), (2000, 2000, 2000, 2000), (4000, 4000, 4000, 4000)),
 }
 #: quick: the paper's small net and one smaller and one larger (500x4 keeps the mask temporaries under 32 MB, see
 #: class_removal), trained for fewer steps.
@@ -90,7 +92,8 @@ def claims(by_size: list[list[dict[str, Any]]]) -> list[Claim]:
     shared = [mean_std([r["shared"] for r in runs])[0] for runs in by_size]
     falls = bool(np.all(np.diff(shared) < 0))
     measured = " > ".join(f"{s * 100:.1f}%" for s in shared) if falls else " , ".join(f"{s * 100:.1f}%" for s in shared)
-    return [Claim("+ weights also used by ×, small → big", measured, "falls as the network grows", falls)]
+    return [Claim("+ weights also used by ×, small → big", measured, "falls as the network grows", falls,
+                  PAPER + "each size below the previous one")]
 
 
 def run(options: ExperimentOptions) -> dict[str, Any]:

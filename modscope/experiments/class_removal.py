@@ -1,4 +1,4 @@
-"""Class removal (paper section 8.5): are there weights that only one class needs?
+"""Class removal (docs/method.md section 8.5): are there weights that only one class needs?
 
 The paper's 4-layer CNN is trained on all classes of scikit-learn's 8x8 digits (or of CIFAR-10 with ``--data``). A
 control mask is trained on all classes; then one mask per class c on the training data without class c. As in the
@@ -26,6 +26,7 @@ from ..masks.trainer import resolve_device, train_masks
 from ..model import Model
 from ..tasks import Task
 from .common import (
+    MODSCOPE,
     Claim,
     ExperimentOptions,
     fmt,
@@ -40,7 +41,7 @@ from .image_data import ImageData, SimpleCNN, load_images
 
 DESCRIPTION = "a CNN on digits (or CIFAR-10): does removing one class's weights hurt only that class? (paper 8.5)"
 
-#: the paper's settings (paper-method.md 8.5).
+#: the paper's settings (docs/method.md section 8.5).
 SETTINGS: dict[str, Any] = {
     "base_steps": 20_000,
     "mask_steps": 20_000,
@@ -177,12 +178,14 @@ def claims(runs: list[dict[str, Any]]) -> list[Claim]:
     ratio = [_finite_mean([g["largest_other_over_target"] for g in r["per_class"].values()]) for r in runs]
     control = [r["accuracy"]["control"] / max(r["accuracy"]["full"], 1e-9) for r in runs]
     return [
-        Claim("control mask keeps accuracy (of full)", fmt(control), "≈ full", mean_std(control)[0] >= 0.9),
-        Claim("drop of the removed class (mean over classes)", fmt(target, percent=False) + "%", "large", None),
+        Claim("control mask keeps accuracy (of full)", fmt(control), "≈ full", mean_std(control)[0] >= 0.9,
+              MODSCOPE + "≥ 90%"),
+        Claim("drop of the removed class (mean over classes)", fmt(target, percent=False) + "%", "large", None, "reported, not judged"),
         Claim("drop of the other classes (mean)", fmt(other, percent=False) + "%", "small",
-              mean_std(other)[0] < 0.2 * mean_std(target)[0]),
+              mean_std(other)[0] < 0.2 * mean_std(target)[0], MODSCOPE + "< 1/5 of the removed class's drop"),
         Claim("largest other-class drop / target drop (mean)", fmt(ratio, percent=False) + "%",
-              "small (plotted on a 0-10% axis)", mean_std(ratio)[0] <= 10.0),
+              "small (plotted on a 0-10% axis)", mean_std(ratio)[0] <= 10.0,
+              MODSCOPE + "≤ 10%, the paper's plot range"),
     ]
 
 

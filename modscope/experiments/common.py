@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..masks.progress import Progress
 from ..tasks import Task
 
 
@@ -64,7 +64,8 @@ def train_network(
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
     loss_fn = task.loss_fn()
     curve = []
-    start = time.perf_counter()
+    bar = Progress(n_steps, enabled=progress, what="base network")
+    bar.start(0)
     for step in range(1, n_steps + 1):
         xs, y = task.batch(torch.randint(len(task), (batch_size,), generator=gen), device)
         out = forward(net, xs) if forward else task.select_output(net(*xs))
@@ -76,26 +77,39 @@ def train_network(
         optimizer.step()
         if step % 100 == 0 or step == n_steps:
             curve.append(float(loss.detach()))
-            if progress:
-                rate = step / (time.perf_counter() - start)
-                print(f"\rbase network {step}/{n_steps} {rate:6.1f} steps/s loss {curve[-1]:.4f}\033[K", end="", file=sys.stderr)
-    if progress:
-        print(file=sys.stderr)
+            bar.update(step, {"train": curve[-1]})
+    bar.close()
     net.eval()
     return curve
 
 
+#: the paper states findings in words, not thresholds: every numeric criterion below is modscope's own reading.
+MODSCOPE = "modscope's criterion: "
+PAPER = "the paper's words: "
+
+
 @dataclass(frozen=True)
 class Claim:
-    """One line of an experiment's table: a measured figure beside what the paper reports."""
+    """One line of an experiment's table: a measured figure beside what the paper reports.
+
+    Attributes:
+        what: the quantity measured.
+        measured: its value, formatted.
+        paper: what the paper reports, in words.
+        holds: the verdict, or None where no criterion decides it.
+        criterion: how ``holds`` is decided and who set the bar: `MODSCOPE` + a threshold modscope chose, or `PAPER`
+            + a comparison the paper's words state (e.g. "× needs more weights than +": a ratio above 1).
+    """
 
     what: str
     measured: str
     paper: str
     holds: bool | None = None
+    criterion: str = "-"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"what": self.what, "measured": self.measured, "paper": self.paper, "holds": self.holds}
+        return {"what": self.what, "measured": self.measured, "paper": self.paper, "holds": self.holds,
+                "criterion": self.criterion}
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -122,7 +136,8 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def claims_table(claims: Sequence[Claim]) -> str:
     verdict = {True: "yes", False: "NO", None: "-"}
-    return format_table(["measurement", "measured", "paper", "holds"], [[c.what, c.measured, c.paper, verdict[c.holds]] for c in claims])
+    return format_table(["measurement", "measured", "paper", "criterion", "holds"],
+                        [[c.what, c.measured, c.paper, c.criterion, verdict[c.holds]] for c in claims])
 
 
 def write_json(path: Path, data: dict[str, Any]) -> Path:
@@ -144,11 +159,13 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
-def write_html(path: Path, title: str, sections: Sequence[tuple[str, str]]) -> Path:
-    """A self-contained HTML page of preformatted text sections (tables as printed)."""
+def write_html(path: Path, title: str, sections: Sequence[tuple[str, str]],
+               figures: Sequence[tuple[str, str]] = ()) -> Path:
+    """A self-contained HTML page of preformatted text sections (tables as printed), then inline SVG figures."""
     import html
 
     body = "\n".join(f"<h2>{html.escape(h)}</h2>\n<pre>{html.escape(text)}</pre>" for h, text in sections)
+    body += "\n".join(f"<h2>{html.escape(h)}</h2>\n<figure>{svg}</figure>" for h, svg in figures)
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
@@ -161,9 +178,33 @@ def write_html(path: Path, title: str, sections: Sequence[tuple[str, str]]) -> P
     return path
 
 
-def resolve_settings(defaults: dict[str, Any], quick: dict[str, Any], options: ExperimentOptions) -> dict[str, Any]:
+class Settings(dict):
+    """An experiment's settings, knowing where they depart from the paper's (``departures``: key -> paper value)."""
+
+    departures: dict[str, Any]
+
+    def describe(self) -> str:
+        """One line for the report's header: the paper's settings, or how these differ from them."""
+        if not self.departures:
+            return "the paper's settings"
+        diffs = ", ".join(f"{k} {setting_text(self[k])} (paper {setting_text(v)})" for k, v in self.departures.items())
+        return f"differs from the paper's settings in: {diffs}"
+
+
+def setting_text(value: Any) -> str:
+    """A setting as the tables print it: ``2000x4`` for equal layer sizes, ``400-400-200`` otherwise, ``20,000``."""
+    if isinstance(value, tuple | list) and all(isinstance(v, int) for v in value):
+        return f"{value[0]}x{len(value)}" if len(value) > 1 and len(set(value)) == 1 else "-".join(map(str, value))
+    if isinstance(value, tuple | list) and len(value) > 6:
+        return f"{len(value)} values {setting_text(value[0])} … {setting_text(value[-1])}"
+    if isinstance(value, tuple | list):
+        return "/".join(setting_text(v) for v in value)
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+
+
+def resolve_settings(defaults: dict[str, Any], quick: dict[str, Any], options: ExperimentOptions) -> Settings:
     """The paper's settings, the quick preset over them if asked for, then the caller's overrides."""
-    settings = dict(defaults)
+    settings = Settings(defaults)
     if options.quick:
         settings.update(quick)
     unknown = sorted(set(options.overrides) - set(settings))
@@ -172,6 +213,7 @@ def resolve_settings(defaults: dict[str, Any], quick: dict[str, Any], options: E
 
         raise InvalidParameterError(f"unknown experiment settings {unknown}; known: {sorted(settings)}")
     settings.update(options.overrides)
+    settings.departures = {k: v for k, v in defaults.items() if settings[k] != v}
     return settings
 
 
@@ -182,14 +224,18 @@ def publish(
     runs: list[Any],
     checks: Sequence[Claim],
     tables: Sequence[tuple[str, str]],
+    figures: Sequence[tuple[str, str]] = (),
 ) -> dict[str, Any]:
-    """Print ``tables`` and the claims, write ``NAME.json`` and ``NAME.html`` into ``options.out``; return the report."""
-    tables = [*tables, ("Claims", claims_table(checks))]
+    """Print ``tables`` and the claims, write ``NAME.json`` and ``NAME.html`` (with ``figures``: (title, SVG) pairs)
+    into ``options.out``; return the report."""
+    preset = settings.describe() if isinstance(settings, Settings) else "custom settings"
+    label = "quick preset" if options.quick else "full run"
+    tables = [("Settings", f"{label}: {preset}"), *tables, ("Claims", claims_table(checks))]
     for title, text in tables:
         print(f"\n{title}\n{text}")
-    report = {"experiment": name, "settings": settings, "quick": options.quick, "runs": runs,
+    report = {"experiment": name, "settings": settings, "quick": options.quick, "preset": f"{label}: {preset}", "runs": runs,
               "claims": [c.to_dict() for c in checks]}
     path = write_json(options.out / f"{name}.json", report)
-    write_html(options.out / f"{name}.html", f"modscope reproduce {name}", tables)
-    log(f"report written to {path}")
+    page = write_html(options.out / f"{name}.html", f"modscope reproduce {name}", tables, figures)
+    log(f"report written to {path} and {page}")
     return report

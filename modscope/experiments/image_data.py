@@ -6,7 +6,7 @@
   numpy arrays, dicts, lists and strings and refuses anything else (`UntrustedFileError`); the file is only ever
   opened because the user pointed ``--data`` at it.
 
-Both are split as in the paper (``paper-method.md`` 8.5): 80% of the training images for training, the other 20%
+Both are split as in the paper (docs/method.md section 8.5): 80% of the training images for training, the other 20%
 (a fixed random draw) as the iid validation set; inputs are normalized per channel with the training mean and std.
 """
 

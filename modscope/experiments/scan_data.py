@@ -1,6 +1,6 @@
 """SCAN (Lake & Baroni, ICML 2018) generated from its grammar, its standard splits, and tensor encoding.
 
-The grammar (the paper's Table/Figure of phrase-structure rules, ``paper-method.md`` 8.3)::
+The grammar (the paper's Table/Figure of phrase-structure rules, docs/method.md section 8.3)::
 
     C -> S and S | S after S | S
     S -> V twice | V thrice | V
@@ -124,7 +124,11 @@ def split(examples: Sequence[Example], name: str, *, seed: int = 0) -> tuple[lis
 
 @dataclass(frozen=True)
 class Vocab:
-    """Word ids of commands and actions. Action id ``len(ACTIONS)`` is both end-of-sequence and start-of-sequence."""
+    """Word ids of commands and actions.
+
+    Command id ``len(commands)`` ends every command (the paper's encoder reads an EOS after the last word); action id
+    ``len(actions)`` is both end-of-sequence and start-of-sequence for the decoder.
+    """
 
     commands: tuple[str, ...] = COMMAND_WORDS
     actions: tuple[str, ...] = ACTIONS
@@ -132,6 +136,16 @@ class Vocab:
     @property
     def eos(self) -> int:
         return len(self.actions)
+
+    @property
+    def src_eos(self) -> int:
+        """The command-side end-of-sequence id."""
+        return len(self.commands)
+
+    @property
+    def n_in(self) -> int:
+        """Input classes: the command words and EOS."""
+        return len(self.commands) + 1
 
     @property
     def n_out(self) -> int:
@@ -157,10 +171,10 @@ class Encoded:
     tgt: torch.Tensor
 
 
-def encode(examples: Sequence[Example], vocab: Vocab = Vocab(), *, max_in: int = 9, max_out: int = 49) -> Encoded:
-    """Word ids of ``examples``, padded to ``max_in`` command words and ``max_out`` actions (incl. EOS).
+def encode(examples: Sequence[Example], vocab: Vocab = Vocab(), *, max_in: int = 10, max_out: int = 49) -> Encoded:
+    """Word ids of ``examples``, padded to ``max_in`` command words and ``max_out`` actions (both incl. EOS).
 
-    The defaults fit every SCAN command (at most 9 words, 48 actions), so all splits share one shape.
+    The defaults fit every SCAN command (at most 9 words + EOS, 48 actions + EOS), so all splits share one shape.
 
     Raises:
         InvalidParameterError: an example is longer than the padding.
@@ -173,10 +187,11 @@ def encode(examples: Sequence[Example], vocab: Vocab = Vocab(), *, max_in: int =
     tgt = np.full((n, max_out), -1, dtype=np.int64)
     for i, (command, actions) in enumerate(examples):
         words, acts = command.split(), actions.split()
-        if len(words) > max_in or len(acts) + 1 > max_out:
-            raise InvalidParameterError(f"example {command!r} is longer than the padding ({max_in} words, {max_out - 1} actions)")
-        src[i, : len(words)] = [cmd_ids[w] for w in words]
-        src_len[i] = len(words)
+        if len(words) + 1 > max_in or len(acts) + 1 > max_out:
+            raise InvalidParameterError(
+                f"example {command!r} is longer than the padding ({max_in - 1} words, {max_out - 1} actions)")
+        src[i, : len(words) + 1] = [cmd_ids[w] for w in words] + [vocab.src_eos]
+        src_len[i] = len(words) + 1
         tgt[i, : len(acts)] = [act_ids[a] for a in acts]
         tgt[i, len(acts)] = vocab.eos
     return Encoded(torch.from_numpy(src), torch.from_numpy(src_len), torch.from_numpy(tgt))

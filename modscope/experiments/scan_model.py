@@ -1,4 +1,4 @@
-"""The paper's LSTM encoder-decoder for SCAN (``paper-method.md`` 8.3), written with plain tensor ops.
+"""The paper's LSTM encoder-decoder for SCAN (docs/method.md section 8.3), written with plain tensor ops.
 
 Embeddings of 16 (never masked), a 2-layer LSTM of 200 units as encoder and as decoder, dropout 0.5 on the embeddings
 and between the layers, the encoder's final states initialise the decoder, and a linear output layer 200 → 7 (six
@@ -6,13 +6,14 @@ actions and EOS). The LSTM cells are explicit gate matmuls per time step (no ``n
 ``torch.func.vmap`` can batch mask samples through them and the mask trainer needs no loop.
 
 Teacher forcing is an input: ``forward(src, src_len, tgt, tf)`` feeds the decoder the true previous action where
-``tf`` is true and its own greedy prediction elsewhere. The paper draws teacher forcing per batch with probability 0.5;
-modscope draws it per example (`with_teacher_forcing`), which keeps the model free of randomness and leaves the
-expected mix the same. Evaluation uses ``tf = False`` everywhere (greedy decoding).
+``tf`` is true and its own greedy prediction elsewhere. As in the paper, training draws it once per batch with
+probability 1/2 (`make_task`): the model itself holds no randomness, so vmap and resumed runs see the same draws.
+Evaluation uses ``tf = False`` everywhere (greedy decoding).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -52,7 +53,7 @@ class ScanLSTM(nn.Module):
     """LSTM encoder-decoder; ``forward(src, src_len, tgt, tf) -> logits (N, T_out, n_out)``.
 
     Args:
-        n_in: command vocabulary size. n_out: actions + EOS (EOS doubles as the start symbol).
+        n_in: command words + EOS. n_out: actions + EOS (EOS doubles as the start symbol).
         hidden: LSTM units (paper 200). layers: LSTM layers (paper 2). embedding: embedding size (paper 16).
         dropout: on the embeddings and between layers in train mode (paper 0.5).
 
@@ -115,24 +116,37 @@ class ScanLSTM(nn.Module):
         return torch.stack(logits, dim=1)
 
 
+class TeacherForcedTask(Task):
+    """A training task whose batches are teacher-forced as a whole, with probability 1/2 (the paper's per-batch draw).
+
+    The draw is a function of the batch's example indices (a hash), so it needs no state: the same seed gives the same
+    draws, and a resumed run continues them.
+    """
+
+    def batch(self, index: torch.Tensor, device: torch.device | str | None = None) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        (src, src_len, tgt, tf), y = super().batch(index, device)
+        return (src, src_len, tgt, torch.full_like(tf, batch_coin(index))), y
+
+
+def batch_coin(index: torch.Tensor) -> bool:
+    """A fair coin drawn from the batch's example indices."""
+    digest = hashlib.blake2b(index.cpu().numpy().astype("<i8").tobytes(), digest_size=1).digest()
+    return bool(digest[0] & 1)
+
+
 def make_task(name: str, data: Encoded, *, teacher_forcing: bool | None = None) -> Task:
     """A `Task` over encoded SCAN examples (loss "seq_ce", sequence accuracy).
 
     Args:
-        teacher_forcing: ``None`` for training (every example twice, once with and once without teacher forcing, so
-            that a random draw teacher-forces half of the examples); ``False`` for greedy evaluation.
+        teacher_forcing: ``None`` for training (each batch teacher-forced with probability 1/2,
+            `TeacherForcedTask`); ``False`` for greedy evaluation, ``True`` to force every example.
     """
-    n = len(data.src)
-    if teacher_forcing is None:
-        src, src_len, tgt = (torch.cat([t, t]) for t in (data.src, data.src_len, data.tgt))
-        tf = torch.cat([torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)])
-    else:
-        src, src_len, tgt = data.src, data.src_len, data.tgt
-        tf = torch.full((n,), teacher_forcing, dtype=torch.bool)
-    return Task(name, (src, src_len, tgt, tf), tgt, loss="seq_ce")
+    tf = torch.full((len(data.src),), bool(teacher_forcing), dtype=torch.bool)
+    cls = TeacherForcedTask if teacher_forcing is None else Task
+    return cls(name, (data.src, data.src_len, data.tgt, tf), data.tgt, loss="seq_ce")
 
 
 def build(hidden: int = 200, layers: int = 2, dropout: float = 0.5, vocab: Vocab | None = None) -> ScanLSTM:
     """The paper's model for ``vocab`` (SCAN's by default; hidden 200, 2 layers, dropout 0.5)."""
     vocab = vocab or Vocab()
-    return ScanLSTM(len(vocab.commands), vocab.n_out, hidden=hidden, layers=layers, dropout=dropout)
+    return ScanLSTM(vocab.n_in, vocab.n_out, hidden=hidden, layers=layers, dropout=dropout)

@@ -1,12 +1,12 @@
-"""Mask stability (paper section 8.6): do two masks trained on the same task with different seeds agree?
+"""Mask stability (docs/method.md section 8.6): do two masks trained on the same task with different seeds agree?
 
 The paper's CNN without dropout is trained on all classes of the digits (or CIFAR-10 with ``--data``). For random
 ordered pairs of distinct classes, two masks are trained on that 2-class subset with different seeds (different data
 order and mask noise, same initialisation 2.0), and their pooled IoU over all masked weights is compared with the IoU
 expected by chance for masks of the same per-layer densities (`modscope.metrics.stability`).
 
-The paper froze the output layer at the first mask's logits (``keep_last_layer``, a quirk that makes output-layer
-masks identical within a pair, ``paper-method.md`` P11); here every mask is trained in full, so the IoU is not
+The authors' code froze the output layer at the first mask's logits (``keep_last_layer``, which makes output-layer
+masks identical within a pair); here every mask is trained in full, so the IoU is not
 inflated by copied layers.
 """
 
@@ -22,6 +22,7 @@ from ..tasks import Task
 from .class_removal import SETTINGS as CNN_SETTINGS
 from .class_removal import base_network, mask_config
 from .common import (
+    MODSCOPE,
     Claim,
     ExperimentOptions,
     fmt,
@@ -97,7 +98,8 @@ def claims(runs: list[dict[str, Any]]) -> list[Claim]:
     m_iou, m_chance = mean_std(iou)[0], mean_std(chance)[0]
     corrected = (m_iou - m_chance) / max(1 - m_chance, 1e-9)
     return [Claim("IoU of two masks, same task, different seeds (chance)",
-                  f"{fmt(iou)} ({fmt(chance)})", "high: masks are reproducible", corrected >= 0.5),
+                  f"{fmt(iou)} ({fmt(chance)})", "high: masks are reproducible", corrected >= 0.5,
+                  MODSCOPE + "chance-corrected IoU ≥ 0.5"),
             Claim("chance-corrected IoU (IoU − chance) / (1 − chance)", f"{corrected:.2f}", "-", None)]
 
 

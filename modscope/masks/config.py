@@ -1,6 +1,6 @@
 """`MaskConfig`: every setting of the mask learner, with the paper's values as defaults.
 
-The paper's values are those of Csordás et al. (ICLR 2021), see ``shared/reference/paper-method.md`` sections 2-4 and
+The paper's values are those of Csordás et al. (ICLR 2021), see docs/method.md sections 2-4 and
 8. Vary a config with ``dataclasses.replace`` and record it with ``dataclasses.asdict``.
 """
 
@@ -59,7 +59,14 @@ class MaskConfig:
     vectorize: Literal["auto", "vmap", "loop"] = "auto"
     """How the K tasks x S samples run: one torch.func.vmap call, or a loop (for ops without a batching rule)."""
     compile: bool | None = None
-    """Fuse the mask sampler's element-wise work with torch.compile; ``None`` does so for runs of >= 1000 steps."""
+    """Fuse the mask sampler's element-wise work with torch.compile. ``None``: on a GPU for runs of >= 1000 steps; never
+    on a CPU, where the eager step (cache-sized blocks, reused buffers) is as fast and needs no compilation."""
+    max_memory: int | str | None = None
+    """Peak memory the run may use (bytes, or a size like "12GB"): process RSS on a CPU, allocated memory on a GPU.
+    ``None``: what the process holds plus 90% of the free memory. The step is split into passes that fit (same
+    masks); see `modscope.masks.memory`."""
+    pass_size: int | None = None
+    """(task, sample) pairs per forward pass; ``None`` lets the memory plan choose (same masks either way)."""
     train_mode: bool = False
     """Run the frozen network in train mode (dropout, batch statistics). Paper: eval mode (except SCAN-LSTM)."""
     log_every: int = 50
@@ -85,6 +92,13 @@ class MaskConfig:
             raise InvalidParameterError(f"MaskConfig.grad_clip must be > 0 or None, got {self.grad_clip!r}")
         if self.vectorize not in ("auto", "vmap", "loop"):
             raise InvalidParameterError(f"MaskConfig.vectorize must be 'auto', 'vmap' or 'loop', got {self.vectorize!r}")
+        if self.pass_size is not None and (not isinstance(self.pass_size, int) or isinstance(self.pass_size, bool) or self.pass_size < 1):
+            raise InvalidParameterError(f"MaskConfig.pass_size must be a positive integer or None, got {self.pass_size!r}")
+        from .memory import parse_bytes
+
+        limit = parse_bytes(self.max_memory)
+        if limit is not None and limit < 1:
+            raise InvalidParameterError(f"MaskConfig.max_memory must be positive, got {self.max_memory!r}")
         for name in ("include", "exclude", "freeze"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -94,10 +108,16 @@ class MaskConfig:
             else:
                 object.__setattr__(self, name, tuple(value))
 
-    @property
-    def use_compile(self) -> bool:
-        """Whether the sampler is compiled (``compile``, or for ``None``: runs of at least 1000 steps)."""
-        return self.compile if self.compile is not None else self.n_steps >= 1000
+    def use_compile(self, device: str | Any = "cpu") -> bool:
+        """Whether the sampler is compiled on ``device`` (``compile``, or for ``None``: GPU runs of 1000+ steps).
+
+        Example:
+            >>> MaskConfig(n_steps=5000).use_compile("cpu"), MaskConfig(n_steps=5000).use_compile("cuda")
+            (False, True)
+        """
+        if self.compile is not None:
+            return self.compile
+        return str(device).startswith("cuda") and self.n_steps >= 1000
 
     @property
     def alpha(self) -> float:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..errors import InvalidParameterError, ModelLoadError
+from ..errors import InvalidParameterError, ModelLoadError, UnknownTaskError
 from ..model import WeightInfo
 from .config import MaskConfig
 
@@ -179,7 +179,7 @@ class MaskSet(Mapping[str, Mask]):
         try:
             return self._masks[task]
         except KeyError:
-            raise InvalidParameterError(f"no mask for task {task!r}; the tasks are {list(self._masks)}") from None
+            raise UnknownTaskError(f"no mask for task {task!r}; the tasks are {list(self._masks)}") from None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._masks)

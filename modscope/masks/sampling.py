@@ -92,8 +92,9 @@ def _logit_grad(logits: torch.Tensor, uniforms: torch.Tensor, grad: torch.Tensor
 class SamplerKernels:
     """The two element-wise kernels of `sample_masked_weights`, eager or fused with `torch.compile`.
 
-    Fusing pays on long runs: each kernel becomes one pass over the (K, S, n) elements instead of about ten, at the
-    price of a one-off compilation (tens of seconds on a small CPU; cached on disk afterwards). If compilation fails
+    Fusing pays on long GPU runs: each kernel becomes one pass over the (K, S, n) elements instead of about ten, at
+    the price of a one-off compilation (tens of seconds; cached on disk afterwards; `compile_seconds` says how long).
+    On a CPU `StepBuffers` runs the same arithmetic eagerly in cache-sized blocks, about as fast as compiled. If compilation fails
     (no C++ compiler, unsupported platform) the kernels fall back to eager mode and say so once.
     """
 
@@ -101,8 +102,22 @@ class SamplerKernels:
         self.compiled = compile
         self.keep: Any = torch.compile(_keep_weights, dynamic=True) if compile else _keep_weights
         self.grad: Any = torch.compile(_logit_grad, dynamic=True) if compile else _logit_grad
+        self.compile_seconds = 0.0
+        """Time of the kernels' first calls (their compilation, when compiled)."""
+        self._called: set[str] = set()
 
     def call(self, name: str, *args: Any) -> torch.Tensor:
+        if self.compiled and name not in self._called:
+            import time
+
+            start = time.perf_counter()
+            out = self._call(name, *args)
+            self.compile_seconds += time.perf_counter() - start
+            self._called.add(name)
+            return out
+        return self._call(name, *args)
+
+    def _call(self, name: str, *args: Any) -> torch.Tensor:
         try:
             return getattr(self, name)(*args)
         except Exception as exc:  # noqa: BLE001 - any compiler failure: run eagerly instead
@@ -181,7 +196,141 @@ def sample_masked_weights(
     return _MaskedWeights.apply(logits, uniforms, tau, tuple(offsets), kernels or _EAGER, *weights)
 
 
-def draw_uniforms(shape: tuple[int, ...], generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Uniforms from ``generator`` (a CPU generator gives the same stream whatever ``device`` is)."""
+def draw_uniforms(shape: tuple[int, ...], generator: torch.Generator, device: torch.device | str = "cpu",
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """Uniforms from ``generator`` (a CPU generator gives the same stream whatever ``device`` is), into ``out`` if
+    given. The stream is drawn row by row: two draws of (2, n) give the values of one draw of (4, n)."""
+    if out is not None and out.device == generator.device:
+        return torch.rand(shape, generator=generator, out=out)
     u = torch.rand(shape, generator=generator, device=generator.device)
+    if out is not None:
+        return out.copy_(u, non_blocking=True)
     return u.to(device, non_blocking=True) if u.device != torch.device(device) else u
+
+
+_CPU_BLOCK = 1 << 17  # elements per block of the backward's temporaries on CPU: two 512 KiB floats stay in L2
+
+
+class StepBuffers:
+    """Reusable buffers of the mask step: noise, effective weights and the backward's temporaries.
+
+    The step writes into these with ``out=`` and in-place operations, so after the first step no (K, S, N)-sized
+    array is allocated or freed (no page faults, no system time); on a CPU the backward runs over column blocks whose
+    temporaries stay in cache. The arithmetic is that of `sample_masked_weights` operation by operation, so the
+    results are bit-identical to it.
+
+    Args:
+        weights: the masked weights (frozen), in layout order.
+        offsets: where each weight starts in the flat N axis.
+        replicas: the most (task, sample) pairs of one forward pass.
+        tasks: the most tasks of one forward pass.
+        slots: noise buffers (2 to draw one pass ahead).
+
+    Example:
+        >>> import torch
+        >>> w = [torch.ones(2, 2), torch.full((3,), 2.0)]
+        >>> buf = StepBuffers(w, [0, 4], replicas=4, tasks=1)
+        >>> u = buf.uniforms(1, 4); u.uniform_(generator=torch.Generator().manual_seed(0)) is not None
+        True
+        >>> eff = buf.effective(torch.zeros(1, 7), u, w)
+        >>> [tuple(e.shape) for e in eff]
+        [(1, 4, 2, 2), (1, 4, 3)]
+    """
+
+    def __init__(self, weights: Sequence[torch.Tensor], offsets: Sequence[int], replicas: int, tasks: int, slots: int = 1):
+        self.weights, self.offsets = list(weights), list(offsets)
+        self.total = sum(w.numel() for w in weights)
+        device, dtype = (weights[0].device, weights[0].dtype) if weights else (torch.device("cpu"), torch.float32)
+        largest = max((w.numel() for w in weights), default=1)
+        widest = max((w[0].numel() if w.dim() else 1 for w in weights), default=1)  # the largest row of a weight
+        self.block = _CPU_BLOCK if device.type == "cpu" else replicas * largest
+        scratch = min(max(self.block, replicas * widest), replicas * largest)
+        self._uniforms = [torch.empty(replicas * self.total, device=device, dtype=dtype) for _ in range(slots)]
+        self._effective = [torch.empty(replicas * w.numel(), device=device, dtype=dtype) for w in weights]
+        self._rows = torch.empty(tasks * self.total, device=device, dtype=dtype)
+        self._a = torch.empty(scratch, device=device, dtype=dtype)
+        self._b = torch.empty(scratch, device=device, dtype=dtype)
+        self._sum = torch.empty(scratch, device=device, dtype=dtype)
+        self._zero = torch.zeros((), device=device, dtype=dtype)
+
+    def nbytes(self) -> int:
+        """Bytes held by the buffers."""
+        held = [*self._uniforms, *self._effective, self._rows, self._a, self._b, self._sum]
+        return sum(t.numel() * t.element_size() for t in held)
+
+    def uniforms(self, tasks: int, samples: int, slot: int = 0) -> torch.Tensor:
+        """A ``(tasks, samples, N)`` view to draw a pass's noise into (row by row, each task from its stream); with
+        two ``slots`` the next pass's noise can be drawn into one while the other is in use."""
+        return self._uniforms[slot][: tasks * samples * self.total].view(tasks, samples, self.total)
+
+    def effective(self, logits: torch.Tensor, uniforms: torch.Tensor, weights: Sequence[torch.Tensor],
+                  kernels: SamplerKernels | None = None) -> list[torch.Tensor]:
+        """W where u > sigmoid(−l), else 0, for ``logits`` (G, N) and ``uniforms`` (G, s, N): one (G, s, *shape) each."""
+        G, s = uniforms.shape[:2]
+        rows = self._rows[: G * self.total].view(G, 1, self.total)
+        compiled = kernels is not None and kernels.compiled
+        if not compiled:
+            torch.sigmoid(torch.neg(logits[:, None], out=rows), out=rows)
+        out = []
+        for w, a, buf in zip(weights, self.offsets, self._effective):
+            n = w.numel()
+            eff = buf[: G * s * n].view(G, s, n)
+            if compiled:
+                eff.copy_(kernels.call("keep", logits[:, None, a : a + n], uniforms[..., a : a + n], w.reshape(-1)))  # type: ignore[union-attr]
+            else:  # 0/1 into the buffer, then 0 + keep·W: W or +0.0 exactly as torch.where, three times faster
+                torch.gt(uniforms[..., a : a + n], rows[..., a : a + n], out=eff)
+                torch.addcmul(self._zero, eff, w.reshape(-1), out=eff)
+            out.append(eff.view(G, s, *w.shape))
+        return out
+
+    def logit_grad(self, logits: torch.Tensor, uniforms: torch.Tensor, grads: Sequence[torch.Tensor | None],
+                   out: torch.Tensor, tau: float, accumulate: bool, kernels: SamplerKernels | None = None) -> None:
+        """Write (or add) Σ_s grad · W · ds/dl into ``out`` (G, N): the straight-through gradient of ``logits`` (G, N).
+
+        ``grads`` holds the loss gradient of each effective weight (G, s, *shape), or None where it has none.
+        """
+        G, s = uniforms.shape[:2]
+        compiled = kernels is not None and kernels.compiled
+        rows = self._rows[: G * self.total].view(G, 1, self.total)
+        if tau == 1.0 and not compiled:  # e = exp(−l), reused by every block
+            torch.exp(torch.neg(torch.clamp(logits[:, None], -_LOGIT_CLAMP, _LOGIT_CLAMP, out=rows), out=rows), out=rows)
+        for w, a, g in zip(self.weights, self.offsets, grads):
+            n = w.numel()
+            target = out[:, a : a + n]
+            if g is None:
+                if not accumulate:
+                    target.zero_()
+                continue
+            if compiled:
+                part = kernels.call("grad", logits[:, None, a : a + n], uniforms[..., a : a + n], g.reshape(G, s, n), w.reshape(-1), tau)  # type: ignore[union-attr]
+                target.add_(part) if accumulate else target.copy_(part)
+                continue
+            # blocks of whole rows of the weight, read in g's own layout (a linear layer's g is transposed: no copy)
+            shape = tuple(w.shape) if w.dim() else (1,)
+            u = uniforms[..., a : a + n].view(G, s, *shape)
+            lw, ew = logits[:, None, a : a + n].view(G, 1, *shape), rows[..., a : a + n].view(G, 1, *shape)
+            g, wv, tv = g.view(G, s, *shape), w.view(shape), target.view(G, *shape)
+            step = max(1, self.block // (G * s * (n // shape[0])))
+            for j in range(0, shape[0], step):
+                r = slice(j, j + step)
+                self._grad_block(lw[:, :, r], ew[:, :, r], u[:, :, r], g[:, :, r], wv[r], tv[:, r], tau, accumulate)
+
+    def _grad_block(self, logits: torch.Tensor, e: torch.Tensor, u: torch.Tensor, g: torch.Tensor, w: torch.Tensor,
+                    target: torch.Tensor, tau: float, accumulate: bool) -> None:
+        """One column block of `logit_grad`, operation for operation the arithmetic of `_logit_grad`."""
+        shape = u.shape
+        size = u.numel()
+        a, b = self._a[:size].view(shape), self._b[:size].view(shape)
+        if tau == 1.0:
+            torch.neg(u, out=a).add_(1).mul_(e)  # other = (1 − u) · e
+            torch.add(a, u, out=b)  # denom = other + u
+            b.mul_(b)
+            a.mul_(u).div_(b)  # local = other · u / denom²
+        else:
+            torch.logit(u, out=a).add_(logits).div_(tau).sigmoid_()  # soft
+            torch.neg(a, out=b).add_(1)
+            a.mul_(b).div_(tau)  # local = soft (1 − soft) / τ
+        a.mul_(g).mul_(w)
+        total = self._sum[: size // shape[1]].view(shape[0], *shape[2:])
+        torch.sum(a, dim=1, out=total)
+        target.add_(total) if accumulate else target.copy_(total)

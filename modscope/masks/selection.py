@@ -1,4 +1,4 @@
-"""Which weights of a model get masks (the paper's filter, section 4 of paper-method.md)."""
+"""Which weights of a model get masks (the paper's filter, docs/method.md section 4)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Pairwise overlap of masks: IoU and IoMin, per layer and whole-model, with the overlap expected by chance.
 
 For masks m_i, m_j of one layer: IoU = |m_i ∧ m_j| / |m_i ∨ m_j| and IoMin = |m_i ∧ m_j| / min(|m_i|, |m_j|)
-(paper-method.md section 7). The whole-model value pools the counts of all masked weights. The chance level is the
+(docs/method.md section 7). The whole-model value pools the counts of all masked weights. The chance level is the
 value expected for independent random masks with the same per-layer densities p_i = |m_i|/n: the expected
 intersection is n·p_i·p_j, so chance IoU = Σ n p_i p_j / Σ n (p_i + p_j − p_i p_j) and chance IoMin =
 Σ n p_i p_j / min(Σ n p_i, Σ n p_j). An IoU well above chance means the two tasks share weights more than their

@@ -1,6 +1,6 @@
 """The paper's mask sharing: how much of each task's mask other tasks' masks also use.
 
-For task i and layer k (paper-method.md section 7): shared_i,k = |m_i,k ∧ (∨_{j≠i} m_j,k)| / max(|m_i,k|, 1). The
+For task i and layer k (docs/method.md section 7): shared_i,k = |m_i,k ∧ (∨_{j≠i} m_j,k)| / max(|m_i,k|, 1). The
 whole-model value is the paper's "total shared": Σ_k |m_i,k ∧ others_k| / Σ_k |m_i,k|, e.g. the fraction of the
 addition mask's weights that the multiplication mask also uses. The chance level is the value expected if the other
 masks were independent random masks with their per-layer densities: 1 − Π_{j≠i} (1 − p_j,k) per layer.

@@ -27,6 +27,8 @@ FAMILY_MODULES = (
     "ops_detection",
     "ops_ml",
     "ops_ml_linear",
+    "ops_contrib_transformer",
+    "ops_contrib_quantized",
 )
 
 

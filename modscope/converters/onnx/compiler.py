@@ -18,10 +18,14 @@ import torch
 
 from ...errors import UnsupportedOperatorError
 from .fusion import fuse_linear
-from .plan import Entry, Plan, build_plan, free_names, order_nodes
+from .limits import DEFAULT_MAX_TENSOR_BYTES, FOLD_BUDGET_BYTES, too_large
+from .ops_contrib_gradients import straighten
+from .quantized import gathered_rows
+from .plan import Entry, Plan, build_plan, free_names, live_nodes, order_nodes
 from .registry import NONDETERMINISTIC_OPS, Handler, NodeContext, OpTable, _norm_domain, decode_attribute
 from .roles import subgraphs, walk_nodes
 from .shapes import cache_shape_arithmetic
+from .sizes import RULES, SizeGuard, predict
 from .specialize import specialize
 
 #: node inputs that hold statistics, never weights, even when an exporter merged them with an equal weight.
@@ -44,6 +48,9 @@ class GraphCompiler:
         dequantized: quantized weights whose parameter holds the dequantized values: a DequantizeLinear node
             reading one becomes an alias of it.
         add_buffer: registers a computed constant on the module: ``add_buffer(value_name, tensor)``.
+        max_tensor_bytes: the largest tensor a node may make (see ``limits.py``); a node whose inputs are all
+            constants and whose output would be larger fails the load, and the operators whose output size comes
+            from values are checked against it while the model runs.
     """
 
     def __init__(
@@ -56,6 +63,7 @@ class GraphCompiler:
         overridable: set[str],
         add_buffer: Callable[[str, torch.Tensor], None],
         dequantized: set[str] | None = None,
+        max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
     ):
         self.table, self.opsets, self.run_graph = table, opsets, run_graph
         self.weights, self.overridable, self.add_buffer = weights, overridable, add_buffer
@@ -66,6 +74,10 @@ class GraphCompiler:
         self.folded: set[int] = set()
         self.plans: PlanIndex = {}
         self.preset_shapes: dict[str, tuple[int, ...]] = {}
+        self.max_tensor_bytes = max_tensor_bytes
+        self.live: set[int] = set()  # ids of the nodes the graph outputs depend on (sub-graphs included)
+        self.fold_bytes = 0  # bytes computed by constant folding so far (bounded by FOLD_BUDGET_BYTES)
+        self.folded_values: list[str] = []  # the values folding computed, in order
 
     def compile(
         self,
@@ -85,8 +97,10 @@ class GraphCompiler:
         Raises:
             UnsupportedOperatorError: some nodes have no handler.
             ModelLoadError: the graph reads values nothing defines, or never computes an output.
+            ResourceLimitError: a node would make a tensor larger than ``max_tensor_bytes``.
         """
         self.prepare_nodes(graph)
+        self.dequantized |= gathered_rows(graph, self.dequantized)
         self.separate_statistics(graph, values)
         self.fold_constants(graph, values)
         pairs = presets()
@@ -131,7 +145,8 @@ class GraphCompiler:
                 missing.setdefault(f"{domain + '::' if domain else ''}{node.op_type}", (node, opset))
                 continue
             attrs = {a.name: decode_attribute(a) for a in node.attribute}
-            prepared[id(node)] = (handler, NodeContext(node=node, opset=opset, attrs=attrs, run_graph=self.run_graph))
+            ctx = NodeContext(node, opset, attrs, self.run_graph, max_tensor_bytes=self.max_tensor_bytes)
+            prepared[id(node)] = (handler, ctx)
         if missing:
             first, (node, opset) = next(iter(missing.items()))
             others = ", ".join(list(missing)[1:])
@@ -141,23 +156,46 @@ class GraphCompiler:
             raise UnsupportedOperatorError(node.op_type, node.domain, opset, node.name or node.output[0], hint)
 
     def fold_constants(self, graph: onnx.GraphProto, values: dict[str, torch.Tensor]) -> None:
-        """Compute once every node that reads only constants (``self.folded``: the ids of the nodes folded away)."""
+        """Compute once every live node that reads only constants (``self.folded``: the ids of the nodes folded away).
+
+        Dead nodes (whose outputs nothing needs) are skipped. Each node is sized before it is computed
+        (``sizes.py``): over ``max_tensor_bytes`` fails the load, and a node that cannot be sized, that would make
+        more than ``_FOLD_MAX_NUMEL`` elements or would overrun ``FOLD_BUDGET_BYTES`` is left to run with the model.
+        Only the folded values that the remaining nodes or the outputs read are kept, as buffers.
+        """
         constants = self.constants  # grows as nodes fold; the fast paths read it too
         constants.update((n, v) for n, v in values.items() if n not in self.weights and n not in self.overridable)
         folded = self.folded
+        self.live = live_nodes(graph, lambda n: self._reads(n, folded))
         for node in walk_nodes(graph):  # Constant nodes anywhere, sub-graphs included
             if node.op_type == "Constant" and not node.input and _norm_domain(node.domain) == "":
-                self._try_fold(node, constants, folded)
+                if id(node) in self.live:
+                    self._try_fold(node, constants, folded)
         known = set(values) | set(constants) | {i.name for i in graph.input}
         for node in order_nodes(graph.node, known, lambda n: self._reads(n, folded)):
-            if id(node) in folded or node.op_type in NONDETERMINISTIC_OPS or _norm_domain(node.domain) != "":
+            if id(node) in folded or id(node) not in self.live or node.op_type in NONDETERMINISTIC_OPS:
                 continue
-            if not subgraphs(node) and all(not name or name in constants for name in node.input):
+            if _norm_domain(node.domain) != "" or subgraphs(node):
+                continue
+            if all(not name or name in constants for name in node.input):
                 self._try_fold(node, constants, folded)
+        needed = self._needed(graph)
+        for name in self.folded_values:
+            if name in needed:
+                self.add_buffer(name, constants[name])
+            else:
+                del constants[name]  # read only by other folded nodes
 
     def _try_fold(self, node: onnx.NodeProto, constants: dict[str, torch.Tensor], folded: set[int]) -> None:
         handler, ctx = self.prepared[id(node)]
         args = [constants[name] if name else None for name in node.input]
+        size = predict(ctx, handler, args)
+        if size is None:
+            return  # cannot be sized without computing it: it runs with the model
+        if size.exact and size.nbytes > self.max_tensor_bytes:
+            raise too_large(node.name or node.output[0], node.op_type, size.numel, size.nbytes, self.max_tensor_bytes)
+        if size.nbytes > FOLD_BUDGET_BYTES - self.fold_bytes or (size.exact and size.numel > _FOLD_MAX_NUMEL):
+            return
         try:
             with torch.no_grad():
                 result = handler(ctx, *args)
@@ -166,13 +204,24 @@ class GraphCompiler:
         results = result if isinstance(result, tuple) else (result,)
         if len(results) < len(node.output) or not all(isinstance(r, torch.Tensor) for r in results):
             return
+        self.fold_bytes += sum(r.numel() * r.element_size() for r in results)
         if any(r.numel() > _FOLD_MAX_NUMEL for r in results):
             return
         for name, value in zip(node.output, results):
             if name:
                 constants[name] = value
-                self.add_buffer(name, value)
+                self.folded_values.append(name)
         folded.add(id(node))
+
+    def _needed(self, graph: onnx.GraphProto) -> set[str]:
+        """The values that the live nodes left to run (sub-graphs included) and the graph outputs read."""
+        names = {o.name for o in graph.output}
+        for node in graph.node:
+            if id(node) in self.live and id(node) not in self.folded:
+                names.update(node.input)
+                for sub in subgraphs(node):
+                    names |= self._needed(sub)
+        return names
 
     def _reads(self, node: onnx.NodeProto, folded: set[int]) -> list[str]:
         """The values a node needs before it runs: its inputs and what its sub-graphs read from outside."""
@@ -197,7 +246,7 @@ class GraphCompiler:
         entries = []
         aliases: dict[str, str] = {}
         for node in order_nodes(graph.node, known, lambda n: self._reads(n, folded)):
-            if id(node) in folded:
+            if id(node) in folded or id(node) not in self.live:
                 continue
             if (_is_alias(node) and ("", "Identity") not in overridden) or self._reads_dequantized(node):
                 aliases[node.output[0]] = aliases.get(node.input[0], node.input[0])
@@ -210,9 +259,14 @@ class GraphCompiler:
             names = [aliases.get(n, n) for n in node.input]
             names = [self.rewired.get((id(node), slot), name) for slot, name in enumerate(names)]
             entry = Entry(node, names, list(node.output), handler, ctx, frozenset(outer))
-            entries.append(specialize(entry, self.constants, overridden))
+            entry = specialize(entry, self.constants, overridden)
+            if entry.handler is handler and node.op_type in RULES and _norm_domain(node.domain) == "":
+                if ("", node.op_type) not in overridden:  # size the node from its inputs before it runs
+                    entry = entry._replace(handler=SizeGuard(handler, self.max_tensor_bytes))
+            entries.append(entry)
         if ("", "MatMul") not in overridden and ("", "Add") not in overridden:
             entries = fuse_linear(entries, self.preset_shapes, keep={o.name for o in graph.output})
+        entries = straighten(entries, {aliases.get(o.name, o.name) for o in graph.output}, overridden)
         entries = cache_shape_arithmetic(entries, set(self.constants))
         plan = build_plan(
             entries,

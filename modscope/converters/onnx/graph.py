@@ -29,6 +29,7 @@ from torch import nn
 
 from ...errors import InvalidParameterError, ModelLoadError, ModscopeError, OperatorError
 from .compiler import GraphCompiler
+from .limits import resolve_max_tensor_bytes
 from .plan import FIRST_SLOT, Plan
 from .quantized import dequantize_weight, find_quantized_weights
 from .registry import OpTable, _norm_domain
@@ -57,6 +58,9 @@ class OnnxGraphModule(nn.Module):
         weight_initializers: the initializers that become parameters; None makes every float initializer with
             more than one element a parameter.
         base_dir: the model file's folder, for external data.
+        max_tensor_bytes: the largest tensor a node may make, in bytes (None: ``$MODSCOPE_MAX_TENSOR_BYTES`` or
+            2 GiB; see ``limits.py``). Checked at load for nodes that read only constants and, while the model
+            runs, for the operators whose output size comes from values (Range, Tile, Expand, Pad, Resize ...).
 
     Attributes:
         input_names: the graph inputs the caller feeds, in order (initializers excluded).
@@ -67,6 +71,7 @@ class OnnxGraphModule(nn.Module):
     Raises:
         UnsupportedOperatorError: a node has no handler (every unsupported operator is named).
         ModelLoadError: the graph is inconsistent (a value nothing defines, an output never computed).
+        ResourceLimitError: a node would make a tensor larger than ``max_tensor_bytes`` (also while running).
     """
 
     def __init__(
@@ -76,8 +81,10 @@ class OnnxGraphModule(nn.Module):
         *,
         weight_initializers: Mapping[str, Any] | set[str] | None = None,
         base_dir: str | None = None,
+        max_tensor_bytes: int | str | None = None,
     ):
         super().__init__()
+        limit = resolve_max_tensor_bytes(max_tensor_bytes)
         self.opsets = {_norm_domain(o.domain): o.version for o in model.opset_import}
         self.params = nn.Module()
         self.consts = nn.Module()
@@ -98,6 +105,7 @@ class OnnxGraphModule(nn.Module):
             dequantized={n for n in self.param_names if n in self._quantized},
             overridable=self._overridable,
             add_buffer=lambda name, tensor: self._add_buffer(name, tensor, persistent=False),
+            max_tensor_bytes=limit,
         )
         self._main, self._plans = compiler.compile(graph, values, self._presets, self.input_names)
         self._param_keys = tuple(self.params._parameters)

@@ -30,6 +30,7 @@ def load_onnx(
     source: str | os.PathLike | onnx.ModelProto,
     *,
     op_handlers: Mapping[str | OpKey, Handler] | None = None,
+    max_tensor_bytes: int | str | None = None,
 ) -> Model:
     """Convert an ONNX model to a `Model` whose module runs the graph with torch operations.
 
@@ -38,6 +39,9 @@ def load_onnx(
             (not modified; its external data must already be loaded, as ``onnx.load(path)`` does).
         op_handlers: extra or replacement op handlers, keyed by op type (default domain) or (domain, op_type);
             each is ``handler(ctx, *inputs)`` as in ``modscope.converters.onnx.registry``.
+        max_tensor_bytes: the largest tensor one node may make, in bytes or as ``"8GiB"``; None reads the
+            environment variable ``MODSCOPE_MAX_TENSOR_BYTES``, else 2 GiB. A node whose output would be larger
+            fails the load (constant nodes) or the forward pass, naming the node (see docs/security.md).
 
     Returns:
         A `Model`: ``model.module`` is an `OnnxGraphModule`, ``model.weights`` lists the float initializers that
@@ -47,6 +51,7 @@ def load_onnx(
         ModelLoadError: the file is missing, empty, truncated, corrupt or not ONNX, or its external data is
             missing or lies outside the model's folder.
         UnsupportedOperatorError: an operator has no handler (all of them are named).
+        ResourceLimitError: a node would make a tensor larger than ``max_tensor_bytes``.
 
     Example:
         >>> import numpy as np
@@ -71,7 +76,9 @@ def load_onnx(
         checksum = hashlib.sha256(data).hexdigest()
         base_dir = str(path.resolve().parent)
     roles = find_weights(proto.graph, quantized=find_quantized_weights(proto.graph))
-    module = OnnxGraphModule(proto, make_table(op_handlers), weight_initializers=roles, base_dir=base_dir)
+    module = OnnxGraphModule(
+        proto, make_table(op_handlers), weight_initializers=roles, base_dir=base_dir, max_tensor_bytes=max_tensor_bytes
+    )
     weights = []
     for onnx_name, torch_name in module.param_names.items():
         role = roles[onnx_name]
@@ -123,6 +130,19 @@ def _check_model(proto: onnx.ModelProto, what: str) -> None:
         raise ModelLoadError(
             f"{what} names no operator set (opset_import is empty); the file is truncated or corrupt, re-export it"
         )
+    _check_value_types(proto.graph, what)
+
+
+def _check_value_types(graph: onnx.GraphProto, what: str) -> None:
+    """Reject graph inputs and outputs declared with an element type ONNX does not define (e.g. 999)."""
+    known = set(onnx.TensorProto.DataType.values())
+    for kind, values in (("input", graph.input), ("output", graph.output)):
+        for value in values:
+            if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type not in known:
+                raise ModelLoadError(
+                    f"{what} declares graph {kind} '{value.name}' with element type "
+                    f"{value.type.tensor_type.elem_type}, which is not an ONNX type; the file is corrupt"
+                )
 
 
 def _proto_checksum(proto: onnx.ModelProto) -> str:

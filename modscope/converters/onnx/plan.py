@@ -12,6 +12,7 @@ counts as reading them, so they stay alive until it has run.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
@@ -94,36 +95,78 @@ def order_nodes(
 ) -> list[onnx.NodeProto]:
     """``nodes`` in an order where each runs after the values it reads exist (the file's order when it is valid).
 
+    Kahn's algorithm, linear in the size of the graph: each node waits for a count of values, and making a value
+    releases the nodes that wait for it. Among the nodes that are ready, the one listed first in the file runs first.
+
     Raises:
         ModelLoadError: a node reads a value that nothing defines, or the nodes form a cycle.
     """
     known = set(defined)
-    in_order = True
-    for node in nodes:
-        if any(name not in known for name in reads(node)):
-            in_order = False
-            break
-        known.update(node.output)
-    if in_order:
-        return list(nodes)
-    known, pending, ordered = set(defined), list(nodes), []
-    while pending:
-        ready = [n for n in pending if all(name in known for name in reads(n))]
-        if not ready:
-            node = pending[0]
-            missing = next(name for name in reads(node) if name not in known)
-            producers = {out for n in pending for out in n.output}
-            why = "the nodes form a cycle" if missing in producers else "nothing in the graph defines it"
-            raise ModelLoadError(
-                f"node '{node.name or node.output[0]}' ({node.op_type}) reads '{missing}', but {why}; "
-                "the file is truncated or corrupt, re-export it"
-            )
-        ready_ids = {id(n) for n in ready}
-        pending = [n for n in pending if id(n) not in ready_ids]
-        for node in ready:
-            known.update(node.output)
-        ordered += ready
+    waiting: dict[str, list[int]] = {}
+    missing = [0] * len(nodes)
+    ready: list[int] = []
+    for i, node in enumerate(nodes):
+        for name in {name for name in reads(node) if name not in known}:
+            waiting.setdefault(name, []).append(i)
+            missing[i] += 1
+        if not missing[i]:
+            ready.append(i)
+    heapq.heapify(ready)
+    ordered: list[onnx.NodeProto] = []
+    while ready:
+        node = nodes[heapq.heappop(ready)]
+        ordered.append(node)
+        for name in node.output:
+            if name in known:
+                continue
+            known.add(name)
+            for j in waiting.pop(name, ()):
+                missing[j] -= 1
+                if not missing[j]:
+                    heapq.heappush(ready, j)
+    if len(ordered) < len(nodes):
+        node = nodes[next(i for i, count in enumerate(missing) if count)]
+        name = next(name for name in reads(node) if name not in known)
+        producers = {out for n in nodes for out in n.output if out not in known}
+        why = "the nodes form a cycle" if name in producers else "nothing in the graph defines it"
+        raise ModelLoadError(
+            f"node '{node.name or node.output[0]}' ({node.op_type}) reads '{name}', but {why}; "
+            "the file is truncated or corrupt, re-export it"
+        )
     return ordered
+
+
+def live_nodes(graph: onnx.GraphProto, reads: Callable[[onnx.NodeProto], Iterable[str]]) -> set[int]:
+    """The ids of the nodes whose outputs the graph's outputs depend on, in ``graph`` and its live sub-graphs.
+
+    A node nothing reads (directly or through other nodes) is dead: it is neither folded nor run.
+
+    Args:
+        graph: the graph.
+        reads: the values a node needs (its inputs and what its sub-graphs read from outside).
+
+    The ids are those of the node objects the caller holds: keep them alive while using the result (protobuf may
+    hand out new wrapper objects for nodes nobody references).
+    """
+    producers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.output:
+            if name:
+                producers.setdefault(name, []).append(node)
+    live: set[int] = set()
+    wanted, seen = [o.name for o in graph.output], set()
+    while wanted:
+        name = wanted.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for node in producers.get(name, ()):
+            if id(node) not in live:
+                live.add(id(node))
+                wanted.extend(reads(node))
+                for sub in subgraphs(node):
+                    live |= live_nodes(sub, reads)
+    return live
 
 
 def build_plan(
@@ -152,24 +195,30 @@ def build_plan(
     """
     slot_of: dict[str, int] = {"": NONE_SLOT}
     n_slots = FIRST_SLOT
+    aliases_of: dict[str, list[str]] = {}  # source -> the aliases that take its slot once it has one
+    for alias, source in (aliases or {}).items():
+        aliases_of.setdefault(source, []).append(alias)
 
     def slot(name: str) -> int:
         nonlocal n_slots
         if name not in slot_of:
             slot_of[name], n_slots = n_slots, n_slots + 1
+            sources = [name]
+            while sources:  # chains of aliases resolve here
+                source = sources.pop()
+                for alias in aliases_of.pop(source, ()):
+                    slot_of[alias] = slot_of[source]
+                    sources.append(alias)
         return slot_of[name]
 
     for name in [*presets, *free_vars, *inputs]:
         slot(name)
     raw_steps = []
-    pending_aliases = dict(aliases or {})
     for node, names, out_names, handler, ctx, outer in entries:
-        _bind_aliases(pending_aliases, slot_of)
         ins = tuple(slot_of.get(name, NONE_SLOT) if name else NONE_SLOT for name in names)
         reads = set(ins) | {slot_of[name] for name in outer if name in slot_of}
         outs = tuple(slot(name) if name else SINK_SLOT for name in out_names)
         raw_steps.append((node, handler, ctx, ins, outs, reads, bool(outer) or bool(subgraphs(node))))
-    _bind_aliases(pending_aliases, slot_of)
     missing = [name for name in outputs if name not in slot_of]
     if missing:
         raise ModelLoadError(f"graph output '{missing[0]}' is never computed; the file is truncated or corrupt")
@@ -199,13 +248,26 @@ def build_plan(
     )
 
 
-def _bind_aliases(pending: dict[str, str], slot_of: dict[str, int]) -> None:
-    """Give each alias whose source has a slot by now that same slot (chains resolve over repeated calls)."""
-    changed = True
-    while changed and pending:
-        changed = False
-        for alias, source in list(pending.items()):
-            if source in slot_of:
-                slot_of[alias] = slot_of[source]
-                del pending[alias]
-                changed = True
+def without_dead_nodes(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """A copy of ``model`` whose main graph keeps only the nodes its outputs depend on; None when all are live.
+
+    For handing a file to another runtime (onnxruntime in ``verify``), which would otherwise compute dead nodes too.
+    """
+    graph = model.graph
+
+    def reads(node: onnx.NodeProto) -> list[str]:
+        names = [name for name in node.input if name]
+        for sub in subgraphs(node):
+            names += free_names(sub, set())
+        return names
+
+    nodes = list(graph.node)  # held, so that the ids live_nodes returns stay theirs
+    live = live_nodes(graph, reads)
+    if all(id(node) in live for node in nodes):
+        return None
+    kept = [node for node in nodes if id(node) in live]
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    del copy.graph.node[:]
+    copy.graph.node.extend(kept)
+    return copy

@@ -15,6 +15,13 @@ QLinearMatMul (b), QLinearConv (w)    ``(w - zero_point) * scale``          re-q
                                                                             and computed as before: exact, but
                                                                             outputs are integers, so no gradient
 QLinearConv (B, int32 bias)           ``B`` (zero point 0, integer units)   unchanged
+Gather (data), when every reader of   ``(x - zero_point) * scale``          rows gathered from the parameter; the
+its rows (after data-movement nodes)                                        DequantizeLinear nodes pass them on
+is a per-tensor DequantizeLinear                                            (``gathered_rows``)
+com.microsoft DynamicQuantizeMatMul,  ``(w - zero_point) * scale``          see ``ops_contrib_quantized.py``
+MatMulIntegerToFloat, QAttention,     (MatMulNBits: unpacked to (K, N);
+QEmbedLayerNormalization,             DynamicQuantizeLSTM: per direction
+MatMulNBits, DynamicQuantizeLSTM      or per direction and column)
 ====================================  ====================================  ====================================
 
 An initializer qualifies only when it has an 8/16-bit integer type (int32 for DequantizeLinear and the QLinearConv
@@ -25,19 +32,23 @@ in the parameter; `export_masked` writes it back as the zero point, which dequan
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import torch
 
-from ...errors import ModscopeError
+from ...errors import ModscopeError, ShapeError
+from .ops_contrib import MS_DOMAIN
+from .ops_contrib_quantized import lstm_dequantize, nbits_ablated, nbits_dequantize
 from .ops_quantization import dequantize_linear
 from .registry import NodeContext
 from .roles import all_initializers, walk_nodes
 
 _T = onnx.TensorProto
 _NARROW = {_T.INT8, _T.UINT8, _T.INT16, _T.UINT16}
+_BYTES = frozenset({_T.INT8, _T.UINT8})
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,18 @@ _SLOTS: dict[str, tuple[_Slot, ...]] = {
     "QLinearConv": (_Slot(3, 4, 5, 0, frozenset(_NARROW)), _Slot(8, None, None, 0, frozenset({_T.INT32}))),
 }
 
+#: the same for onnxruntime's contrib operators (domain com.microsoft).
+_CONTRIB_SLOTS: dict[str, tuple[_Slot, ...]] = {
+    "DynamicQuantizeMatMul": (_Slot(1, 2, 3, -1, _BYTES),),
+    "MatMulIntegerToFloat": (_Slot(1, 3, 5, -1, _BYTES),),
+    "QAttention": (_Slot(1, 4, 7, -1, _BYTES),),
+    "QEmbedLayerNormalization": tuple(_Slot(i, i + 6, i + 11, 0, _BYTES) for i in range(2, 7)),
+    "MatMulNBits": (_Slot(1, 2, 3, 0, frozenset({_T.UINT8})),),
+    "DynamicQuantizeLSTM": (_Slot(1, 8, 9, 0, _BYTES), _Slot(2, 10, 11, 0, _BYTES)),
+}
+#: contrib layouts that DequantizeLinear cannot express: dequantized by their own functions.
+_OWN_LAYOUT = ("MatMulNBits", "DynamicQuantizeLSTM")
+
 
 @dataclass(frozen=True)
 class QuantizedWeight:
@@ -71,6 +94,8 @@ class QuantizedWeight:
         axis: the axis a per-axis or blocked scale and zero point run along.
         block_size: the block size of blocked quantization, 0 otherwise.
         output_dtype: DequantizeLinear's ``output_dtype`` attribute (0: the scale's type).
+        domain: the operator's domain ("" for ONNX's, "com.microsoft" for onnxruntime's contrib operators).
+        attrs: the reader's integer attributes where the layout depends on them (MatMulNBits' K, N, bits ...).
     """
 
     op: str
@@ -80,6 +105,8 @@ class QuantizedWeight:
     axis: int
     block_size: int
     output_dtype: int
+    domain: str = ""
+    attrs: tuple[tuple[str, int], ...] = ()
 
 
 def find_quantized_weights(graph: onnx.GraphProto) -> dict[str, QuantizedWeight]:
@@ -101,20 +128,80 @@ def find_quantized_weights(graph: onnx.GraphProto) -> dict[str, QuantizedWeight]
     """
     inits = {t.name: t for t in all_initializers(graph)}
     fed = {i.name for i in graph.input} | {o.name for o in graph.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in walk_nodes(graph):
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
     found: dict[str, QuantizedWeight] = {}
     rejected: set[str] = set(fed)
     for node in walk_nodes(graph):
-        slots = _SLOTS.get(node.op_type, ()) if node.domain in ("", "ai.onnx") else ()
+        slots = _slots(node)
         by_index = {s.weight: s for s in slots}
         for index, name in enumerate(node.input):
             if name not in inits or name in rejected:
                 continue
             slot = by_index.get(index)
-            info = _describe(node, slot, inits, fed) if slot and inits[name].data_type in slot.types else None
+            if _is_table_read(node, index) and inits[name].data_type in _NARROW:
+                info = _gathered(node, inits, fed, readers)
+            else:
+                info = _describe(node, slot, inits, fed) if slot and inits[name].data_type in slot.types else None
             if info is None or found.setdefault(name, info) != info:
                 rejected.add(name)
                 found.pop(name, None)
     return found
+
+
+def _is_table_read(node: onnx.NodeProto, index: int) -> bool:
+    return node.op_type == "Gather" and index == 0 and node.domain in ("", "ai.onnx")
+
+
+#: data-movement nodes that may stand between a quantized table's Gather and the DequantizeLinear of its rows.
+_MOVES = frozenset({"Identity", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten"})
+
+
+def _gathered(
+    node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], fed: set[str], readers: dict[str, list[onnx.NodeProto]]
+) -> QuantizedWeight | None:
+    """A quantized table read by Gather whose gathered rows every reader (after data-movement nodes) dequantizes
+    with one per-tensor scale and zero point (``quantize_dynamic``'s embeddings); None otherwise."""
+    found = set()
+    pending = [node.output[0]] if node.output else []
+    while pending:
+        value = pending.pop()
+        users = readers.get(value, [])
+        if not users or value in fed:
+            return None
+        for user in users:
+            plain = user.domain in ("", "ai.onnx") and user.input[0] == value
+            if plain and user.op_type in _MOVES:
+                pending.extend(user.output[:1])
+                continue
+            info = _describe(user, _SLOTS["DequantizeLinear"][0], inits, fed) if plain else None
+            if user.op_type != "DequantizeLinear" or info is None:
+                return None
+            if any(int(np.prod(inits[n].dims)) != 1 for n in (info.scale, info.zero_point) if n):
+                return None
+            found.add(dataclasses.replace(info, op="Gather", slot=0))
+    return found.pop() if len(found) == 1 else None
+
+
+def gathered_rows(graph: onnx.GraphProto, tables: set[str]) -> set[str]:
+    """The values gathered from one of ``tables`` (quantized tables loaded as dequantized floats), through the
+    data-movement nodes after the Gather: already dequantized, so the DequantizeLinear nodes reading them pass
+    them through."""
+    rows: set[str] = set()
+    for node in walk_nodes(graph):
+        if not node.input or not node.output or node.domain not in ("", "ai.onnx"):
+            continue
+        if (node.op_type == "Gather" and node.input[0] in tables) or (node.op_type in _MOVES and node.input[0] in rows):
+            rows.add(node.output[0])
+    return rows
+
+
+def _slots(node: onnx.NodeProto) -> tuple[_Slot, ...]:
+    if node.domain in ("", "ai.onnx"):
+        return _SLOTS.get(node.op_type, ())
+    return _CONTRIB_SLOTS.get(node.op_type, ()) if node.domain == MS_DOMAIN else ()
 
 
 def _describe(
@@ -131,6 +218,9 @@ def _describe(
     axis = attrs.get("axis", 1) if slot.axis is None else slot.axis
     block = attrs.get("block_size", 0) if node.op_type == "DequantizeLinear" else 0
     dtype = attrs.get("output_dtype", 0) if node.op_type == "DequantizeLinear" else 0
+    if node.domain == MS_DOMAIN:
+        own = tuple(sorted(attrs.items())) if node.op_type in _OWN_LAYOUT else ()
+        return QuantizedWeight(node.op_type, slot.weight, names[0], names[1], axis, 0, 0, MS_DOMAIN, own)
     return QuantizedWeight(node.op_type, slot.weight, names[0], names[1], axis, block, dtype)
 
 
@@ -149,6 +239,8 @@ def dequantize_weight(
         ``(q - zero_point) * scale`` computed exactly as the DequantizeLinear handler does (float32 for 8/16-bit
         data, or ``output_dtype``), or ``q - zero_point`` in float32 where the operator has no scale.
     """
+    if info.domain == MS_DOMAIN and info.op in _OWN_LAYOUT:
+        return _own_layout(name, info, values)
     attrs = {"axis": info.axis, "block_size": info.block_size, "output_dtype": info.output_dtype}
     node = onnx.helper.make_node("DequantizeLinear", [], [], name=f"{name} (quantized weight)")
     ctx = NodeContext(node=node, opset=max(opset, 10), attrs=attrs, run_graph=_no_graphs)
@@ -160,6 +252,46 @@ def dequantize_weight(
             return dequantize_linear(ctx, data, scale, zero_point).detach().clone()
     except (ModscopeError, RuntimeError, IndexError):
         return None  # a layout the handler refuses: the integer tensor stays a buffer
+
+
+def _own_layout(name: str, info: QuantizedWeight, values: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """MatMulNBits' and DynamicQuantizeLSTM's weights as floats; None for float zero points (a removed element
+    could not be written back as an exact zero)."""
+    zero_point = values[info.zero_point] if info.zero_point else None
+    if zero_point is not None and zero_point.is_floating_point():
+        return None
+    try:
+        with torch.no_grad():
+            if info.op == "MatMulNBits":
+                return nbits_dequantize(values[name], values[info.scale], zero_point, dict(info.attrs))
+            return lstm_dequantize(values[name], values[info.scale], zero_point)
+    except (ModscopeError, RuntimeError, IndexError, KeyError):
+        return None
+
+
+def ablated_integers(
+    info: QuantizedWeight | None, stored: np.ndarray, keep: np.ndarray, zero_point: np.ndarray | None
+) -> np.ndarray:
+    """The integer initializer ``stored`` with the elements ``keep`` marks False removed (set to the zero point).
+
+    Args:
+        info: how the weight is dequantized; None for an integer weight of no known layout (removed elements: 0).
+        stored: the initializer's values.
+        keep: a boolean mask of the dequantized parameter's shape.
+        zero_point: the zero-point initializer's values, None when there is none.
+
+    Raises:
+        ShapeError: ``keep`` does not have the parameter's shape.
+    """
+    if info is not None and info.op == "MatMulNBits" and info.domain == MS_DOMAIN:
+        attrs = dict(info.attrs)
+        if keep.shape != (attrs["K"], attrs["N"]):
+            raise ShapeError(f"a MatMulNBits weight of K={attrs['K']}, N={attrs['N']} got a mask of {keep.shape}")
+        return nbits_ablated(stored, keep, zero_point, attrs)
+    if stored.shape != keep.shape:
+        raise ShapeError(f"an integer weight of shape {stored.shape} got a mask of shape {keep.shape}")
+    removed = np.zeros((), stored.dtype) if info is None else removed_value(info, stored.shape, zero_point)
+    return np.where(keep, stored, removed.astype(stored.dtype))
 
 
 def removed_value(info: QuantizedWeight, shape: tuple[int, ...], zero_point: np.ndarray | None) -> np.ndarray:
@@ -175,6 +307,8 @@ def removed_value(info: QuantizedWeight, shape: tuple[int, ...], zero_point: np.
     """
     if zero_point is None or zero_point.size == 1:
         return np.zeros(()) if zero_point is None else zero_point.reshape(())
+    if info.op == "DynamicQuantizeLSTM" and zero_point.ndim == 2:  # per direction and column: (D, 4H)
+        return zero_point.reshape(shape[0], 1, shape[-1])
     axis = info.axis % len(shape)
     if info.block_size:
         return np.repeat(zero_point, info.block_size, axis=axis).take(range(shape[axis]), axis=axis)

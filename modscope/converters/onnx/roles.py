@@ -39,6 +39,7 @@ from typing import Any
 import onnx
 
 from ...model import WeightKind
+from .ops_contrib import contrib_input_roles
 
 _FLOAT_TYPES = {
     onnx.TensorProto.FLOAT,
@@ -159,8 +160,9 @@ def _role(
     linear one (MatMul, Gemm, Conv ...) rather than an element-wise one.
     """
     op = node.op_type if node.domain in ("", "ai.onnx") else ""
-    if op in _INPUT_ROLES:
-        kind = _INPUT_ROLES[op].get(slot)
+    roles = _INPUT_ROLES.get(op) or contrib_input_roles(node.domain, node.op_type)
+    if roles is not None:
+        kind = roles.get(slot)
         return (kind, None) if kind else None
     if op == "Einsum":
         return "weight", None

@@ -3,10 +3,16 @@
 External data is read only from files inside the model's own folder: a location that is absolute, that climbs out
 with ``..`` or that leads out through a symbolic link is refused, so a model file cannot make modscope read
 arbitrary files. Nothing in a tensor is ever executed.
+
+A tensor's header is checked against its bytes before anything is allocated (`check_tensor_proto`): the element
+type must be an ONNX type, every dimension non-negative, and the data present (raw bytes, typed values or the
+external file's range) exactly what the shape needs, so a header cannot make modscope allocate more than the file
+holds.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import warnings
@@ -76,7 +82,7 @@ def tensor_from_proto(proto: onnx.TensorProto, base_dir: str | os.PathLike | Non
         >>> tensor_from_proto(numpy_helper.from_array(np.arange(3, dtype=np.int64))).tolist()
         [0, 1, 2]
     """
-    shape = tuple(int(d) for d in proto.dims)
+    shape = check_tensor_proto(proto)
     dtype = _RAW_DTYPES.get(proto.data_type)
     if proto.data_location == _T.EXTERNAL:
         raw = read_external_data(proto, base_dir)
@@ -92,6 +98,66 @@ def tensor_from_proto(proto: onnx.TensorProto, base_dir: str | os.PathLike | Non
         copy.raw_data = raw
         return _via_numpy(copy)
     return _from_raw(raw, dtype, shape, proto.name)
+
+
+#: element types stored packed, several to a byte: bits per element.
+_PACKED_BITS = {_T.INT4: 4, _T.UINT4: 4, _T.FLOAT4E2M1: 4, _T.INT2: 2, _T.UINT2: 2, _T.FLOAT6E2M3: 6, _T.FLOAT6E3M2: 6}
+#: packed types whose typed field (int32_data) holds one byte of packed elements per entry: elements per entry.
+_PACKED_PER_ENTRY = {_T.INT4: 2, _T.UINT4: 2, _T.FLOAT4E2M1: 2, _T.INT2: 4, _T.UINT2: 4}
+_COMPLEX = (_T.COMPLEX64, _T.COMPLEX128)
+
+
+def _name(proto: onnx.TensorProto) -> str:
+    return f"tensor '{proto.name}'" if proto.name else "a tensor"
+
+
+def check_tensor_proto(proto: onnx.TensorProto) -> tuple[int, ...]:
+    """The tensor's shape, after checking that its header is consistent with the data it holds.
+
+    External data is checked by `read_external_data` (the file is only opened there).
+
+    Raises:
+        ModelLoadError: an element type that ONNX does not define, a negative dimension, or raw bytes or typed
+            values whose count does not match the shape.
+
+    Example:
+        >>> from onnx import helper, TensorProto
+        >>> check_tensor_proto(helper.make_tensor("w", TensorProto.FLOAT, [2, 3], [0.0] * 6))
+        (2, 3)
+    """
+    shape = tuple(int(d) for d in proto.dims)
+    if proto.data_type not in _T.DataType.values() or proto.data_type == _T.UNDEFINED:
+        raise ModelLoadError(
+            f"{_name(proto)} has element type {proto.data_type}, which is not an ONNX type; the file is corrupt"
+        )
+    if any(d < 0 for d in shape):
+        raise ModelLoadError(f"{_name(proto)} has a negative dimension in its shape {list(shape)}; the file is corrupt")
+    if proto.data_location == _T.EXTERNAL:
+        return shape
+    numel = math.prod(shape)
+    if proto.HasField("raw_data"):
+        need, have, unit = expected_bytes(proto.data_type, numel), len(proto.raw_data), "bytes"
+    elif proto.data_type == _T.STRING:
+        need, have, unit = numel, len(proto.string_data), "strings"
+    else:
+        field = onnx.helper.tensor_dtype_to_field(proto.data_type)
+        per_entry = _PACKED_PER_ENTRY.get(proto.data_type, 1)
+        need = 2 * numel if proto.data_type in _COMPLEX else -(-numel // per_entry)
+        have, unit = len(getattr(proto, field)), f"values in {field}"
+    if need != have:
+        raise ModelLoadError(
+            f"{_name(proto)} holds {have} {unit} but its shape {list(shape)} needs {need}; the file is truncated or "
+            "corrupt, re-export or re-download it"
+        )
+    return shape
+
+
+def expected_bytes(data_type: int, numel: int) -> int:
+    """The bytes ``numel`` elements of ONNX element type ``data_type`` take in ``raw_data`` or an external file."""
+    bits = _PACKED_BITS.get(data_type)
+    if bits is not None:
+        return -(-numel * bits // 8)
+    return numel * onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
 
 
 def _from_raw(raw: bytes, dtype: torch.dtype, shape: tuple[int, ...], name: str) -> torch.Tensor:
@@ -136,22 +202,31 @@ def numpy_to_torch(array: np.ndarray) -> torch.Tensor:
 def read_external_data(proto: onnx.TensorProto, base_dir: str | os.PathLike | None) -> bytes:
     """The bytes of a tensor stored in an external file, read only from inside ``base_dir``.
 
+    Exactly the bytes the tensor's shape needs are read, after checking that the file holds them.
+
     Raises:
-        ModelLoadError: no ``base_dir`` (an in-memory model), a location that escapes ``base_dir``, a missing
-            file, or a file shorter than the tensor needs.
+        ModelLoadError: no ``base_dir`` (an in-memory model), a location that escapes ``base_dir`` or holds a NUL
+            byte, a missing file, an offset or length that is not a non-negative integer, a length that does not
+            match the shape, or a file shorter than the tensor needs.
     """
     info = {entry.key: entry.value for entry in proto.external_data}
     location = info.get("location", "")
-    what = f"tensor '{proto.name}' stores its data in the external file '{location}'"
+    shown = location if location.isprintable() else repr(location)[1:-1]
+    what = f"{_name(proto)} stores its data in the external file '{shown}'"
     if base_dir is None:
         raise ModelLoadError(
             f"{what}, but the model was given in memory; load it from its file path, or load the ModelProto with "
             "onnx.load(path) so that the external data is read in"
         )
     if not location:
-        raise ModelLoadError(f"tensor '{proto.name}' is marked as external but names no file; the file is corrupt")
+        raise ModelLoadError(f"{_name(proto)} is marked as external but names no file; the file is corrupt")
+    if "\0" in location:
+        raise ModelLoadError(f"{what}, whose name holds a NUL byte, which no file name can; the file is corrupt")
     base = Path(base_dir).resolve()
-    target = (base / location).resolve()
+    try:
+        target = (base / location).resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop, a name too long
+        raise ModelLoadError(f"{what}, which cannot be resolved ({exc}); the file is corrupt") from exc
     if Path(location).is_absolute() or not target.is_relative_to(base):
         raise ModelLoadError(
             f"{what}, which lies outside the model's folder {base}; modscope reads external data only from "
@@ -159,14 +234,29 @@ def read_external_data(proto: onnx.TensorProto, base_dir: str | os.PathLike | No
         )
     if not target.is_file():
         raise ModelLoadError(f"{what}, which does not exist in {base}; copy the data file next to the model")
-    try:
-        offset = int(info.get("offset", 0))
-        length = int(info["length"]) if "length" in info else -1
-    except ValueError as exc:
-        raise ModelLoadError(f"{what} with an unreadable offset or length ({exc}); the file is corrupt") from exc
+    offset, length = _external_int(info, "offset", what), _external_int(info, "length", what)
+    need = expected_bytes(proto.data_type, math.prod(int(d) for d in proto.dims))
+    if length is not None and length != need:
+        raise ModelLoadError(
+            f"{what} with a length of {length} bytes, but its shape {list(proto.dims)} needs {need}; the file is corrupt"
+        )
+    offset, size = offset or 0, target.stat().st_size
+    if offset + need > size:
+        raise ModelLoadError(
+            f"{what}, which holds {max(size - offset, 0)} bytes from offset {offset} but its shape {list(proto.dims)} "
+            f"needs {need}; the data file is truncated, copy it again"
+        )
     with open(target, "rb") as handle:
         handle.seek(offset)
-        raw = handle.read(length)
-    if length >= 0 and len(raw) != length:
-        raise ModelLoadError(f"{what}, which is shorter than the {length} bytes it should hold; it is truncated")
-    return raw
+        return handle.read(need)
+
+
+def _external_int(info: dict[str, str], key: str, what: str) -> int | None:
+    """A non-negative integer entry (offset, length) of a tensor's external-data record, or None when absent."""
+    if key not in info:
+        return None
+    text = info[key]
+    if not text.strip().isdigit():
+        shown = text if text.isprintable() else repr(text)[1:-1]
+        raise ModelLoadError(f"{what} with the {key} '{shown[:40]}', which is not a non-negative integer; the file is corrupt")
+    return int(text)
