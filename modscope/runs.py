@@ -39,6 +39,59 @@ REPORT = "report.json"
 CHECKPOINT = "checkpoint.pt"
 #: every file a run folder holds.
 RUN_FILES = (MASKS, CONFIG, CURVES, REPORT, CHECKPOINT)
+#: the lock file `fit` holds while it writes a run folder (removed when it ends; the lock itself dies with the process).
+LOCK = ".modscope.lock"
+
+
+@contextlib.contextmanager
+def locked(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on a run folder while the block runs (``fcntl.flock`` on ``folder/.modscope.lock``).
+
+    The operating system releases the lock when the process ends, however it ends, so a killed run never leaves a
+    folder locked.
+
+    Raises:
+        InvalidParameterError: another process holds the folder.
+
+    Example:
+        >>> import tempfile
+        >>> with locked(tempfile.mkdtemp()):
+        ...     pass
+    """
+    import fcntl
+
+    path = Path(folder) / LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            holder = _lock_holder(path)
+            raise InvalidParameterError(
+                f"run folder {Path(folder)} is in use by another `modscope fit`{holder}; wait for it to end or choose another --out"
+            ) from None
+        try:  # the holder before us may have removed the file after we opened it: lock the file that is there now
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        os.close(fd)
+
+
+def _lock_holder(path: Path) -> str:
+    with contextlib.suppress(OSError, ValueError):
+        return f" (process {int(path.read_text().strip())})"
+    return ""
 
 
 @contextlib.contextmanager

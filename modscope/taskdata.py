@@ -188,7 +188,7 @@ def _check_npz_rows(p: Path) -> None:
             if (key == "y" or _X_KEY.match(key) or key == "x") and shape:
                 rows[key] = int(shape[0])
     if len(set(rows.values())) > 1:
-        raise DataError(f"task data file {p}: its arrays have different numbers of rows "
+        raise DataError(f"task data file {p}: its arrays have different lengths "
                         f"({', '.join(f'{k}: {n}' for k, n in sorted(rows.items()))}); give every array one row per example")
 
 
@@ -232,6 +232,8 @@ def check_fits(model: Any, task: Task, *, n_examples: int = 2) -> None:
     """
     import torch
 
+    from .tasks import CLASS_IGNORE, check_class_targets
+
     xs, y = task.batch(torch.arange(min(n_examples, len(task))))
     shapes = ", ".join(f"{tuple(x.shape[1:])} {str(x.dtype).replace('torch.', '')}" for x in xs)
     with model.frozen() as module, torch.no_grad():
@@ -250,11 +252,12 @@ def check_fits(model: Any, task: Task, *, n_examples: int = 2) -> None:
             f"(Task(..., output=INDEX), or --output {task.name}=INDEX on the command line)"
         )
     out = task.select_output(raw)
-    if task.loss in ("ce", "seq_ce") and isinstance(out, torch.Tensor) and out.dim():
+    if task.loss in CLASS_IGNORE and isinstance(out, torch.Tensor) and out.dim():
         top = int(task.targets.max())
         if top >= out.shape[-1]:
             raise DataError(f"task {task.name!r}: targets go up to class {top} but the model's output has "
                             f"{out.shape[-1]} classes on its last axis; check the targets or pick another --loss/--output")
+        check_class_targets(task.targets, str(task.loss), task.name, out.shape[-1])
     try:
         task.loss_fn()(out, y)
         task.compute_metric(out, y)

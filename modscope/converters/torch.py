@@ -251,8 +251,8 @@ def _load_trusted(path: Path) -> Any:
 
 def _refuse(path: Path, why: str) -> None:
     raise UntrustedFileError(
-        f"{path} is a pickled Python object ({why}); loading it runs code from the file. "
-        "Pass trust=True (CLI: --trust) only if you trust its source."
+        f"{path} is a pickled Python object ({why}); loading it runs code from the file; "
+        "pass trust=True (CLI: --trust) only if you trust its source"
     )
 
 
