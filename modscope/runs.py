@@ -161,6 +161,8 @@ def read_json(path: str | os.PathLike, what: str) -> dict[str, Any]:
         raise InvalidParameterError(f"{what} {p} does not exist") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidParameterError(f"{what} {p} cannot be read ({_reason(exc)}); make it again with `modscope fit`") from exc
+    except RecursionError:
+        raise InvalidParameterError(f"{what} {p} cannot be read (it is nested too deeply to be modscope's); make it again with `modscope fit`") from None
     if not isinstance(data, dict):
         raise InvalidParameterError(f"{what} {p} is not a JSON object; make it again with `modscope fit`")
     version = data.get("schema_version")
