@@ -24,8 +24,19 @@ from modscope.converters.export import export_masked
 pytest.importorskip("onnxruntime.quantization")
 pytest.importorskip("onnxruntime.transformers.optimizer")
 
-from contrib_cases import assert_loss_reaches_every_matrix, assert_outputs_close, run_ort, run_torch  # noqa: E402
-from contrib_models import FAMILIES, QUANTIZERS, export_family, export_lstm, quantize_file  # noqa: E402
+from contrib_cases import (
+    assert_loss_reaches_every_matrix,
+    assert_outputs_close,
+    run_ort,
+    run_torch,
+)
+from contrib_models import (
+    FAMILIES,
+    QUANTIZERS,
+    export_family,
+    export_lstm,
+    quantize_file,
+)
 
 #: operators each quantizer must have written into the files (at least one of each).
 _EXPECTED_OPS = {

@@ -67,6 +67,7 @@ class OnnxGraphModule(nn.Module):
         output_names: the graph outputs, in order.
         param_names: ONNX initializer name -> torch parameter name (``params.<safe name>``), for the weights.
         opsets: domain -> opset version the model imports.
+        max_tensor_bytes: the per-tensor limit in force (see ``limits.py``).
 
     Raises:
         UnsupportedOperatorError: a node has no handler (every unsupported operator is named).
@@ -84,7 +85,7 @@ class OnnxGraphModule(nn.Module):
         max_tensor_bytes: int | str | None = None,
     ):
         super().__init__()
-        limit = resolve_max_tensor_bytes(max_tensor_bytes)
+        limit = self.max_tensor_bytes = resolve_max_tensor_bytes(max_tensor_bytes)
         self.opsets = {_norm_domain(o.domain): o.version for o in model.opset_import}
         self.params = nn.Module()
         self.consts = nn.Module()
