@@ -130,3 +130,13 @@ def test_half_precision_fused_file_matches_onnxruntime_and_exports(name: str, tm
     params = model.parameters()
     zeroed = {n: torch.where(k, params[n], torch.zeros((), dtype=params[n].dtype)) for n, k in keep.items()}
     _assert_close(_run_ort(out, feeds), _run_torch(model, feeds, zeroed), rtol=5e-3)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_verify_accepts_fused_files_on_its_own_random_inputs(name: str, family_files) -> None:
+    """What ``modscope inspect --verify`` runs on the fused file: random inputs from its input types."""
+    from modscope.converters.verify import verify
+
+    _, fused, _ = family_files(name)
+    result = verify(modscope.load(fused))
+    assert result.ok, result.to_dict()
