@@ -2,9 +2,9 @@
 
 A step runs the frozen network K tasks x S samples times, each "replica" with its own effective weights W ⊙ m. Per
 replica it holds, for the N masked elements: the uniform noise (4 bytes each, and 4 more for the next pass's noise
-drawn ahead by a second thread), the effective weights (4) and their gradient (4): 16 bytes per masked weight, plus the replica's activations kept for the backward
+when a second thread draws it ahead), the effective weights (4) and their gradient (4): 12 (16) bytes per masked weight, plus the replica's activations kept for the backward
 pass (measured once on a probe pass of one replica, see `probe_activations`). Per task the run holds the logits,
-their gradient, Adam's two moments, one Adam temporary and a row of thresholds: 24 bytes per masked weight. On top come the process's
+their gradient, Adam's two moments and a row of thresholds: 20 bytes per masked weight. On top come the process's
 memory before training (weights, data, the framework) and the pass buffers of `sampling.StepBuffers`.
 
 When all K x S replicas do not fit in ``MaskConfig.max_memory``, the step runs them in passes: several whole tasks
@@ -34,12 +34,12 @@ from ..errors import InvalidParameterError, OutOfMemoryPlanError
 if TYPE_CHECKING:
     from .config import MaskConfig
 
-REPLICA_BYTES_PER_WEIGHT = 16
-"""Noise (twice: the next pass's is drawn ahead with threads), effective weight and its gradient (float32), per
-masked weight and replica."""
-TASK_BYTES_PER_WEIGHT = 24
-"""Logits, their gradient, Adam's two moments, one Adam temporary and a row of thresholds (float32), per masked
-weight and task."""
+REPLICA_BYTES_PER_WEIGHT = 12
+"""Noise, effective weight and its gradient (float32), per masked weight and replica; 4 more when the next pass's
+noise is drawn ahead (`AHEAD_BYTES_PER_WEIGHT`)."""
+AHEAD_BYTES_PER_WEIGHT = 4
+TASK_BYTES_PER_WEIGHT = 20
+"""Logits, their gradient, Adam's two moments and a row of thresholds (float32), per masked weight and task."""
 ACTIVATION_FACTOR = 2.0
 """Saved activations plus their gradients in flight during the backward pass, as a multiple of the saved ones."""
 DEFAULT_SHARE = 0.9
@@ -218,12 +218,13 @@ def plan_passes(tasks: int, samples: int, per_replica: int, per_task: int, base:
 
 
 def plan_run(tasks: int, config: MaskConfig, n_masked: int, activations: int, device: torch.device,
-             prefer: int | None = None) -> MemoryPlan:
+             prefer: int | None = None, ahead: bool = False) -> MemoryPlan:
     """The plan of a run of ``config`` over ``tasks`` tasks: ``n_masked`` masked weights, ``activations`` bytes saved
     by one (task, sample) pass (`probe_activations`), the memory now held and free on ``device``."""
     held, free = process_memory(device)
     limit = parse_bytes(config.max_memory) or held + int(DEFAULT_SHARE * free)
-    per_replica = REPLICA_BYTES_PER_WEIGHT * n_masked + int(ACTIVATION_FACTOR * activations)
+    per_weight = REPLICA_BYTES_PER_WEIGHT + (AHEAD_BYTES_PER_WEIGHT if ahead else 0)
+    per_replica = per_weight * n_masked + int(ACTIVATION_FACTOR * activations)
     plan = plan_passes(tasks, config.n_samples, per_replica, TASK_BYTES_PER_WEIGHT * n_masked, held, limit,
                        config.pass_size, prefer)
     plan.parts["activations"] = activations

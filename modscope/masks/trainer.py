@@ -360,7 +360,7 @@ class MaskTrainer:
         """Plan the passes from one probe pass on the first task's examples ``xs`` and allocate the step buffers."""
         xs = tuple(x[: self.config.batch_size // self.config.n_samples] for x in xs)
         self._plan = plan_run(len(self.tasks), self.config, self.layout.total, self._probe_activations(xs), self.device,
-                              prefer=self._preferred_replicas())
+                              prefer=self._preferred_replicas(), ahead=self._draw_pool is not None)
         most_tasks = max(len(p.tasks) for p in self._plan.passes)
         whole = all(p.samples == (0, self.config.n_samples) for p in self._plan.passes)
         self._ahead = self._draw_pool is not None and whole  # draw the next pass's noise while this one computes
