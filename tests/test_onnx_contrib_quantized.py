@@ -141,9 +141,9 @@ def test_nbits_write_back_sets_removed_codes_to_their_block_zero_point() -> None
 
 # -- DynamicQuantizeLSTM --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("per_column", [False, True])
-def test_dynamic_quantize_lstm_matches_onnxruntime_within_its_activation_rounding(per_column: bool, tmp_path: Path) -> None:
+def test_dynamic_quantize_lstm_matches_onnxruntime(per_column: bool, tmp_path: Path) -> None:
     gen = rng(17)
-    t, b, i, h = 5, 2, 4, 3
+    t, b, i, h = 5, 1, 4, 3  # one example: onnxruntime then rounds the hidden state as modscope does on any machine
     shape = (1, 4 * h) if per_column else (1,)
     w_scale, r_scale = [(gen.random(shape) * 0.02 + 0.02).astype(np.float32) for _ in range(2)]
     # 7-bit weights: onnxruntime's uint8 x int8 kernels saturate pairwise int16 sums of full-range values
@@ -154,4 +154,4 @@ def test_dynamic_quantize_lstm_matches_onnxruntime_within_its_activation_roundin
               ("r_zp", np.zeros(shape, np.int8))]
     case = Case("DynamicQuantizeLSTM", inputs, {"w": "weight", "r": "weight", "bias": "bias"}, {"hidden_size": h},
                 3, constants=("w_scale", "w_zp", "r_scale", "r_zp"))
-    check(case, rtol=2e-3, export_to=tmp_path)
+    check(case, rtol=1e-4, export_to=tmp_path)

@@ -147,6 +147,22 @@ def declared_input_bomb() -> onnx.ModelProto:
     return _model([helper.make_node("Relu", ["x"], ["y"])], [_x([SIDE, SIDE])], [_y()])
 
 
+def loop_bomb() -> onnx.ModelProto:
+    """A Loop with a trip count of 2**40 whose body emits a scan output each time: it would run for days and keep
+    every step."""
+    def info(name: str, elem: int, shape: list | None) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(name, elem, shape)
+
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Identity", ["v_in"], ["v_out"]),
+         helper.make_node("Identity", ["v_in"], ["scan"])], "body",
+        [info("iter", TensorProto.INT64, []), info("cond_in", TensorProto.BOOL, []), info("v_in", TensorProto.FLOAT, None)],
+        [info("cond_out", TensorProto.BOOL, []), info("v_out", TensorProto.FLOAT, None), info("scan", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("Loop", ["M", "cond", "x"], ["final", "scans"], body=body, name="loop")]
+    inits = [numpy_helper.from_array(np.array(1 << 40, np.int64), "M"), numpy_helper.from_array(np.array(True), "cond")]
+    return _model(_plus_x(nodes, "scans"), [_x()], [_y()], inits)
+
+
 # -- work bombs: bounded memory, but careless code is slow -------------------------------------------------------------
 def reversed_chain(n: int = 3000) -> onnx.ModelProto:
     """``n`` Relu nodes in a chain, listed in reverse order (a quadratic sort takes minutes)."""
@@ -213,6 +229,18 @@ def unknown_data_type_in_attribute() -> onnx.ModelProto:
     return _model(nodes, [_x()], [_y()])
 
 
+def string_attribute_bomb() -> onnx.ModelProto:
+    """A Constant holding one string but declaring 2**30 of them."""
+    value = TensorProto(name="s", data_type=TensorProto.STRING, dims=[HUGE], string_data=[b"a"])
+    nodes = [helper.make_node("Constant", [], ["c"], value=value), helper.make_node("Relu", ["x"], ["y"])]
+    return _model(nodes, [_x()], [_y()])
+
+
+def input_type_999() -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", 999, [1, 4])
+    return _model([helper.make_node("Relu", ["x"], ["y"])], [x], [_y()])
+
+
 def _external(location: str, **entries: str) -> onnx.ModelProto:
     t = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[1, 4], data_location=TensorProto.EXTERNAL)
     for key, value in {"location": location, **entries}.items():
@@ -258,6 +286,8 @@ REFUSED: dict[str, Callable[[], onnx.ModelProto]] = {
     "short_raw_data": short_raw_data,
     "unknown_data_type": unknown_data_type,
     "unknown_data_type_in_attribute": unknown_data_type_in_attribute,
+    "string_attribute_bomb": string_attribute_bomb,
+    "input_type_999": input_type_999,
     "external_nul_byte": external_nul_byte,
     "external_negative_offset": external_negative_offset,
     "external_negative_length": external_negative_length,

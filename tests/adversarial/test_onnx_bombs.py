@@ -30,13 +30,16 @@ def batch(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, hostile.Outco
         cases.append({"name": name, "argv": ["inspect", path, "--verify"], "forward": True})
     for name, build in hostile.ACCEPTED.items():
         cases.append({"name": name, "argv": ["inspect", str(hostile.write(build(), folder, name))]})
+    # onnxruntime computes dead nodes too: verify hands it the model without them
+    dead = str(folder / "dead_bombs.onnx")
+    cases.append({"name": "dead_bombs_verified", "argv": ["inspect", dead, "--verify"], "forward": True})
     return hostile.run_batch(cases, folder)
 
 
 def test_the_batch_stays_under_1_gib(batch):
     results, outcome = batch
     assert outcome.returncode == 0, outcome.stderr[-2000:]
-    assert len(results) == len(hostile.REFUSED) + len(hostile.REFUSED_WHEN_RUN) + len(hostile.ACCEPTED)
+    assert len(results) == len(hostile.REFUSED) + len(hostile.REFUSED_WHEN_RUN) + len(hostile.ACCEPTED) + 1
     assert outcome.peak_rss < GIB, f"peak RSS {outcome.peak_rss / GIB:.2f} GiB"
 
 
@@ -60,7 +63,7 @@ def test_memory_bombs_name_the_node_and_the_limit(batch, name):
     assert "limit of 2.0 GiB" in result["stderr"]
 
 
-@pytest.mark.parametrize("name", list(hostile.ACCEPTED))
+@pytest.mark.parametrize("name", [*hostile.ACCEPTED, "dead_bombs_verified"])
 def test_dead_bombs_and_long_chains_load(batch, name):
     result = batch[0][name]
     assert result["code"] == 0, result["stderr"]
@@ -75,4 +78,14 @@ def test_console_process_exits_2_with_one_sentence(tmp_path):
     assert outcome.stdout == ""
     assert hostile.one_sentence(outcome.stderr), outcome.stderr
     assert "ConstantOfShape" in outcome.stderr
+    assert outcome.peak_rss < GIB
+
+
+def test_a_runaway_loop_stops_at_the_limit(tmp_path):
+    path = hostile.write(hostile.loop_bomb(), tmp_path, "loop")
+    outcome = hostile.run_modscope("inspect", path, "--verify", env={"MODSCOPE_MAX_TENSOR_BYTES": "32MiB"})
+    assert outcome.returncode == 2
+    assert outcome.stdout == ""
+    assert hostile.one_sentence(outcome.stderr), outcome.stderr
+    assert "node 'loop' (Loop)" in outcome.stderr and "iterations" in outcome.stderr
     assert outcome.peak_rss < GIB

@@ -145,7 +145,8 @@ class GraphCompiler:
                 missing.setdefault(f"{domain + '::' if domain else ''}{node.op_type}", (node, opset))
                 continue
             attrs = {a.name: decode_attribute(a) for a in node.attribute}
-            prepared[id(node)] = (handler, NodeContext(node=node, opset=opset, attrs=attrs, run_graph=self.run_graph))
+            ctx = NodeContext(node, opset, attrs, self.run_graph, max_tensor_bytes=self.max_tensor_bytes)
+            prepared[id(node)] = (handler, ctx)
         if missing:
             first, (node, opset) = next(iter(missing.items()))
             others = ", ".join(list(missing)[1:])

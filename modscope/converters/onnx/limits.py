@@ -96,3 +96,12 @@ def too_large(node_name: str, op_type: str, numel: float, nbytes: float, limit: 
         f"ONNX node '{node_name}' ({op_type}) would make a tensor of {count}, more than the limit of "
         f"{format_bytes(limit)} per tensor; {fix}"
     )
+
+
+def loop_too_large(node_name: str, iterations: int, nbytes: float, limit: int) -> ResourceLimitError:
+    """The one-sentence error for a Loop whose values outgrow ``limit`` bytes after ``iterations`` iterations."""
+    return ResourceLimitError(
+        f"ONNX node '{node_name}' (Loop) holds {format_bytes(nbytes)} of loop-carried and scan-output values after "
+        f"{iterations:,} iterations (counting 1 KiB per iteration), more than the limit of {format_bytes(limit)}; "
+        f"its trip count or body is runaway, or raise the limit with {ENV_VAR} or max_tensor_bytes= of modscope.load"
+    )

@@ -130,6 +130,19 @@ def _check_model(proto: onnx.ModelProto, what: str) -> None:
         raise ModelLoadError(
             f"{what} names no operator set (opset_import is empty); the file is truncated or corrupt, re-export it"
         )
+    _check_value_types(proto.graph, what)
+
+
+def _check_value_types(graph: onnx.GraphProto, what: str) -> None:
+    """Reject graph inputs and outputs declared with an element type ONNX does not define (e.g. 999)."""
+    known = set(onnx.TensorProto.DataType.values())
+    for kind, values in (("input", graph.input), ("output", graph.output)):
+        for value in values:
+            if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type not in known:
+                raise ModelLoadError(
+                    f"{what} declares graph {kind} '{value.name}' with element type "
+                    f"{value.type.tensor_type.elem_type}, which is not an ONNX type; the file is corrupt"
+                )
 
 
 def _proto_checksum(proto: onnx.ModelProto) -> str:

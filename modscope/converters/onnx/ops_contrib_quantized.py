@@ -14,10 +14,9 @@ MatMulIntegerToFloat                                               does (Dynamic
                                                                    product, then the scales and bias
 QAttention                 packed Q/K/V (D, 3D), as above          the integer projection, then Attention
 QEmbedLayerNormalization   each table, gamma and beta              EmbedLayerNormalization on the dequantized ones
-DynamicQuantizeLSTM        W (D, I, 4H), R (D, H, 4H) per          LSTM on the dequantized W and R and on X
-                           direction or per column                 rounded to uint8; the hidden state is not
-                                                                   re-quantized each step (within 1e-3 of
-                                                                   onnxruntime on 7-bit weights)
+DynamicQuantizeLSTM        W (D, I, 4H), R (D, H, 4H) per          LSTM on the dequantized W and R, X rounded to
+                           direction or per column                 uint8 and the hidden state rounded to uint8
+                                                                   per example at each step
 =========================  ======================================  ==============================================
 
 Integer products are exact (float64) while their gradient passes straight through the rounding: a weight's
@@ -272,12 +271,40 @@ def dynamic_quantize_lstm(
     r_scale: torch.Tensor,
     r_zero_point: torch.Tensor | None,
 ) -> tuple:
-    """The ONNX LSTM with W (D, I, 4H) and R (D, H, 4H) dequantized (onnxruntime stores them transposed), on X
-    rounded to uint8 over the whole sequence as onnxruntime does (its recurrent products are not emulated)."""
+    """The ONNX LSTM with W (D, I, 4H) and R (D, H, 4H) dequantized (onnxruntime stores them transposed), X
+    rounded to uint8 over the whole sequence and the hidden state rounded to uint8 per example at every step, as
+    onnxruntime's quantized products do (see `_rounded_rows`)."""
     x_int, x_scale = _dynamic_quantized(x)
     x = (x_int * x_scale.detach().to(torch.float64)).to(x.dtype)
     if not w.is_floating_point():
         w = lstm_dequantize(w, w_scale, w_zero_point)
     if not r.is_floating_point():
         r = lstm_dequantize(r, r_scale, r_zero_point)
-    return lstm(ctx, x, w.transpose(1, 2), r.transpose(1, 2), b, sequence_lens, initial_h, initial_c, p)
+    return lstm(
+        ctx, x, w.transpose(1, 2), r.transpose(1, 2), b, sequence_lens, initial_h, initial_c, p,
+        recurrent_matmul=_rounded_recurrent_matmul,
+    )
+
+
+def _rounded_rows(h: torch.Tensor) -> torch.Tensor:
+    """Each row (last axis) of ``h`` rounded to uint8 with its own range (which includes 0), dequantized, with
+    ``h``'s gradient.
+
+    onnxruntime quantizes the hidden state of the rows it processes together: one row per thread chunk, which is
+    one example when the machine has more threads than the batch has examples (always for a batch of one). Rounding
+    each example alone keeps examples independent of each other, whatever the machine.
+    """
+    with torch.no_grad():
+        low = torch.clamp(h.amin(-1, keepdim=True), max=0.0)
+        high = torch.clamp(h.amax(-1, keepdim=True), min=0.0)
+        scale = (high - low) / 255.0
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zero_point = torch.round(torch.clamp(-low / safe, 0.0, 255.0))
+        q = torch.clamp(torch.round(h / safe) + zero_point, 0.0, 255.0)
+        rounded = (q - zero_point) * safe
+    return straight_through(rounded, h)
+
+
+def _rounded_recurrent_matmul(h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """h (D, B, H) rounded per example, @ r^T with r (D, 4H, H)."""
+    return torch.matmul(_rounded_rows(h), r.transpose(1, 2))

@@ -17,9 +17,21 @@ import onnx
 import torch
 
 from ...errors import InvalidParameterError, ShapeError
+from .limits import loop_too_large
 from .registry import NodeContext, OpSet
 
 ops = OpSet()
+
+#: bytes a Loop iteration costs beyond its scan outputs (the python objects that hold them), for its memory bound.
+_STEP_OVERHEAD = 1024
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, list | tuple):
+        return sum(_nbytes(v) for v in value)
+    return 0
 
 
 def _graph_attr(ctx: NodeContext, name: str) -> onnx.GraphProto:
@@ -65,13 +77,15 @@ def if_(ctx: NodeContext, cond: Any) -> tuple:
 def loop(ctx: NodeContext, trip_count: Any = None, cond: Any = None, *initial: Any) -> tuple:
     """``for i in range(M) while cond``: outputs the final loop-carried values, then the scan outputs stacked.
 
-    An omitted ``M`` means no trip limit; an omitted ``cond`` means the body's condition output is ignored.
+    An omitted ``M`` means no trip limit; an omitted ``cond`` means the body's condition output is ignored. The
+    values the loop holds (carried, scan outputs so far, and ``_STEP_OVERHEAD`` per iteration) may not exceed
+    ``ctx.max_tensor_bytes``, which bounds both its memory and its number of iterations.
     """
     body = _graph_attr(ctx, "body")
     n_carried = len(initial)
     limit = int(trip_count) if trip_count is not None else None
     running = bool(cond) if cond is not None else True
-    carried, steps, i = [_value(v) for v in initial], [], 0
+    carried, steps, i, scanned = [_value(v) for v in initial], [], 0, 0
     while running and (limit is None or i < limit):
         outs = ctx.run_graph(body, [torch.tensor(i, dtype=torch.int64), torch.tensor(running), *carried], ctx.env)
         if cond is not None:
@@ -79,6 +93,10 @@ def loop(ctx: NodeContext, trip_count: Any = None, cond: Any = None, *initial: A
         carried = list(outs[1 : 1 + n_carried])
         steps.append(outs[1 + n_carried :])
         i += 1
+        scanned += _STEP_OVERHEAD + sum(_nbytes(v) for v in steps[-1])
+        held = scanned + sum(_nbytes(v) for v in carried)
+        if held > ctx.max_tensor_bytes:  # a trip count of 2**40, a body that doubles a value
+            raise loop_too_large(ctx.name or ctx.node.output[0], i, held, ctx.max_tensor_bytes)
     n_scan = len(body.output) - 1 - n_carried
     scans = [
         _stack([s[k] for s in steps]) if steps else _empty_scan_output(body, 1 + n_carried + k) for k in range(n_scan)

@@ -247,8 +247,13 @@ def lstm(
     initial_h: torch.Tensor | None = None,
     initial_c: torch.Tensor | None = None,
     p: torch.Tensor | None = None,
+    *,
+    recurrent_matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _recurrent_matmul,
 ) -> tuple:
-    """LSTM with gates in ONNX order i, o, f, c; peepholes P = (P_i, P_o, P_f); optional input_forget coupling."""
+    """LSTM with gates in ONNX order i, o, f, c; peepholes P = (P_i, P_o, P_f); optional input_forget coupling.
+
+    ``recurrent_matmul(h, R)`` computes the hidden state's product (onnxruntime's DynamicQuantizeLSTM rounds h).
+    """
     layer = _parse_layer(ctx, 4, x, w, r, b, sequence_lens, [initial_h, initial_c])
     f_act, g_act, h_act = _activations(ctx, ("Sigmoid", "Tanh", "Tanh"), len(layer.reverse))
     hidden, coupled = layer.hidden, bool(ctx.attr("input_forget", 0))
@@ -256,7 +261,7 @@ def lstm(
 
     def step(xw: torch.Tensor, states: list[torch.Tensor]) -> list[torch.Tensor]:
         h, c = states
-        gates = xw + _recurrent_matmul(h, layer.r)
+        gates = xw + recurrent_matmul(h, layer.r)
         i, o, f, cell = gates.split(hidden, dim=-1)
         if peep is not None:
             i, f = i + peep[0] * c, f + peep[2] * c

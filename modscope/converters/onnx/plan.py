@@ -144,6 +144,9 @@ def live_nodes(graph: onnx.GraphProto, reads: Callable[[onnx.NodeProto], Iterabl
     Args:
         graph: the graph.
         reads: the values a node needs (its inputs and what its sub-graphs read from outside).
+
+    The ids are those of the node objects the caller holds: keep them alive while using the result (protobuf may
+    hand out new wrapper objects for nodes nobody references).
     """
     producers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
@@ -243,3 +246,28 @@ def build_plan(
         outputs=out_slots,
         free_vars=tuple((name, slot_of[name]) for name in free_vars),
     )
+
+
+def without_dead_nodes(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """A copy of ``model`` whose main graph keeps only the nodes its outputs depend on; None when all are live.
+
+    For handing a file to another runtime (onnxruntime in ``verify``), which would otherwise compute dead nodes too.
+    """
+    graph = model.graph
+
+    def reads(node: onnx.NodeProto) -> list[str]:
+        names = [name for name in node.input if name]
+        for sub in subgraphs(node):
+            names += free_names(sub, set())
+        return names
+
+    nodes = list(graph.node)  # held, so that the ids live_nodes returns stay theirs
+    live = live_nodes(graph, reads)
+    if all(id(node) in live for node in nodes):
+        return None
+    kept = [node for node in nodes if id(node) in live]
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    del copy.graph.node[:]
+    copy.graph.node.extend(kept)
+    return copy

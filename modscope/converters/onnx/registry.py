@@ -24,7 +24,7 @@ from typing import Any
 import onnx
 from onnx import numpy_helper
 
-from .tensors import tensor_from_proto
+from .tensors import check_tensor_proto, tensor_from_proto
 
 Handler = Callable[..., Any]
 OpKey = tuple[str, str]  # (domain, op_type); "" is the default ONNX domain
@@ -112,6 +112,7 @@ class NodeContext:
         run_graph: ``run_graph(graph, inputs, outer)`` runs a sub-graph (If/Loop/Scan bodies) with ``inputs`` bound
             to its formal inputs and ``outer`` (a dict of visible outer values) and returns its outputs as a list.
         env: the values visible at this node (read-only; sub-graphs see outer-scope names through it).
+        max_tensor_bytes: the most bytes one tensor the node makes (or a Loop holds) may take (``limits.py``).
     """
 
     node: onnx.NodeProto
@@ -119,6 +120,7 @@ class NodeContext:
     attrs: dict[str, Any]
     run_graph: Callable[..., list[Any]]
     env: Mapping[str, Any] = field(default_factory=dict)
+    max_tensor_bytes: int = 2 << 30
 
     @property
     def name(self) -> str:
@@ -159,5 +161,6 @@ def decode_attribute(attr: onnx.AttributeProto) -> Any:
 
 def _decode_tensor(proto: onnx.TensorProto) -> Any:
     if proto.data_type == onnx.TensorProto.STRING:
+        check_tensor_proto(proto)
         return numpy_helper.to_array(proto)
     return tensor_from_proto(proto)
