@@ -225,7 +225,8 @@ def plan_run(tasks: int, config: MaskConfig, n_masked: int, activations: int, de
     limit = parse_bytes(config.max_memory) or held + int(DEFAULT_SHARE * free)
     per_weight = REPLICA_BYTES_PER_WEIGHT + (AHEAD_BYTES_PER_WEIGHT if ahead else 0)
     per_replica = per_weight * n_masked + int(ACTIVATION_FACTOR * activations)
-    plan = plan_passes(tasks, config.n_samples, per_replica, TASK_BYTES_PER_WEIGHT * n_masked, held, limit,
+    # the logits and their gradient (8 of the 20 bytes per task) exist already: they are part of ``held``
+    plan = plan_passes(tasks, config.n_samples, per_replica, (TASK_BYTES_PER_WEIGHT - 8) * n_masked, held, limit,
                        config.pass_size, prefer)
     plan.parts["activations"] = activations
     return plan
