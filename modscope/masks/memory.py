@@ -40,6 +40,8 @@ noise is drawn ahead (`AHEAD_BYTES_PER_WEIGHT`)."""
 AHEAD_BYTES_PER_WEIGHT = 4
 TASK_BYTES_PER_WEIGHT = 20
 """Logits, their gradient, Adam's two moments and a row of thresholds (float32), per masked weight and task."""
+OPTIMIZER_TEMP_BYTES_PER_WEIGHT = 8
+"""Adam's temporaries during its step (the square root of the second moment, then its quotient), per task."""
 ACTIVATION_FACTOR = 2.0
 """Saved activations plus their gradients in flight during the backward pass, as a multiple of the saved ones."""
 DEFAULT_SHARE = 0.9
@@ -179,8 +181,12 @@ def probe_activations(run: Callable[[], torch.Tensor], exclude: list[torch.Tenso
 
 
 def plan_passes(tasks: int, samples: int, per_replica: int, per_task: int, base: int, limit: int,
-                replicas: int | None = None, prefer: int | None = None) -> MemoryPlan:
+                replicas: int | None = None, prefer: int | None = None, kept_per_replica: int = 0,
+                optimizer: int = 0) -> MemoryPlan:
     """Choose the passes of a step.
+
+    The peak is the larger of a pass's (everything of its replicas alive) and the optimizer step's (the replicas'
+    reused buffers, ``kept_per_replica`` each, and the optimizer's temporaries, ``optimizer`` bytes).
 
     Args:
         tasks, samples: K and S.
@@ -190,20 +196,27 @@ def plan_passes(tasks: int, samples: int, per_replica: int, per_task: int, base:
         limit: the bytes the run may use.
         replicas: force this many replicas per pass (``MaskConfig.pass_size``).
         prefer: the most replicas per pass that the step's speed favours (when memory allows more).
+        kept_per_replica: bytes of a replica still held during the optimizer step.
+        optimizer: bytes of the optimizer step's temporaries.
 
     Raises:
         OutOfMemoryPlanError: not even one replica fits.
     """
     total = tasks * samples
     fixed = base + tasks * per_task
-    unchunked = fixed + total * per_replica
+
+    def peak(c: int) -> int:
+        return fixed + max(c * per_replica, c * kept_per_replica + optimizer)
+
+    unchunked = peak(total)
     if replicas is None:
-        fit = (limit - fixed) // per_replica if per_replica else total
-        if fit < 1:
+        if peak(1) > limit:
             raise OutOfMemoryPlanError(
-                f"one mask sample needs about {gib(fixed + per_replica)} ({gib(fixed)} for what the process holds (model, data, framework) and "
-                f"{tasks} task(s) of logits and optimizer state, {gib(per_replica)} per sample), more than the "
-                f"{gib(limit)} allowed (max_memory); mask fewer layers (include=...), use fewer samples or a smaller batch")
+                f"one mask sample needs about {gib(peak(1))} ({gib(fixed)} for what the process holds (model, data, "
+                f"framework) and {tasks} task(s) of logits and optimizer state, {gib(per_replica)} per sample), more "
+                f"than the {gib(limit)} allowed (max_memory); mask fewer layers (include=...), use fewer samples or a "
+                "smaller batch")
+        fit = max(c for c in range(1, total + 1) if c == 1 or peak(c) <= limit)
         replicas = int(min(total, fit, prefer or total))
     replicas = max(1, min(int(replicas), total))
     if replicas >= samples:
@@ -212,9 +225,8 @@ def plan_passes(tasks: int, samples: int, per_replica: int, per_task: int, base:
         replicas = per_pass * samples if tasks > per_pass else total
     else:
         passes = [Pass(range(k, k + 1), (s, min(s + replicas, samples))) for k in range(tasks) for s in range(0, samples, replicas)]
-    estimate = fixed + replicas * per_replica
-    return MemoryPlan(passes, replicas, estimate, unchunked, limit,
-                      {"base": base, "tasks": tasks * per_task, "replica": per_replica})
+    return MemoryPlan(passes, replicas, peak(replicas), unchunked, limit,
+                      {"base": base, "tasks": tasks * per_task, "replica": per_replica, "optimizer": optimizer})
 
 
 def plan_run(tasks: int, config: MaskConfig, n_masked: int, activations: int, device: torch.device,
@@ -227,7 +239,8 @@ def plan_run(tasks: int, config: MaskConfig, n_masked: int, activations: int, de
     per_replica = per_weight * n_masked + int(ACTIVATION_FACTOR * activations)
     # the logits and their gradient (8 of the 20 bytes per task) exist already: they are part of ``held``
     plan = plan_passes(tasks, config.n_samples, per_replica, (TASK_BYTES_PER_WEIGHT - 8) * n_masked, held, limit,
-                       config.pass_size, prefer)
+                       config.pass_size, prefer, kept_per_replica=(per_weight - 4) * n_masked,
+                       optimizer=OPTIMIZER_TEMP_BYTES_PER_WEIGHT * tasks * n_masked)
     plan.parts["activations"] = activations
     return plan
 
