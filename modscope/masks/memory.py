@@ -251,15 +251,20 @@ _MMAP_THRESHOLDS = (1 << 30, 32 << 20)  # 1 GiB where glibc accepts it, else its
 _TRIM_RETAINED = 2**31 - 1  # the largest value mallopt takes (an int)
 
 
+_RETAINING = [0]  # open retained_heap blocks (nested trainers share one setting)
+
+
 @contextlib.contextmanager
 def retained_heap(enabled: bool = True) -> Iterator[None]:
     """Keep freed memory in the process (glibc) while training, so the step's arrays are reused, not re-faulted.
 
     By default glibc returns freed blocks of the heap top to the system and serves blocks over its mmap threshold
     with fresh mappings: a step that frees and re-allocates its activations and gradients (autograd allocates them)
-    then pays page faults, system time, on every step. Inside this block allocations up to 1 GiB (32 MiB on older glibc) come from the heap and
-    freed memory is kept; on exit the thresholds go back to glibc's defaults and the kept memory is returned. Elsewhere
-    than glibc this does nothing.
+    then pays page faults, system time, on every step. Inside this block allocations up to 1 GiB (32 MiB on older
+    glibc) come from the heap and freed memory is kept; when the last such block exits the thresholds go back to
+    glibc's defaults and the kept memory is returned. The price is fragmentation: the process may hold more than its
+    live peak, so the trainer uses this only when its memory plan leaves room (`HEAP_HEADROOM`). Elsewhere than
+    glibc this does nothing.
 
     Example:
         >>> with retained_heap():
@@ -269,14 +274,23 @@ def retained_heap(enabled: bool = True) -> Iterator[None]:
     if libc is None:
         yield
         return
-    any(libc.mallopt(_M_MMAP_THRESHOLD, size) for size in _MMAP_THRESHOLDS)
-    libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_RETAINED)
+    if _RETAINING[0] == 0:
+        any(libc.mallopt(_M_MMAP_THRESHOLD, size) for size in _MMAP_THRESHOLDS)
+        libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_RETAINED)
+    _RETAINING[0] += 1
     try:
         yield
     finally:
-        libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT)
-        libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT)
-        libc.malloc_trim(0)
+        _RETAINING[0] -= 1
+        if _RETAINING[0] == 0:
+            libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT)
+            libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT)
+            libc.malloc_trim(0)
+
+
+HEAP_HEADROOM = 1.5
+"""Keep freed memory only when the plan's estimate times this is within the limit (measured: BERT-base in passes of
+one sample held 21% more than its live peak with freed memory kept)."""
 
 
 def _glibc() -> Any:
