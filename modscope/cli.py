@@ -112,6 +112,15 @@ def _silence_stdout() -> None:
         pass
 
 
+def _threads_for(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    """The commands that train (fit, reproduce) run with a thread count that fits the free cores (`threads`)."""
+    if args.command not in ("fit", "reproduce"):
+        return contextlib.nullcontext()
+    from . import threads
+
+    return threads.limited(getattr(args, "threads", None), announce=not getattr(args, "quiet", False))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``modscope`` command.
 
@@ -143,7 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with warnings.catch_warnings(), _sigterm_as_interrupt():
         warnings.showwarning = _show_warning
         try:
-            return int(args.command_function(args))
+            with _threads_for(args):
+                return int(args.command_function(args))
         except ModscopeError as exc:
             if debug:
                 raise

@@ -3,8 +3,11 @@
 Losses (``loss=``):
     - ``"ce"``: cross-entropy with the classes on the **last** axis of the output: logits ``(N, ..., C)`` and integer
       targets ``(N, ...)``; mean over all positions.
-    - ``"seq_ce"``: the same for padded sequences: positions whose target is ``-1`` are ignored; the loss is the sum
-      over positions divided by the number of sequences (the paper's SCAN loss).
+      Targets are integers in ``[0, C)``; ``-100`` (`CE_IGNORE_INDEX`, torch's ``ignore_index`` default) marks
+      positions that do not count.
+    - ``"seq_ce"``: the same for padded sequences: positions whose target is ``-1`` (`IGNORE_INDEX`, the padding)
+      are ignored; the loss is the sum over positions divided by the number of sequences (the paper's SCAN loss).
+      Other targets are integers in ``[0, C)``.
     - ``"bce"``: binary cross-entropy on logits, targets of the output's shape.
     - ``"mse"``: mean squared error.
     - a callable ``loss(outputs, targets) -> scalar tensor`` (mean over the batch).
@@ -29,7 +32,41 @@ from .errors import DataError, InvalidParameterError
 LossName = Literal["ce", "seq_ce", "bce", "mse"]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MetricFn = Callable[[torch.Tensor, torch.Tensor], float]
+#: the target value ``seq_ce`` ignores (sequence padding).
 IGNORE_INDEX = -1
+#: the target value ``ce`` ignores (``torch.nn.functional.cross_entropy``'s default ``ignore_index``).
+CE_IGNORE_INDEX = -100
+#: the ignore index of each class loss.
+CLASS_IGNORE = {"ce": CE_IGNORE_INDEX, "seq_ce": IGNORE_INDEX}
+
+
+def check_class_targets(targets: torch.Tensor, loss: str, task: str, n_classes: int | None = None) -> torch.Tensor:
+    """Class targets as ``long``, after checking they are integers in ``[0, n_classes)`` or the loss's ignore index.
+
+    Raises:
+        DataError: booleans, fractional values, or class ids out of range (the message names one).
+
+    Example:
+        >>> check_class_targets(torch.tensor([0., 2., -100.]), "ce", "t", 3).tolist()
+        [0, 2, -100]
+    """
+    if targets.dtype == torch.bool:
+        raise DataError(f"task {task!r}: loss {loss!r} needs integer class targets, got booleans; "
+                        "convert them to 0/1 or use --loss bce")
+    if targets.is_floating_point() or targets.is_complex():
+        if targets.is_complex() or not torch.equal(targets, targets.round()):
+            raise DataError(f"task {task!r}: loss {loss!r} needs integer class targets, got fractional values")
+    targets = targets.long()
+    ignore = CLASS_IGNORE[loss]
+    bad = (targets < 0) & (targets != ignore)
+    if n_classes is not None:
+        bad |= targets >= n_classes
+    if bool(bad.any()):
+        value = int(targets[bad].reshape(-1)[0])
+        top = f"[0, {n_classes})" if n_classes is not None else "0 or more"
+        raise DataError(f"task {task!r}: class target {value} is out of range: loss {loss!r} takes classes {top} "
+                        f"and {ignore} for positions to ignore")
+    return targets
 
 
 def _as_tensor(value: Any, what: str, task: str) -> torch.Tensor:
@@ -55,8 +92,8 @@ def _accuracy(outputs: torch.Tensor, targets: torch.Tensor, kind: str) -> float:
         correct = (outputs > 0) == (targets > 0.5)
     else:
         correct = outputs.argmax(-1) == targets
-        if kind == "seq_ce":
-            correct = correct | (targets == IGNORE_INDEX)
+        if kind in CLASS_IGNORE:
+            correct = correct | (targets == CLASS_IGNORE[kind])
     correct = correct.reshape(correct.shape[0], -1).all(dim=1)
     return float(correct.float().mean())
 
@@ -157,10 +194,10 @@ class Task:
         for i, t in enumerate(inputs):
             _check_finite(t, f"input {i}", self.name)
         _check_finite(targets, "targets", self.name)
-        if self.loss in ("ce", "seq_ce") and targets.is_floating_point():
-            if not torch.equal(targets, targets.round()):
-                raise DataError(f"task {self.name!r}: loss {self.loss!r} needs integer class targets, got fractional values")
-            targets = targets.long()
+        if self.loss in CLASS_IGNORE:
+            targets = check_class_targets(targets, self.loss, self.name)
+        elif self.loss == "mse" and targets.dtype == torch.bool:
+            raise DataError(f"task {self.name!r}: loss 'mse' needs numeric targets, got booleans; use --loss bce")
         return inputs, targets
 
     # -- used by the trainer and evaluation ------------------------------------------------------------------------

@@ -108,14 +108,21 @@ def fitted_run(toy: Toy, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
+#: the installed ``modscope`` console script
+CONSOLE = Path(sys.executable).with_name("modscope")
+
+
+def console_env(**extra: str) -> dict[str, str]:
+    """The environment of a console subprocess: one thread, and the checkout's own package first on the path, so
+    that a worktree or a clone tests its code, not whatever is installed."""
+    path = os.pathsep.join([str(Path(__file__).parents[1]), str(Path(__file__).parent)])
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **extra}
+
+
 def console(*argv: str | os.PathLike, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run the installed ``modscope`` console script."""
-    exe = Path(sys.executable).with_name("modscope")
-    # The checkout's own package first, so a worktree or a clone tests its code, not whatever is installed.
-    path = os.pathsep.join([str(Path(__file__).parents[1]), str(Path(__file__).parent)])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-    return subprocess.run([str(exe), *map(str, argv)], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout,
-                          check=False)
+    return subprocess.run([str(CONSOLE), *map(str, argv)], capture_output=True, text=True, cwd=cwd, env=console_env(),
+                          timeout=timeout, check=False)
 
 
 def read_json(text: str) -> dict:

@@ -169,8 +169,12 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-def export_family(family: Family, folder: Path) -> tuple[Path, Path, dict[str, np.ndarray]]:
-    """(unfused file, fused file, inputs by name) for ``family``, written into ``folder``."""
+def export_family(
+    family: Family, folder: Path, *, float16: bool = False
+) -> tuple[Path, Path, dict[str, np.ndarray]]:
+    """(unfused file, fused file, inputs by name) for ``family``, written into ``folder``; ``float16`` converts the
+    fused file's weights and computations to half precision (inputs and outputs stay float32), as the optimizer's
+    ``--float16`` option does."""
     from onnxruntime.transformers.optimizer import optimize_model
 
     module, inputs = family.build()
@@ -185,6 +189,9 @@ def export_family(family: Family, folder: Path) -> tuple[Path, Path, dict[str, n
         )
         optimized = optimize_model(str(plain), model_type=family.model_type, num_heads=family.heads,
                                    hidden_size=family.hidden)
+        if float16:
+            optimized.convert_float_to_float16(keep_io_types=True)
+            fused = folder / f"{family.name}_fused_fp16.onnx"
         optimized.save_model_to_file(str(fused))
     return plain, fused, {k: v.numpy() for k, v in inputs.items()}
 
@@ -230,7 +237,9 @@ def quantize_file(source: Path, how: str, folder: Path) -> Path:
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_logging():
         warnings.simplefilter("ignore")
         if how == "nbits":
-            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+            from onnxruntime.quantization.matmul_nbits_quantizer import (
+                MatMulNBitsQuantizer,
+            )
 
             quantizer = MatMulNBitsQuantizer(onnx.load(source), block_size=16, is_symmetric=False)
             quantizer.process()

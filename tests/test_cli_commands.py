@@ -136,7 +136,10 @@ def test_export_remove_and_keep_onnx(fitted_run: Path, tmp_path: Path) -> None:
 def test_export_of_a_torch_checkpoint(toy: Toy, tmp_path: Path) -> None:
     run = tmp_path / "run"
     assert cli("fit", toy.state_dict, "--factory", "cli_fixtures:toy_net", "--task", f"a={toy.a}", "--out", run, *FIT_FLAGS) == 0
-    assert cli("export", run, "--remove", "a", "-o", tmp_path / "ablated.pt") == 0
+    # the run folder does not name the factory by itself: without --factory export refuses, writing nothing
+    assert cli("export", run, "--remove", "a", "-o", tmp_path / "ablated.pt") == 2
+    assert not (tmp_path / "ablated.pt").exists()
+    assert cli("export", run, "--remove", "a", "-o", tmp_path / "ablated.pt", "--factory", "cli_fixtures:toy_net") == 0
     state = torch.load(tmp_path / "ablated.pt", weights_only=True)
     net = toy_net()
     net.load_state_dict(state)  # strict: the same keys as the original

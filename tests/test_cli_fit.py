@@ -6,17 +6,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from cli_fixtures import FIT_FLAGS, Toy, cli, console, fitted_run, read_json, toy
+from cli_fixtures import (
+    CONSOLE,
+    FIT_FLAGS,
+    Toy,
+    cli,
+    console,
+    console_env,
+    fitted_run,
+    read_json,
+    toy,
+)
 
 from modscope import MaskConfig, MaskSet
 from modscope.commands.fit import _task_options
@@ -113,9 +121,8 @@ def test_kill_then_resume_gives_the_masks_of_an_uninterrupted_run(toy: Toy, tmp_
     argv = ["fit", toy.onnx, "--task", f"a={toy.a}", "--task", f"b={toy.b}", "--n-steps", "100", "--batch-size", "16",
             "--log-every", "10", "--checkpoint-every", "10", "--quiet"]
     run = tmp_path / "killed"
-    exe = Path(sys.executable).with_name("modscope")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([str(exe), *map(str, argv), "--out", str(run)], env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([str(CONSOLE), *map(str, argv), "--out", str(run)], env=console_env(), stderr=subprocess.PIPE,
+                            text=True)
     deadline = time.monotonic() + 120
     while not (run / "checkpoint.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -165,7 +172,10 @@ def test_fit_and_export_torch_formats(kind: str, toy: Toy, tmp_path: Path) -> No
     assert cli("fit", model, *flags, "--task", f"a={toy.a}", "--out", run, *FIT_FLAGS) == 0
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["options"] == ({"trust": True} if flags else {})
-    assert cli("export", run, "--remove", "a", "-o", tmp_path / "ablated.safetensors") == 0
+    if flags:  # a run folder never grants trust by itself
+        assert cli("export", run, "--remove", "a", "-o", tmp_path / "ablated.safetensors") == 2
+        assert not (tmp_path / "ablated.safetensors").exists()
+    assert cli("export", run, "--remove", "a", "-o", tmp_path / "ablated.safetensors", *flags) == 0
     from safetensors.torch import load_file
 
     ablated = load_file(tmp_path / "ablated.safetensors")
@@ -179,12 +189,9 @@ def test_fit_writes_periodic_plain_progress_lines_into_a_log(toy: Toy, tmp_path:
     flags = [f for f in FIT_FLAGS if f != "--quiet"]
     log = tmp_path / "fit.log"
     with log.open("w") as stderr:
-        result = subprocess.run([str(Path(sys.executable).with_name("modscope")), "fit", str(toy.onnx), "--task",
-                                 f"a={toy.a}", "--out", str(tmp_path / "run"), *flags],
-                                stderr=stderr, stdout=subprocess.DEVNULL, check=False, timeout=120,
-                                env={**os.environ, "OMP_NUM_THREADS": "1",
-                                     "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
-                                                                    str(Path(__file__).parent)])})
+        result = subprocess.run([str(CONSOLE), "fit", str(toy.onnx), "--task", f"a={toy.a}", "--out",
+                                 str(tmp_path / "run"), *flags], stderr=stderr, stdout=subprocess.DEVNULL, check=False,
+                                timeout=120, env=console_env())
     assert result.returncode == 0
     text = log.read_text()
     lines = [line for line in text.splitlines() if line.startswith("masks ")]

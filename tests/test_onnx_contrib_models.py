@@ -23,8 +23,8 @@ from modscope.converters.export import export_masked
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxruntime.transformers.optimizer")
 
-from contrib_cases import assert_loss_reaches_every_matrix  # noqa: E402
-from contrib_models import FAMILIES, export_family  # noqa: E402
+from contrib_cases import assert_loss_reaches_every_matrix
+from contrib_models import FAMILIES, export_family
 
 
 @pytest.fixture(scope="session")
@@ -112,3 +112,31 @@ def test_ablated_fused_file_runs_in_onnxruntime_like_the_masked_model(name: str,
     zeroed = {n: torch.where(k, params[n], torch.zeros(())) for n, k in keep.items()}
     _assert_close(_run_ort(out, feeds), _run_torch(model, feeds, zeroed))
     assert [n.op_type for n in onnx.load(out).graph.node] == [n.op_type for n in onnx.load(fused).graph.node]
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_half_precision_fused_file_matches_onnxruntime_and_exports(name: str, tmp_path: Path) -> None:
+    """optimize_model's float16 conversion: fp16 weights and contrib ops, float32 inputs and outputs."""
+    if FAMILIES[name].needs:
+        pytest.importorskip(FAMILIES[name].needs)
+    _, fused, feeds = export_family(FAMILIES[name], tmp_path, float16=True)
+    model = modscope.load(fused)
+    assert {w.shape for w in model.weights} and all(model.module.get_parameter(w.name).dtype == torch.float16
+                                                    for w in model.weights if w.kind == "weight")
+    _assert_close(_run_torch(model, feeds), _run_ort(fused, feeds), rtol=5e-3)
+    gen = torch.Generator().manual_seed(3)
+    keep = {w.name: torch.rand(w.shape, generator=gen) > 0.3 for w in model.weights}
+    out = export_masked(model, keep, tmp_path / "ablated.onnx")
+    params = model.parameters()
+    zeroed = {n: torch.where(k, params[n], torch.zeros((), dtype=params[n].dtype)) for n, k in keep.items()}
+    _assert_close(_run_ort(out, feeds), _run_torch(model, feeds, zeroed), rtol=5e-3)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_verify_accepts_fused_files_on_its_own_random_inputs(name: str, family_files) -> None:
+    """What ``modscope inspect --verify`` runs on the fused file: random inputs from its input types."""
+    from modscope.converters.verify import verify
+
+    _, fused, _ = family_files(name)
+    result = verify(modscope.load(fused))
+    assert result.ok, result.to_dict()

@@ -12,10 +12,10 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 
-from contrib_cases import Case  # noqa: E402
-from contrib_cases import check as _check  # noqa: E402
-from contrib_cases import floats as _f  # noqa: E402
-from contrib_cases import rng as _rng  # noqa: E402
+from contrib_cases import Case
+from contrib_cases import check as _check
+from contrib_cases import floats as _f
+from contrib_cases import rng as _rng
 
 
 # -- Attention -----------------------------------------------------------------------------------------------------
@@ -234,8 +234,13 @@ def _gqa(variant: str) -> Case:
         attrs["softcap"] = 2.0
     if variant == "smooth":
         attrs["smooth_softmax"] = 1
+    extra: list = []
+    if variant == "attention_bias":
+        extra = [("position_ids", None), ("attention_bias", _f(rng, b, 1, s, past_len + s))]
+    if variant == "head_sink":
+        extra = [("position_ids", None), ("attention_bias", None), ("head_sink", _f(rng, heads))]
     inputs = [("query", q), ("key", k), ("value", v), ("past_key", past_k), ("past_value", past_v),
-              ("seqlens_k", lengths - 1), ("total_sequence_length", total), ("cos", cos), ("sin", sin)]
+              ("seqlens_k", lengths - 1), ("total_sequence_length", total), ("cos", cos), ("sin", sin), *extra]
     while inputs[-1][1] is None:
         inputs.pop()
     return Case("GroupQueryAttention", inputs, {}, attrs, 3)
@@ -243,7 +248,7 @@ def _gqa(variant: str) -> Case:
 
 @pytest.mark.parametrize(
     "variant", ["prompt", "packed", "window", "softcap", "rotary_prompt", "decode", "rotary_decode", "smooth",
-                "rotary_interleaved"]
+                "rotary_interleaved", "attention_bias", "head_sink"]
 )
 def test_group_query_attention_matches_onnxruntime(variant: str) -> None:
     _check(_gqa(variant))

@@ -15,9 +15,12 @@ import torch
 
 pytest.importorskip("onnxruntime")
 
-from contrib_cases import Case, check, floats, rng  # noqa: E402
+from contrib_cases import Case, check, floats, rng
 
-from modscope.converters.onnx.ops_contrib_quantized import nbits_ablated, nbits_dequantize  # noqa: E402
+from modscope.converters.onnx.ops_contrib_quantized import (
+    nbits_ablated,
+    nbits_dequantize,
+)
 
 
 def _ints(gen: np.random.Generator, dtype: type, *shape: int, low: int | None = None, high: int | None = None):

@@ -24,8 +24,19 @@ from modscope.converters.export import export_masked
 pytest.importorskip("onnxruntime.quantization")
 pytest.importorskip("onnxruntime.transformers.optimizer")
 
-from contrib_cases import assert_loss_reaches_every_matrix, assert_outputs_close, run_ort, run_torch  # noqa: E402
-from contrib_models import FAMILIES, QUANTIZERS, export_family, export_lstm, quantize_file  # noqa: E402
+from contrib_cases import (
+    assert_loss_reaches_every_matrix,
+    assert_outputs_close,
+    run_ort,
+    run_torch,
+)
+from contrib_models import (
+    FAMILIES,
+    QUANTIZERS,
+    export_family,
+    export_lstm,
+    quantize_file,
+)
 
 #: operators each quantizer must have written into the files (at least one of each).
 _EXPECTED_OPS = {
@@ -157,3 +168,14 @@ def test_weight_gradients_of_the_quantized_file_follow_the_float_file(name: str,
         assert float(cosine) > 0.9, (w.source_name, float(cosine))
         compared += 1
     assert compared >= 2
+
+
+@pytest.mark.parametrize("name,how", [("bert", "dynamic"), ("gpt2", "nbits"), ("lstm", "dynamic_optimized")])
+def test_verify_accepts_quantized_files_on_its_own_random_inputs(name: str, how: str, quantized_files) -> None:
+    """What ``modscope inspect --verify`` runs: random inputs made from the file's input types, one example each
+    (onnxruntime's LSTM then rounds as modscope does)."""
+    from modscope.converters.verify import verify
+
+    _, path, _ = quantized_files(name, how)
+    result = verify(modscope.load(path))
+    assert result.ok, result.to_dict()

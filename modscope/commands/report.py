@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import InvalidParameterError
+from ..errors import InvalidParameterError, ModscopeError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..report import Report
@@ -33,7 +35,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def read_report(path: str) -> Report:
-    """The `Report` of a run folder, or of a report.json file."""
+    """The `Report` of a run folder, or of a report.json file, checked to render (its tables build).
+
+    Raises:
+        InvalidParameterError: the folder or file is missing, or the report is malformed (wrong types, missing keys).
+    """
     from ..report import Report
     from ..runs import RunFolder
 
@@ -42,10 +48,27 @@ def read_report(path: str) -> Report:
         report_path = RunFolder(p).report_path
         if not report_path.exists():
             raise InvalidParameterError(f"{p} holds no report.json: it is not a finished run folder of `modscope fit`")
-        return Report.load(report_path)
-    if p.is_file():
-        return Report.load(p)
-    raise InvalidParameterError(f"run folder {p} does not exist; make one with `modscope fit MODEL --task NAME=FILE --out {p}`")
+    elif p.is_file():
+        report_path = p
+    else:
+        raise InvalidParameterError(f"run folder {p} does not exist; make one with `modscope fit MODEL --task NAME=FILE --out {p}`")
+    report = Report.load(report_path)
+    with malformed_report(report_path):
+        report.tables()
+    return report
+
+
+@contextlib.contextmanager
+def malformed_report(path: Path) -> Iterator[None]:
+    """Turn the errors a report.json of the wrong shape causes while rendering into one `InvalidParameterError`."""
+    try:
+        yield
+    except ModscopeError:
+        raise
+    except (TypeError, KeyError, ValueError, IndexError, AttributeError, RecursionError, ZeroDivisionError) as exc:
+        raise InvalidParameterError(
+            f"{path} is not a well-formed modscope report ({type(exc).__name__} while reading it); make it again with `modscope fit`"
+        ) from exc
 
 
 def run_name(path: str) -> str:
@@ -60,8 +83,10 @@ def run(args: argparse.Namespace) -> int:
     report = read_report(args.run)
     title = args.title or f"modscope report: {run_name(args.run)}"
     # render everything first, so that a failure leaves no output behind
-    html = report.to_html(title=title) if args.html else None
-    markdown = report.to_markdown(title=title) if args.md or not (args.html or args.csv or args.json) else None
+    with malformed_report(Path(args.run)):
+        html = report.to_html(title=title) if args.html else None
+        markdown = report.to_markdown(title=title) if args.md or not (args.html or args.csv or args.json) else None
+        body = report.to_json() if args.json else None
     for target in (args.html, args.md):
         if target and not Path(target).parent.is_dir():
             raise InvalidParameterError(f"the folder of {target} does not exist; create it first")
@@ -71,8 +96,8 @@ def run(args: argparse.Namespace) -> int:
         write_text(args.md, markdown or "")
     if args.csv:
         report.write_csv(args.csv)
-    if args.json:
-        sys.stdout.write(report.to_json())
+    if body is not None:
+        sys.stdout.write(body)
     elif not (args.html or args.md or args.csv):
         sys.stdout.write(markdown or "")
     for target in (args.html, args.md, args.csv):

@@ -21,6 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="DIR", help="folder for the JSON and HTML reports (default: runs)")
     p.add_argument("--device", metavar="NAME", help="torch device (default: cuda when present)")
     p.add_argument("--data", metavar="PATH", help="a data file or folder, for experiments that read one")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads for torch (default: $OMP_NUM_THREADS, else the usable cores idle at the start)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress lines on stderr")
 
 

@@ -36,6 +36,7 @@ from torch import nn
 
 from ..errors import InvalidParameterError, ModelLoadError, UntrustedFileError
 from ..model import Model, Source, WeightInfo, WeightKind, weights_checksum
+from .archives import check_zip
 from .files import check_options, file_sha256
 
 Factory = str | Callable[[], nn.Module]
@@ -83,6 +84,7 @@ def load_pt2(path: Path, *, trust: bool = False) -> Model:
         UntrustedFileError: a pickled member holds Python objects and ``trust`` is False.
         ModelLoadError: ``torch.export.load`` cannot read the archive.
     """
+    check_zip(path)  # unique member names: the pickles judged below are the ones torch.export.load reads
     if not trust:
         _check_pt2_pickles(path)
     try:
@@ -128,17 +130,29 @@ def weight_kind(leaf: str, owner_class: str) -> WeightKind:
     return "weight"
 
 
+def _pt2_weights_config(path: Path, name: str, raw: bytes) -> dict[str, dict[str, Any]]:
+    """The ``config`` mapping of a .pt2 weights/constants config member, checked to be ``{fqn: {...}}``."""
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ModelLoadError(f"torch.export archive {path} has a corrupt {name} (not JSON)") from exc
+    config = data.get("config", {}) if isinstance(data, dict) else None
+    if not isinstance(config, dict) or not all(isinstance(meta, dict) for meta in config.values()):
+        raise ModelLoadError(f"torch.export archive {path} has a corrupt {name} (expected an object of objects under 'config')")
+    return config
+
+
 def _check_pt2_pickles(path: Path) -> None:
-    """Raise UntrustedFileError if a member that torch.export.load would unpickle holds more than tensors."""
+    """Raise UntrustedFileError if a member that torch.export.load would unpickle holds more than tensors.
+
+    The caller runs `check_zip` first: member names are unique, so the bytes read here are the bytes torch reads.
+    """
     with zipfile.ZipFile(path) as z:
         names = z.namelist()
         pickled = [n for n in names if n.endswith(".pt")]
         for config_name in (n for n in names if n.endswith("_config.json") and "/data/" in f"/{n}"):
             folder = config_name.rsplit("/", 1)[0]
-            try:
-                config = json.loads(z.read(config_name)).get("config", {})
-            except (json.JSONDecodeError, AttributeError) as exc:
-                raise ModelLoadError(f"torch.export archive {path} has a corrupt {config_name}") from exc
+            config = _pt2_weights_config(path, config_name, z.read(config_name))
             for fqn, meta in config.items():
                 file_name = str(meta.get("path_name", ""))
                 if file_name.startswith("opaque"):
@@ -237,8 +251,8 @@ def _load_trusted(path: Path) -> Any:
 
 def _refuse(path: Path, why: str) -> None:
     raise UntrustedFileError(
-        f"{path} is a pickled Python object ({why}); loading it runs code from the file. "
-        "Pass trust=True (CLI: --trust) only if you trust its source."
+        f"{path} is a pickled Python object ({why}); loading it runs code from the file; "
+        "pass trust=True (CLI: --trust) only if you trust its source"
     )
 
 

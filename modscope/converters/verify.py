@@ -126,7 +126,7 @@ def verify(
     ort = import_onnxruntime()
     proto, path = _onnx_source(model, source)
     input_names = _graph_input_names(proto)
-    feeds = _feeds(proto, input_names, inputs, seed)
+    feeds = _feeds(proto, input_names, inputs, seed, getattr(model.module, "max_tensor_bytes", None))
     # the converted model runs first: its size limits stop a hostile file before onnxruntime allocates for it
     with model.frozen() as module, torch.no_grad():
         device = model.device
@@ -144,7 +144,9 @@ def verify(
     return VerifyResult(all(d.ok for d in diffs), session.get_providers()[0], diffs, rtol, atol, ort.__version__)
 
 
-def random_inputs(proto: Any, *, seed: int = 0, symbolic_dim: int = 2) -> dict[str, np.ndarray]:
+def random_inputs(
+    proto: Any, *, seed: int = 0, symbolic_dim: int = 2, max_tensor_bytes: int | str | None = None
+) -> dict[str, np.ndarray]:
     """Random arrays for a graph's inputs, from their declared element types and shapes.
 
     Symbolic or unknown dimensions become ``symbolic_dim``. Floats are standard normal, integers 0 or 1 (valid
@@ -154,14 +156,15 @@ def random_inputs(proto: Any, *, seed: int = 0, symbolic_dim: int = 2) -> dict[s
         proto: an ``onnx.ModelProto``.
         seed: the random seed.
         symbolic_dim: size used for symbolic dimensions.
+        max_tensor_bytes: the most random data one input may take (as 8-byte numbers); None:
+            ``$MODSCOPE_MAX_TENSOR_BYTES`` or 2 GiB.
 
     Returns:
         ``{input name: array}`` for every graph input that is not an initializer.
 
     Raises:
         ShapeError: an input is not a tensor (sequence, map, optional).
-        ResourceLimitError: an input's declared shape would take more than ``$MODSCOPE_MAX_TENSOR_BYTES`` (default
-            2 GiB) of random data.
+        ResourceLimitError: an input's declared shape would take more than ``max_tensor_bytes`` of random data.
 
     Example:
         >>> import onnx
@@ -183,7 +186,7 @@ def random_inputs(proto: Any, *, seed: int = 0, symbolic_dim: int = 2) -> dict[s
         t = value.type.tensor_type
         shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else symbolic_dim for d in t.shape.dim)
         dtype = np.dtype(tensor_dtype_to_np_dtype(t.elem_type))
-        _check_input_size(value.name, shape)
+        _check_input_size(value.name, shape, max_tensor_bytes)
         if dtype.kind == "f":
             out[value.name] = rng.standard_normal(shape).astype(dtype)
         elif dtype.kind in "iu":
@@ -207,11 +210,11 @@ def _reference_model(proto: Any, path: Path | None) -> str | bytes:
     return str(path) if path is not None else proto.SerializeToString()
 
 
-def _check_input_size(name: str, shape: tuple[int, ...]) -> None:
+def _check_input_size(name: str, shape: tuple[int, ...], limit: int | str | None) -> None:
     """Refuse a declared input shape whose random data (made as 8-byte numbers) would exceed the tensor limit."""
     from .onnx.limits import format_bytes, resolve_max_tensor_bytes
 
-    limit, nbytes = resolve_max_tensor_bytes(), 8 * math.prod(shape)
+    limit, nbytes = resolve_max_tensor_bytes(limit), 8 * math.prod(shape)
     if nbytes > limit:
         raise ResourceLimitError(
             f"graph input {name!r} is declared with shape {list(shape)}, whose random data would take "
@@ -281,9 +284,9 @@ def _graph_input_names(proto: Any) -> list[str]:
     return [i.name for i in proto.graph.input if i.name not in initializers]
 
 
-def _feeds(proto: Any, names: list[str], inputs: Any, seed: int) -> dict[str, np.ndarray]:
+def _feeds(proto: Any, names: list[str], inputs: Any, seed: int, limit: int | None = None) -> dict[str, np.ndarray]:
     if inputs is None:
-        return random_inputs(proto, seed=seed)
+        return random_inputs(proto, seed=seed, max_tensor_bytes=limit)
     if isinstance(inputs, Mapping):
         missing = [n for n in names if n not in inputs]
         if missing:

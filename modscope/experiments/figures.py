@@ -40,8 +40,8 @@ def scatter_svg(points: Sequence[Point], *, x_label: str, y_label: str, colour_l
     def sy(v: float) -> float:
         return height - bottom - (v - y0) / (y1 - y0) * (height - top - bottom)
 
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
-             'font-size="12">',
+    parts = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+              'font-size="12">'),
              f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="#333"/>',
              f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="#333"/>']
     for v in _ticks(x0, x1):

@@ -67,6 +67,10 @@ class MaskConfig:
     masks); see `modscope.masks.memory`."""
     pass_size: int | None = None
     """(task, sample) pairs per forward pass; ``None`` lets the memory plan choose (same masks either way)."""
+    threads: int | None = None
+    """CPU threads for torch while masks train. ``None``: ``$OMP_NUM_THREADS`` if set, else the usable cores that are
+    idle when training starts (torch's default of one thread per core stalls when another job holds a core); see
+    `modscope.threads`. Not part of the method: it never changes the masks."""
     train_mode: bool = False
     """Run the frozen network in train mode (dropout, batch statistics). Paper: eval mode (except SCAN-LSTM)."""
     log_every: int = 50
@@ -92,8 +96,10 @@ class MaskConfig:
             raise InvalidParameterError(f"MaskConfig.grad_clip must be > 0 or None, got {self.grad_clip!r}")
         if self.vectorize not in ("auto", "vmap", "loop"):
             raise InvalidParameterError(f"MaskConfig.vectorize must be 'auto', 'vmap' or 'loop', got {self.vectorize!r}")
-        if self.pass_size is not None and (not isinstance(self.pass_size, int) or isinstance(self.pass_size, bool) or self.pass_size < 1):
-            raise InvalidParameterError(f"MaskConfig.pass_size must be a positive integer or None, got {self.pass_size!r}")
+        for name in ("pass_size", "threads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise InvalidParameterError(f"MaskConfig.{name} must be a positive integer or None, got {value!r}")
         from .memory import parse_bytes
 
         limit = parse_bytes(self.max_memory)

@@ -239,7 +239,7 @@ class MaskSet(Mapping[str, Mask]):
 
         path = Path(path)
         tensors = {f"{i}/{j}": self.logits[t][w.name].contiguous() for i, t in enumerate(self.tasks) for j, w in enumerate(self.weights)}
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         save_file(tensors, str(tmp), metadata={"modscope": json.dumps(self.metadata())})
         os.replace(tmp, path)
         return path

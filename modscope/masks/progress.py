@@ -35,7 +35,7 @@ def duration(seconds: float) -> str:
         >>> duration(3725), duration(185), duration(42.4)
         ('1h02m', '3m05s', '42s')
     """
-    s = int(round(seconds))
+    s = round(seconds)
     if s >= 3600:
         return f"{s // 3600}h{s % 3600 // 60:02d}m"
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from .. import threads
 from ..errors import InvalidParameterError, ModscopeWarning, ShapeError
 from ..model import Model, WeightInfo
 from ..tasks import Task
@@ -271,7 +272,7 @@ def train_masks(
     device = resolve_device(config.device)
     bar = Progress(config.n_steps, enabled=progress)
     ckpt_path = Path(checkpoint) if checkpoint else None
-    with model.frozen(device, train=config.train_mode) as module:
+    with threads.limited(config.threads, announce=progress is not False), model.frozen(device, train=config.train_mode) as module:
         trainer = MaskTrainer(model, module, tasks, config, device, initial_logits=initial_logits)
         state = TrainingState(0, {t.name: {"step": [], "loss": [], "density": []} for t in tasks}, [0.0] * len(tasks))
         if resume and ckpt_path and ckpt_path.exists():
@@ -570,8 +571,9 @@ def _record(state: TrainingState, tasks: list[Task], logits: torch.Tensor) -> No
 
 
 def _identity_config(config: MaskConfig) -> dict[str, Any]:
-    """The config as a checkpoint's identity: settings that cannot change the masks (memory, passes) left out."""
-    return {k: v for k, v in config.to_dict().items() if k not in ("max_memory", "pass_size")}
+    """The config as a checkpoint's identity: settings that cannot change the masks (memory, passes, threads) left
+    out."""
+    return {k: v for k, v in config.to_dict().items() if k not in ("max_memory", "pass_size", "threads")}
 
 
 def _check_tasks(tasks: list[Task]) -> None:

@@ -89,3 +89,29 @@ def test_a_runaway_loop_stops_at_the_limit(tmp_path):
     assert hostile.one_sentence(outcome.stderr), outcome.stderr
     assert "node 'loop' (Loop)" in outcome.stderr and "iterations" in outcome.stderr
     assert outcome.peak_rss < GIB
+
+
+@pytest.mark.parametrize("name", ["range_bomb", "runtime_tile_bomb"])
+def test_fit_on_a_bomb_leaves_no_run_folder(tmp_path, name):
+    import numpy as np
+
+    path = hostile.write(getattr(hostile, name)(), tmp_path, name)
+    task = tmp_path / "task.npz"
+    np.savez(task, x=np.ones((8, 1), np.float32), y=np.zeros(8, np.int64))
+    out = tmp_path / "run"
+    outcome = hostile.run_modscope("fit", path, "--task", f"a={task}", "--out", out, "--quiet", "--n-steps", "2")
+    assert outcome.returncode == 2
+    assert hostile.one_sentence(outcome.stderr), outcome.stderr
+    assert "would make a tensor" in outcome.stderr
+    assert not out.exists()
+    assert outcome.peak_rss < GIB
+
+
+@pytest.mark.slow
+def test_a_runaway_loop_stops_at_the_default_limit(tmp_path):
+    """About two million iterations (a minute on one core) before the default 2 GiB bound stops it."""
+    path = hostile.write(hostile.loop_bomb(), tmp_path, "loop")
+    outcome = hostile.run_modscope("inspect", path, "--verify", cpu_seconds=600, address_space=4 << 30)
+    assert outcome.returncode == 2
+    assert hostile.one_sentence(outcome.stderr), outcome.stderr
+    assert outcome.peak_rss < GIB

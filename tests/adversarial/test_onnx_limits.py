@@ -182,3 +182,13 @@ def test_the_sort_keeps_the_file_order_among_ready_nodes_and_names_cycles():
         order_nodes([a, loop1, loop2], {"x"}, reads)
     with pytest.raises(ModelLoadError, match="reads 'nowhere', but nothing in the graph defines it"):
         order_nodes([helper.make_node("Relu", ["nowhere"], ["y"], name="y")], {"x"}, reads)
+
+
+def test_random_inputs_respect_the_models_limit():
+    from modscope.converters.verify import random_inputs
+
+    proto = hostile._model([helper.make_node("Relu", ["x"], ["y"])], [hostile._x([256, 256])], [hostile._y()])
+    assert random_inputs(proto)["x"].shape == (256, 256)
+    with pytest.raises(ResourceLimitError, match=r"graph input 'x' is declared with shape \[256, 256\].*512\.0 KiB"):
+        random_inputs(proto, max_tensor_bytes="100KiB")
+    assert load_onnx(proto, max_tensor_bytes=1000).module.max_tensor_bytes == 1000

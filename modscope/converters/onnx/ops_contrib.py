@@ -100,7 +100,7 @@ def key_padding(
 
     Accepted forms (onnxruntime's): (B,) valid lengths (right padding); (2B,) exclusive ends then inclusive starts
     (left padding); (B, T) or (B, S, T) raw 0/1 masks; (B, 1, M, M) a 4-D mask of a longer maximum length, read at
-    the rows of the current queries.
+    the rows of the current queries (from the documentation: onnxruntime's CPU kernel refuses this form).
     """
     if mask is None:
         return None

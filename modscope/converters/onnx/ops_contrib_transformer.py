@@ -19,7 +19,14 @@ import torch.nn.functional as F
 
 from ...errors import InvalidParameterError, ShapeError, UnsupportedOperatorError
 from ._nn_sequence import rotary_embedding
-from .ops_contrib import MS_DOMAIN, attend, declared_outputs, key_padding, merge_heads, split_heads
+from .ops_contrib import (
+    MS_DOMAIN,
+    attend,
+    declared_outputs,
+    key_padding,
+    merge_heads,
+    split_heads,
+)
 from .oputil import as_int
 from .registry import NodeContext, OpSet
 
@@ -141,7 +148,8 @@ def multi_head_attention(
     *rest: torch.Tensor | None,
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Attention on projected Q, K, V (separate, packed KV or packed QKV), with an optional bias added to them,
-    a key padding mask, an additive attention bias, ``unidirectional`` and a KV cache.
+    a key padding mask, an additive attention bias, ``unidirectional`` and a KV cache. (The packed forms follow
+    onnxruntime's documentation; its CPU kernel refuses them, so they are not checked against it.)
 
     Returns:
         (output (B, S, N*Hv), present_key, present_value) trimmed to the outputs the node declares.
