@@ -86,7 +86,9 @@ def io_and_operators(model: Any) -> tuple[list[dict[str, Any]] | None, list[dict
         inputs, outputs, ops = _fx_io_and_ops(model.module)
         return inputs, outputs, dict(ops.most_common())
     if src.format == "torchscript" and src.path:
-        script = torch.jit.load(src.path, map_location="cpu")
+        from ..converters.torchscript import read_script
+
+        script = read_script(src.path)  # stdout kept clean of the archive's own prints
         kinds = Counter(n.kind().removeprefix("aten::") for n in script.inlined_graph.nodes() if n.kind().startswith("aten::"))
         names = [i.debugName() for i in list(script.graph.inputs())[1:]]  # the first input is the module itself
         return [{"name": n, "shape": None, "dtype": "?"} for n in names], None, dict(kinds.most_common())
