@@ -145,3 +145,44 @@ def test_masks_train_and_the_ablated_file_keeps_its_constant_nodes(exported, tmp
     constants = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in written.graph.node if n.op_type == "Constant"}
     w = next(w for w in model.weights if w.name in keep)
     np.testing.assert_array_equal(constants[w.source_name] == 0, ~keep[w.name].numpy() | (params[w.name].numpy() == 0))
+
+
+def test_inspect_says_where_the_weights_are_and_which_tensors_are_not(exported, tmp_path):
+    from cli_fixtures import console, read_json
+
+    source = tmp_path / "paddle_style.onnx"
+    onnx.save(as_constants(exported), source)
+    storage = read_json(console("inspect", source, "--json").stdout)["storage"]
+    assert set(storage["found_in"]) == {"Constant nodes"} and storage["coverage"] == 1.0
+    branches = tmp_path / "branches.onnx"
+    onnx.save(in_if_branch(exported), branches)
+    assert set(read_json(console("inspect", branches, "--json").stdout)["storage"]["found_in"]) == {
+        "sub-graph Constant nodes"}
+
+    table = numpy_helper.from_array(np.ones((2, 3), np.float32), "table")  # compared with, never computed with
+    w = numpy_helper.from_array(np.ones((3, 3), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Greater", ["h", "table"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.BOOL, [2, 3])], initializer=[w, table])
+    mixed = tmp_path / "mixed.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), mixed)
+    result = console("inspect", mixed)
+    assert result.returncode == 0
+    assert "Weights found in: 1 initializers; they hold 60.0% of the file's 15 float elements" in result.stdout
+    assert "not a weight: table (2x3, initializer)" in result.stdout
+
+
+def test_fit_on_a_file_without_weights_says_why(tmp_path):
+    from cli_fixtures import console
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 4])])
+    path = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    np.savez(tmp_path / "t.npz", x=np.ones((8, 4), np.float32), y=np.ones((8, 4), np.float32))
+    result = console("fit", path, "--task", f"a={tmp_path / 't.npz'}", "--loss", "mse", "--out", tmp_path / "run")
+    assert result.returncode == 2
+    assert "the model has no weights modscope can mask" in result.stderr and "include" not in result.stderr
+    assert not (tmp_path / "run").exists()

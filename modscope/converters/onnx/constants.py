@@ -21,6 +21,7 @@ ones in its private copy (`make_names_unique`), and the writer finds the same pl
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import onnx
 
@@ -141,3 +142,40 @@ def _rename_reads(graph: onnx.GraphProto, old: str, new: str) -> None:
             for i, name in enumerate(node.input):
                 if name == old:
                     node.input[i] = new
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where one tensor that may be a weight is stored in the file.
+
+    Attributes:
+        key: its name in the model (`weight_places`' key; a weight's ``source_name``).
+        where: "initializer" or "Constant node".
+        in_subgraph: whether it belongs to an If/Loop/Scan body.
+        shape: its dims. float: whether its elements are floating point.
+    """
+
+    key: str
+    where: str
+    in_subgraph: bool
+    shape: tuple[int, ...]
+    float: bool
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def describe_places(graph: onnx.GraphProto) -> list[Place]:
+    """Every initializer and weight-like Constant of the model with where it is stored (no tensor data is read)."""
+    places: dict[str, None] = {}
+    out = []
+    for g, name, tensor, is_initializer in _places(graph):
+        key = _unique(name, places)
+        places[key] = None
+        out.append(Place(key, "initializer" if is_initializer else "Constant node", g is not graph,
+                         tuple(tensor.dims), tensor.data_type in _FLOAT_TYPES))
+    return out
