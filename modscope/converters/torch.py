@@ -221,6 +221,8 @@ def load_torch_file(path: Path, *, factory: Factory | None = None, trust: bool =
         ModelLoadError: the file is corrupt, holds neither a module nor a state_dict, or the state_dict does not
             fit the factory's module.
     """
+    if zipfile.is_zipfile(path):
+        check_zip(path)  # also when called directly, not through load_file
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

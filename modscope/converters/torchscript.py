@@ -84,6 +84,9 @@ def read_script(path: str | Path) -> Any:
     Raises:
         ModelLoadError: the archive cannot be loaded.
     """
+    from .archives import check_zip
+
+    check_zip(path)
     with stdout_to_stderr():
         try:
             return torch.jit.load(str(path), map_location="cpu")

@@ -100,3 +100,19 @@ def test_nan_and_inf_weights_are_named_in_a_warning(toy: Toy, tmp_path: Path, ca
     assert cli("fit", path, "--task", f"a={toy.a}", "--out", tmp_path / "run", *FIT_FLAGS) == 2
     err = capsys.readouterr().err
     assert "0.weight, 2.weight" in err and "NaN or Inf" in err  # said before the "nothing left to mask" error
+
+
+def test_a_damaged_checkpoint_is_an_invalid_parameter_error_in_the_api(tmp_path: Path) -> None:
+    from modscope.masks.checkpoint import load_checkpoint
+
+    logits = torch.zeros(5, requires_grad=True)
+    optimizer = torch.optim.Adam([logits])
+    torch.save(torch.zeros(3), tmp_path / "bare.pt")
+    with pytest.raises(InvalidParameterError, match="holds a Tensor, not a modscope training state"):
+        load_checkpoint(tmp_path / "bare.pt", {}, logits, optimizer, [])
+    torch.save({"identity": {}, "logits": torch.zeros(2, 2)}, tmp_path / "shape.pt")
+    with pytest.raises(InvalidParameterError, match=r"mask logits are \(2, 2\), this run needs \(5,\)"):
+        load_checkpoint(tmp_path / "shape.pt", {}, logits, optimizer, [])
+    torch.save({"identity": {}, "logits": torch.zeros(5)}, tmp_path / "keys.pt")
+    with pytest.raises(InvalidParameterError, match="is corrupt"):
+        load_checkpoint(tmp_path / "keys.pt", {}, logits, optimizer, [])
