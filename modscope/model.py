@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .batchable import batchable_layers
 from .errors import InvalidParameterError
 from .tasks import split_inputs
 
@@ -107,7 +108,10 @@ def _weight_kind(name: str, owner: nn.Module | None) -> WeightKind:
 
 
 def _infer_weight_info(module: nn.Module) -> list[WeightInfo]:
-    owners = {id(p): (mod_name, mod) for mod_name, mod in module.named_modules() for p in mod.parameters(recurse=False)}
+    owners: dict[int, tuple[str, nn.Module]] = {}
+    for mod_name, mod in module.named_modules():
+        for p in mod.parameters(recurse=False):
+            owners.setdefault(id(p), (mod_name, mod))  # a shared weight belongs to its first owner (the embedding)
     infos = []
     # named_parameters lists a parameter shared by several modules (a tied LM head and input embedding) once, under
     # its first name; `Model.run` substitutes it at every place it is used (functional_call's tie_weights).
@@ -223,7 +227,8 @@ class Model:
 
     @contextlib.contextmanager
     def frozen(self, device: torch.device | str | None = None, *, train: bool = False) -> Iterator[nn.Module]:
-        """Put the module in eval mode (or train mode) and turn off the attention fast path, restoring both on exit."""
+        """Put the module in eval mode (or train mode), turn off the attention fast path and give attention and
+        LSTM/GRU layers forwards that `torch.func.vmap` batches (`modscope.batchable`); all restored on exit."""
         module = self.module_on(device)
         modes = [(m, m.training) for m in module.modules()]
         fastpath = _mha_fastpath_enabled()
@@ -232,7 +237,8 @@ class Model:
             for m, _ in modes:
                 m.training = train
             _set_mha_fastpath(False)
-            yield module
+            with batchable_layers(module):
+                yield module
         finally:
             for m, was_training in modes:
                 m.training = was_training

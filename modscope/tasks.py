@@ -65,7 +65,7 @@ def check_class_targets(targets: torch.Tensor, loss: str, task: str, n_classes: 
         value = int(targets[bad].reshape(-1)[0])
         top = f"[0, {n_classes})" if n_classes is not None else "0 or more"
         raise DataError(f"task {task!r}: class target {value} is out of range: loss {loss!r} takes classes {top} "
-                        f"and {ignore} for positions to ignore")
+                        f"and {ignore}{' or -100' if loss == 'seq_ce' else ''} for positions to ignore")
     return targets
 
 

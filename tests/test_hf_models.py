@@ -112,6 +112,8 @@ def test_kinds_and_tied_head() -> None:
     model = modscope.load(net)
     names = [w.name for w in model.weights]
     assert "lm_head.weight" not in names and names.count("model.embed_tokens.weight") == 1
+    gpt2_kinds = {w.name: w.kind for w in modscope.load(gpt2()[0]).weights}
+    assert gpt2_kinds["transformer.wte.weight"] == "embedding" and "lm_head.weight" not in gpt2_kinds
     kinds = {w.name: w.kind for w in model.weights}
     assert kinds["model.embed_tokens.weight"] == "embedding"
     assert kinds["model.norm.weight"] == "norm"  # RMSNorm scale

@@ -14,7 +14,8 @@ afterwards.
 
 Example:
     >>> import transformers, modscope
-    >>> config = transformers.GPT2Config(vocab_size=32, n_embd=8, n_layer=1, n_head=2, n_positions=8)
+    >>> config = transformers.GPT2Config(vocab_size=32, n_embd=8, n_layer=1, n_head=2, n_positions=8,
+    ...                                     bos_token_id=0, eos_token_id=0)
     >>> model = modscope.load(transformers.GPT2LMHeadModel(config))
     >>> model.source.format, model.weight("transformer.wte.weight").kind
     ('transformers', 'embedding')

@@ -207,8 +207,9 @@ def _deferred_interrupts() -> Iterator[Callable[[], bool]]:
 
 def _announce_loop(reason: str) -> None:
     warnings.warn(
-        f"torch.func.vmap cannot batch this model ({reason}); training masks with a loop over samples instead "
-        "(same masks, slower). Pass MaskConfig(vectorize='loop') to skip the attempt.",
+        f"torch.func.vmap cannot batch an operation of this model ({reason}) and modscope has no batchable stand-in "
+        "for it; training masks with a loop over samples instead (same masks, slower). Pass "
+        "MaskConfig(vectorize='loop') to skip the attempt.",
         ModscopeWarning,
         stacklevel=3,
     )
