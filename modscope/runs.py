@@ -263,7 +263,8 @@ class RunFolder:
 
         return MaskSet.load(self.masks_path)
 
-    def load_model(self, path: str | os.PathLike | None = None, *, factory: Any = None, trust: bool = False) -> Model:
+    def load_model(self, path: str | os.PathLike | None = None, *, factory: Any = None, trust: bool = False,
+                   state_key: str | None = None) -> Model:
         """The model the run was trained on, after checking that its file has not changed.
 
         Trust and factories come only from the caller, never from the run folder: a shared folder whose config.json
@@ -274,6 +275,8 @@ class RunFolder:
             path: the model file, if it has moved since the run; by default the path recorded in config.json.
             factory: the factory that builds the module of a state_dict checkpoint (CLI: ``--factory``).
             trust: allow the model file to run code when loaded (CLI: ``--trust``).
+            state_key: the checkpoint key holding the state_dict; by default the one the run recorded (it names
+                data, not code).
 
         Raises:
             ModelLoadError: the file is missing or its checksum differs from the one recorded.
@@ -312,7 +315,8 @@ class RunFolder:
                 f"the run in {self.path} loaded its model with factory {str(options['factory'])[:200]!r}; a run folder "
                 "cannot name code to run by itself, so pass --factory (API: factory=...) yourself"
             )
-        return load(model_path, **{k: v for k, v in (("factory", factory), ("trust", trust)) if v})
+        state_key = state_key or _text(options.get("state_key"))
+        return load(model_path, **{k: v for k, v in (("factory", factory), ("trust", trust), ("state_key", state_key)) if v})
 
 
 def _text(value: Any) -> str | None:

@@ -149,23 +149,23 @@ def run(args: argparse.Namespace) -> int:
     options = _task_options(args, names)
     folder = RunFolder(args.out)
     created = _create_folder(folder)
-    try:
-        with locked(folder.path):
+    with locked(folder.path):  # a second fit on this folder stops here, touching nothing
+        try:
             _prepare_folder(folder, args, created)
             return _fit(args, config, names, options, folder)
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the command line turns it into KeyboardInterrupt)
-        if folder.checkpoint_path.exists():
-            print(f"modscope fit: interrupted; the training state is saved in {folder.checkpoint_path}: "
-                  "run the same command with --resume to continue", file=sys.stderr)
-        else:
-            print("modscope fit: interrupted before the first checkpoint", file=sys.stderr)
-            if created:
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the command line turns it into KeyboardInterrupt)
+            if folder.checkpoint_path.exists():
+                print(f"modscope fit: interrupted; the training state is saved in {folder.checkpoint_path}: "
+                      "run the same command with --resume to continue", file=sys.stderr)
+            else:
+                print("modscope fit: interrupted before the first checkpoint", file=sys.stderr)
+                if created:
+                    shutil.rmtree(folder.path, ignore_errors=True)
+            return 130
+        except BaseException:
+            if created:  # no partial run folder is left behind (removed while still holding its lock)
                 shutil.rmtree(folder.path, ignore_errors=True)
-        return 130
-    except BaseException:
-        if created:  # no partial run folder is left behind (another fit's folder is never ours: it existed)
-            shutil.rmtree(folder.path, ignore_errors=True)
-        raise
+            raise
 
 
 def _fit(args: argparse.Namespace, config: MaskConfig, names: list[str], options: dict[str, dict[str, Any]],

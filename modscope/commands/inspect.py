@@ -86,7 +86,9 @@ def io_and_operators(model: Any) -> tuple[list[dict[str, Any]] | None, list[dict
         inputs, outputs, ops = _fx_io_and_ops(model.module)
         return inputs, outputs, dict(ops.most_common())
     if src.format == "torchscript" and src.path:
-        script = torch.jit.load(src.path, map_location="cpu")
+        from ..converters.torchscript import read_script
+
+        script = read_script(src.path)  # stdout kept clean of the archive's own prints
         kinds = Counter(n.kind().removeprefix("aten::") for n in script.inlined_graph.nodes() if n.kind().startswith("aten::"))
         names = [i.debugName() for i in list(script.graph.inputs())[1:]]  # the first input is the module itself
         return [{"name": n, "shape": None, "dtype": "?"} for n in names], None, dict(kinds.most_common())
@@ -114,6 +116,32 @@ def layers(model: Any) -> list[dict[str, Any]]:
     return list(out.values())
 
 
+def weight_storage(model: Any) -> dict[str, Any] | None:
+    """For ONNX files: where the maskable weights are stored, how much of the file's float tensors of rank >= 2 they
+    cover, and the float tensors of rank >= 2 that are not weights (none for other formats)."""
+    src = model.source
+    if src.format != "onnx" or not src.path:
+        return None
+    import onnx
+
+    from ..converters.onnx.constants import describe_places
+
+    places = describe_places(onnx.load(src.path, load_external_data=False).graph)
+    maskable = {w.source_name for w in model.weights}
+    found = Counter(f"{'sub-graph ' if p.in_subgraph else ''}{p.where}s" for p in places if p.key in maskable)
+    matrices = [p for p in places if p.float and len(p.shape) >= 2]
+    covered = sum(p.numel for p in matrices if p.key in maskable)
+    total = sum(p.numel for p in matrices)
+    return {
+        "found_in": dict(found.most_common()),
+        "float_elements_rank2": total,
+        "coverage": covered / total if total else None,
+        "not_weights": [{"name": p.key, "shape": list(p.shape), "where": p.where,
+                         "why": "no node computes with it as a weight (a table, mask or constant input)"}
+                        for p in matrices if p.key not in maskable],
+    }
+
+
 def describe(model: Any) -> dict[str, Any]:
     """Everything `inspect` shows, as JSON-ready data."""
     from ..converters.files import FORMAT_NAMES
@@ -134,6 +162,7 @@ def describe(model: Any) -> dict[str, Any]:
         "n_weights": sum(layer["n_weights"] for layer in by_layer),
         "n_masked_by_default": sum(layer["n_masked"] for layer in by_layer),
         "layers": by_layer,
+        "storage": weight_storage(model),
     }
 
 
@@ -158,6 +187,7 @@ def print_text(info: dict[str, Any]) -> None:
              "; ".join("x".join(map(str, w["shape"])) for w in layer["weights"]), layer["n_weights"], layer["n_masked"]]
             for layer in info["layers"]]
     print(text_table(["layer", "kind", "shapes", "weights", "masked by default"], rows))
+    _print_storage(info.get("storage"))
     verify = info.get("verify")
     if verify:
         verdict = "outputs agree" if verify["ok"] else "OUTPUTS DIFFER"
@@ -166,6 +196,24 @@ def print_text(info: dict[str, Any]) -> None:
         print(text_table(["output", "shape", "max abs diff", "max rel diff", "ok"],
                          [[o["name"], "x".join(map(str, o["shape"])), o["max_abs_diff"], o["max_rel_diff"], o["ok"]]
                           for o in verify["outputs"]]))
+
+
+def _print_storage(storage: dict[str, Any] | None) -> None:
+    if storage is None:
+        return
+    found = ", ".join(f"{n} {where}" for where, n in storage["found_in"].items()) or "nowhere"
+    coverage = storage["coverage"]
+    share = ("" if coverage is None else
+             f"; they hold {coverage:.1%} of the file's {storage['float_elements_rank2']:,} float elements in tensors "
+             "of rank >= 2")
+    print(f"\nWeights found in: {found}{share}")
+    if not storage["found_in"]:
+        print("  No tensor of this file is used as a weight: nothing feeds a Conv, Gemm, MatMul, recurrent, "
+              "normalization or embedding input.")
+    for t in storage["not_weights"][:10]:
+        print(f"  not a weight: {t['name']} ({'x'.join(map(str, t['shape']))}, {t['where']}): {t['why']}")
+    if len(storage["not_weights"]) > 10:
+        print(f"  ... and {len(storage['not_weights']) - 10} more (--json lists them all)")
 
 
 def run(args: argparse.Namespace) -> int:

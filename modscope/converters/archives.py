@@ -97,7 +97,7 @@ def check_zip(
     seen: set[str] = set()
     total = 0
     for info in infos:
-        name = info.filename
+        name = getattr(info, "orig_filename", info.filename)  # as stored: zipfile cuts names at a NUL byte, torch does not
         if name in seen:
             raise error(f"{what} {p} is refused: its zip archive holds two members named {name!r}, which readers resolve differently")
         seen.add(name)

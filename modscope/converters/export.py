@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -178,7 +178,7 @@ def _check_unchanged(src: Path, checksum: str) -> None:
 def _export_onnx(model: Model, masks: Mapping[str, torch.Tensor], out: Path, proto: Any, base_dir: Path | None, check: bool) -> None:
     from onnx import TensorProto
 
-    initializers = {init.name: init for init in _initializers(proto.graph)}
+    initializers = _weight_tensors(proto.graph)
     data = _ExternalData(f"{out.name}.data")
     edited = set()
     quantized: dict[str, Any] | None = None
@@ -198,10 +198,10 @@ def _export_onnx(model: Model, masks: Mapping[str, torch.Tensor], out: Path, pro
         else:
             ablated = np.where(mask.numpy(), array, np.zeros((), array.dtype))
         _replace_data(init, ablated, data)
-        edited.add(init.name)
+        edited.add(w.source_name)
     same_dir = base_dir is not None and out.parent.resolve() == base_dir.resolve()
-    for init in initializers.values():
-        if init.name in edited or init.data_location != TensorProto.EXTERNAL:
+    for key, init in initializers.items():
+        if key in edited or init.data_location != TensorProto.EXTERNAL:
             continue
         location = _external_info(init).get("location", "")
         if not same_dir or location == data.file_name:  # the output folder cannot point at the original file
@@ -225,17 +225,12 @@ def _ablated_integers(
     return ablated_integers(info, array, keep, zero_point)
 
 
-def _initializers(graph: Any) -> Iterator[Any]:
-    from onnx import AttributeProto
+def _weight_tensors(graph: Any) -> dict[str, Any]:
+    """Every TensorProto a weight may have been loaded from, by the key the loader gave it (``onnx/constants.py``):
+    initializers and weight-like Constant nodes of the graph and its sub-graphs. Editing one edits the proto."""
+    from .onnx.constants import weight_places
 
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == AttributeProto.GRAPH:
-                yield from _initializers(attr.g)
-            elif attr.type == AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _initializers(sub)
+    return weight_places(graph)
 
 
 def _read_array(init: Any, base_dir: Path | None) -> np.ndarray:

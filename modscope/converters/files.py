@@ -68,7 +68,7 @@ def load_file(path: str | os.PathLike, **options: Any) -> Model:
     Args:
         path: the model file.
         **options: options of the detected format's loader: ``op_handlers`` (ONNX, TorchScript), ``factory`` and
-            ``trust`` (torch files), ``example_inputs`` and ``opset`` (TorchScript). ``None`` and ``False`` values
+            ``trust`` (torch files), ``state_key`` (torch checkpoints), ``example_inputs`` and ``opset`` (TorchScript). ``None`` and ``False`` values
             count as not given.
 
     Returns:

@@ -60,10 +60,7 @@ def load_torchscript(
     """
     del trust
     with stdout_to_stderr():  # a __setstate__ in the archive may print; stdout is for modscope's --json output
-        try:
-            script = torch.jit.load(str(path), map_location="cpu")
-        except Exception as exc:
-            raise ModelLoadError(f"cannot load TorchScript archive {path}: {first_line(exc)}") from exc
+        script = read_script(path)
         inputs = _as_tuple(example_inputs) if example_inputs is not None else _infer_script_inputs(script, path)
         proto = _script_to_onnx(script, inputs, opset, path)
     from .onnx.loader import load_onnx
@@ -79,6 +76,22 @@ def load_torchscript(
     opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     source = Source("torchscript", str(path), file_sha256(path), opset_used, {"converted_via": "onnx"})
     return Model(converted.module, weights=weights, source=source)
+
+
+def read_script(path: str | Path) -> Any:
+    """``torch.jit.load`` on the CPU with stdout sent to stderr (the archive's ``__setstate__`` code runs here).
+
+    Raises:
+        ModelLoadError: the archive cannot be loaded.
+    """
+    from .archives import check_zip
+
+    check_zip(path)
+    with stdout_to_stderr():
+        try:
+            return torch.jit.load(str(path), map_location="cpu")
+        except Exception as exc:
+            raise ModelLoadError(f"cannot load TorchScript archive {path}: {first_line(exc)}") from exc
 
 
 def _as_tuple(inputs: Any) -> tuple[torch.Tensor, ...]:

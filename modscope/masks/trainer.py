@@ -37,7 +37,7 @@ from .checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from .config import MaskConfig
 from .maskset import MaskSet
 from .progress import Progress
-from .memory import MemoryPlan, plan_run, probe_activations, retained_heap
+from .memory import HEAP_HEADROOM, MemoryPlan, plan_run, probe_activations, retained_heap
 from .sampling import SamplerKernels, StepBuffers, draw_uniforms
 from .selection import frozen_weights, select_weights
 
@@ -275,8 +275,7 @@ def train_masks(
     device = resolve_device(config.device)
     bar = Progress(config.n_steps, enabled=progress)
     ckpt_path = Path(checkpoint) if checkpoint else None
-    with (threads.limited(config.threads, announce=progress is not False), model.frozen(device, train=config.train_mode)
-          as module, retained_heap(device.type == "cpu")):
+    with threads.limited(config.threads, announce=progress is not False), model.frozen(device, train=config.train_mode) as module:
         trainer = MaskTrainer(model, module, tasks, config, device, initial_logits=initial_logits)
         state = TrainingState(0, {t.name: {"step": [], "loss": [], "density": []} for t in tasks}, [0.0] * len(tasks))
         if resume and ckpt_path and ckpt_path.exists():
@@ -345,6 +344,7 @@ class MaskTrainer:
         self.runner = _StepRunner(model, module, self.tasks, self.layout, config, device)
         self._masked = [self.runner.masked[w.name] for w in self.weights]
         self._plan: MemoryPlan | None = None
+        self._heap: contextlib.AbstractContextManager | None = None  # glibc keeps freed memory while this is open
         threads = torch.get_num_threads() if device.type == "cpu" else 1
         self._draw_pool = ThreadPoolExecutor(min(threads, len(self.tasks) + 1)) if threads > 1 else None
         self._ahead = False
@@ -365,7 +365,10 @@ class MaskTrainer:
         """Plan the passes from one probe pass on the first task's examples ``xs`` and allocate the step buffers."""
         xs = tuple(x[: self.config.batch_size // self.config.n_samples] for x in xs)
         self._plan = plan_run(len(self.tasks), self.config, self.layout.total, self._probe_activations(xs), self.device,
-                              prefer=self._preferred_replicas())
+                              prefer=self._preferred_replicas(), ahead=self._draw_pool is not None)
+        if self.device.type == "cpu" and self._plan.estimate * HEAP_HEADROOM <= self._plan.limit:
+            self._heap = retained_heap()
+            self._heap.__enter__()
         most_tasks = max(len(p.tasks) for p in self._plan.passes)
         whole = all(p.samples == (0, self.config.n_samples) for p in self._plan.passes)
         self._ahead = self._draw_pool is not None and whole  # draw the next pass's noise while this one computes
@@ -522,12 +525,15 @@ class MaskTrainer:
         return loss.detach()
 
     def close(self) -> None:
-        """Stop the noise-drawing threads (if any)."""
+        """Stop the noise-drawing threads (if any) and let glibc return the memory kept for reuse."""
         if self._next is not None:
             self._next[0].result()
         if self._draw_pool is not None:
             self._draw_pool.shutdown()
             self._draw_pool = None
+        if self._heap is not None:
+            self._heap.__exit__(None, None, None)
+            self._heap = None
 
     def save(self, path: Path, state: TrainingState) -> None:
         """Save the run; noise drawn ahead for the next step is not part of it (its streams are saved before it)."""
