@@ -16,6 +16,7 @@ folder never holds a half-written file, whatever stops the process.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -58,15 +59,22 @@ def locked(folder: str | os.PathLike) -> Iterator[None]:
         >>> with locked(tempfile.mkdtemp()):
         ...     pass
     """
-    import fcntl
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform (Windows): the folder is not locked
+        yield
+        return
 
     path = Path(folder) / LOCK
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:
             os.close(fd)
+            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):  # a file system without locks
+                yield
+                return
             holder = _lock_holder(path)
             raise InvalidParameterError(
                 f"run folder {Path(folder)} is in use by another `modscope fit`{holder}; wait for it to end or choose another --out"
@@ -181,6 +189,10 @@ def file_checksum(path: str | os.PathLike) -> str:
     """sha256 of a file (the checksum `modscope.load` records for model files)."""
     from .converters.files import file_sha256
 
+    if Path(path).is_dir():  # a transformers model folder
+        from .converters.hf import folder_checksum
+
+        return folder_checksum(Path(path))
     return file_sha256(Path(path))
 
 
@@ -290,7 +302,7 @@ class RunFolder:
         if not isinstance(recorded, dict):
             raise InvalidParameterError(f"run config {self.config_path} is malformed: 'model' is not an object; make it again with `modscope fit`")
         model_path = Path(path or _text(recorded.get("path")) or "")
-        if not str(model_path) or not model_path.is_file():
+        if not str(model_path) or not (model_path.is_file() or model_path.is_dir()):
             raise ModelLoadError(
                 f"the model file {model_path} recorded in {self.config_path} does not exist; pass --model PATH of the same file"
             )
