@@ -181,6 +181,10 @@ def file_checksum(path: str | os.PathLike) -> str:
     """sha256 of a file (the checksum `modscope.load` records for model files)."""
     from .converters.files import file_sha256
 
+    if Path(path).is_dir():  # a transformers model folder
+        from .converters.hf import folder_checksum
+
+        return folder_checksum(Path(path))
     return file_sha256(Path(path))
 
 
@@ -290,7 +294,7 @@ class RunFolder:
         if not isinstance(recorded, dict):
             raise InvalidParameterError(f"run config {self.config_path} is malformed: 'model' is not an object; make it again with `modscope fit`")
         model_path = Path(path or _text(recorded.get("path")) or "")
-        if not str(model_path) or not model_path.is_file():
+        if not str(model_path) or not (model_path.is_file() or model_path.is_dir()):
             raise ModelLoadError(
                 f"the model file {model_path} recorded in {self.config_path} does not exist; pass --model PATH of the same file"
             )

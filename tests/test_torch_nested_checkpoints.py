@@ -80,3 +80,17 @@ def test_a_checkpoint_without_a_state_dict_suggests_state_key(tmp_path: Path) ->
     torch.save({"epoch": 1, "weights_ema": {"a": 1}}, path)
     with pytest.raises(ModelLoadError, match="--state-key"):
         modscope.load(path, factory=FACTORY)
+
+
+def test_fit_and_export_a_nested_checkpoint(tmp_path: Path) -> None:
+    """The run records --state-key (data, not code) and export reuses it; the factory must be given again."""
+    from cli_fixtures import FIT_FLAGS, make_toy
+
+    toy = make_toy(tmp_path / "toy")
+    ckpt = tmp_path / "train.pt"
+    torch.save({"epoch": 9, "ema": {"net": torch.load(toy.state_dict, weights_only=True)}}, ckpt)
+    run = tmp_path / "run"
+    flags = ["--factory", "cli_fixtures:toy_net"]
+    assert cli("fit", ckpt, *flags, "--state-key", "ema/net", "--task", f"a={toy.a}", "--out", run, *FIT_FLAGS) == 0
+    assert cli("export", run, "--remove", "a", "-o", tmp_path / "ablated.pt", *flags) == 0
+    assert set(torch.load(tmp_path / "ablated.pt", weights_only=True)) == set(torch.load(toy.state_dict, weights_only=True))

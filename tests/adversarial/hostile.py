@@ -302,8 +302,8 @@ def labels_negative(folder: Path, ctx: dict) -> Case:
     return _labels(folder, ctx, "neg", np.array([0, 1, -3, 1]))
 
 
-def labels_minus_100_under_seq_ce(folder: Path, ctx: dict) -> Case:
-    return _labels(folder, ctx, "m100", np.array([0, 1, -100, 1]), "--loss", "seq_ce")
+def labels_minus_2_under_seq_ce(folder: Path, ctx: dict) -> Case:
+    return _labels(folder, ctx, "m2", np.array([0, 1, -2, 1]), "--loss", "seq_ce")  # -1 and -100 are padding
 
 
 def labels_boolean_under_ce(folder: Path, ctx: dict) -> Case:
@@ -354,6 +354,26 @@ def run_config_names_a_factory(folder: Path, ctx: dict) -> Case:
         f"open({str(_canary(folder))!r}, 'w').close()\ndef build():\n    raise SystemExit('factory ran')\n")
     model = _state_dict_pt(folder / "weights.pt")
     _point_run_at(run, model, {"factory": "hostile_factory_mod:build"})
+    return _export(run, folder)
+
+
+def run_config_model_not_an_object(folder: Path, ctx: dict) -> Case:
+    run = _copy_run(folder, ctx)
+    config = json.loads((run / "config.json").read_text())
+    config["model"] = ["not", "an", "object"]
+    (run / "config.json").write_text(json.dumps(config))
+    return _export(run, folder)
+
+
+def run_config_deep_nesting(folder: Path, ctx: dict) -> Case:
+    run = _copy_run(folder, ctx)
+    (run / "config.json").write_text('{"schema_version": 1, "model": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    return _export(run, folder)
+
+
+def run_masks_are_a_pickle(folder: Path, ctx: dict) -> Case:
+    run = _copy_run(folder, ctx)
+    torch.save(Payload(_canary(folder)), run / "masks.safetensors")
     return _export(run, folder)
 
 
@@ -412,15 +432,46 @@ def resume_checkpoint_wrong_logits(folder: Path, ctx: dict) -> Case:
     return Case(argv, ("none", []), [str(out / "masks.safetensors"), str(out / "report.json")])
 
 
+# -- policies: `check RUN --policy FILE` must refuse in one sentence ------------------------------------------------------
+def _check(policy: Path, ctx: dict) -> Case:
+    return Case(["check", ctx["run"], "--policy", str(policy)], ("policy", [str(policy)]), [])
+
+
+def policy_deep_nesting(folder: Path, ctx: dict) -> Case:
+    path = folder / "deep.toml"
+    path.write_text("rule = " + "[" * 50_000 + "]" * 50_000 + "\n")
+    return _check(path, ctx)
+
+
+def policy_wrong_types(folder: Path, ctx: dict) -> Case:
+    path = folder / "types.toml"
+    path.write_text('[[rule]]\nmetric = ["iou"]\ntasks = "a"\nmax = "half"\n')
+    return _check(path, ctx)
+
+
+def policy_rule_not_a_table(folder: Path, ctx: dict) -> Case:
+    path = folder / "scalar.toml"
+    path.write_text('rule = [1, 2]\n')
+    return _check(path, ctx)
+
+
+def policy_binary(folder: Path, ctx: dict) -> Case:
+    path = folder / "binary.toml"
+    path.write_bytes(b"\xff\xfe\x00rule\x00" * 10)
+    return _check(path, ctx)
+
+
 #: name -> builder(folder, context) for inputs that must be refused with exit code 2.
 REFUSED: dict[str, Callable[[Path, dict], Case]] = {f.__name__: f for f in (
     pt2_duplicate_config, pt2_config_is_a_list, zip_duplicate_members, zip_member_outside_root, zip_encrypted_member,
     zip_unknown_method, zip_declared_size_over_limit, pickled_module_payload, legacy_pickle_payload,
     safetensors_offsets_as_strings, safetensors_entry_not_an_object, safetensors_negative_shape, checkpoint_bare_tensor,
     torchscript_unguessable_input, npz_deflate_bomb, npz_header_lies, npz_duplicate_members, task_pt_payload,
-    labels_negative, labels_minus_100_under_seq_ce, labels_boolean_under_ce, labels_too_large,
+    labels_negative, labels_minus_2_under_seq_ce, labels_boolean_under_ce, labels_too_large,
     run_config_grants_trust, run_config_names_a_factory, report_wrong_types, report_deep_nesting,
     masks_metadata_missing_keys, resume_checkpoint_bare_tensor, resume_checkpoint_wrong_logits,
+    policy_deep_nesting, policy_wrong_types, policy_rule_not_a_table, policy_binary,
+    run_config_model_not_an_object, run_config_deep_nesting, run_masks_are_a_pickle,
 )}
 
 
@@ -442,6 +493,10 @@ def _api_call(kind: str, args: list[str]) -> None:
         run.load_model()
     elif kind == "report":
         read_report(args[0])
+    elif kind == "policy":
+        from modscope.policy import load_policy
+
+        load_policy(args[0])
 
 
 def batch_main(spec_path: str) -> None:
