@@ -16,6 +16,7 @@ folder never holds a half-written file, whatever stops the process.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -58,15 +59,22 @@ def locked(folder: str | os.PathLike) -> Iterator[None]:
         >>> with locked(tempfile.mkdtemp()):
         ...     pass
     """
-    import fcntl
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform (Windows): the folder is not locked
+        yield
+        return
 
     path = Path(folder) / LOCK
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:
             os.close(fd)
+            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):  # a file system without locks
+                yield
+                return
             holder = _lock_holder(path)
             raise InvalidParameterError(
                 f"run folder {Path(folder)} is in use by another `modscope fit`{holder}; wait for it to end or choose another --out"

@@ -179,6 +179,18 @@ def zip_declared_size_over_limit(folder: Path, ctx: dict) -> Case:
     return case
 
 
+def zip_deflated_member_inflates_to_4_gib(folder: Path, ctx: dict) -> Case:
+    """A re-zipped (deflated) checkpoint whose data.pkl says it inflates to 4 GiB: refused at the default limits."""
+    legit = _state_dict_pt(folder / "legit.pt")
+    path = folder / "deflated.pt"
+    with zipfile.ZipFile(legit) as z, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as out:
+        for info in z.infolist():
+            out.writestr(info.filename, z.read(info))
+    name = next(n for n in zipfile.ZipFile(path).namelist() if n.endswith("data.pkl"))
+    _patch_central(path, name, file_size=0xFFFFFFF0)
+    return _inspect(path, folder)
+
+
 def pickled_module_payload(folder: Path, ctx: dict) -> Case:
     path = folder / "payload.pt"
     torch.save(Payload(_canary(folder)), path)
@@ -464,7 +476,7 @@ def policy_binary(folder: Path, ctx: dict) -> Case:
 #: name -> builder(folder, context) for inputs that must be refused with exit code 2.
 REFUSED: dict[str, Callable[[Path, dict], Case]] = {f.__name__: f for f in (
     pt2_duplicate_config, pt2_config_is_a_list, zip_duplicate_members, zip_member_outside_root, zip_encrypted_member,
-    zip_unknown_method, zip_declared_size_over_limit, pickled_module_payload, legacy_pickle_payload,
+    zip_unknown_method, zip_declared_size_over_limit, zip_deflated_member_inflates_to_4_gib, pickled_module_payload, legacy_pickle_payload,
     safetensors_offsets_as_strings, safetensors_entry_not_an_object, safetensors_negative_shape, checkpoint_bare_tensor,
     torchscript_unguessable_input, npz_deflate_bomb, npz_header_lies, npz_duplicate_members, task_pt_payload,
     labels_negative, labels_minus_2_under_seq_ce, labels_boolean_under_ce, labels_too_large,
