@@ -181,6 +181,21 @@ def read_json(path: str | os.PathLike, what: str) -> dict[str, Any]:
     return data
 
 
+@contextlib.contextmanager
+def malformed_report(path: str | os.PathLike) -> Iterator[None]:
+    """Turn the errors a report.json of the wrong shape causes while it is read into one `InvalidParameterError`."""
+    from .errors import ModscopeError
+
+    try:
+        yield
+    except ModscopeError:
+        raise
+    except (TypeError, KeyError, ValueError, IndexError, AttributeError, RecursionError, ZeroDivisionError) as exc:
+        raise InvalidParameterError(
+            f"{path} is not a well-formed modscope report ({type(exc).__name__} while reading it); make it again with `modscope fit`"
+        ) from exc
+
+
 def _reason(exc: BaseException) -> str:
     return getattr(exc, "strerror", None) or str(exc).splitlines()[0]
 
@@ -258,8 +273,17 @@ class RunFolder:
         return read_json(self.config_path, "run config")
 
     def report(self) -> dict[str, Any]:
-        """The run's report.json as plain data."""
-        return read_json(self.report_path, "run report")
+        """The run's report.json as plain data, checked to be a well-formed report (its tables build).
+
+        Raises:
+            InvalidParameterError: the file is missing, unreadable or malformed.
+        """
+        data = read_json(self.report_path, "run report")
+        from .report import Report
+
+        with malformed_report(self.report_path):
+            Report(data).tables()
+        return data
 
     def masks(self) -> MaskSet:
         """The run's masks.

@@ -404,6 +404,13 @@ def report_wrong_types(folder: Path, ctx: dict) -> Case:
     return _report_case(path, folder)
 
 
+def diff_report_wrong_types(folder: Path, ctx: dict) -> Case:
+    run = _copy_run(folder, ctx)
+    report_wrong_types(folder, ctx)
+    (folder / "report.json").replace(run / "report.json")
+    return Case(["diff", ctx["run"], str(run)], ("diff", [str(run)]), [])
+
+
 def report_deep_nesting(folder: Path, ctx: dict) -> Case:
     path = folder / "report.json"
     path.write_text('{"schema_version": 1, "tasks": ' + "[" * 100_000 + "]" * 100_000 + "}")
@@ -483,7 +490,7 @@ REFUSED: dict[str, Callable[[Path, dict], Case]] = {f.__name__: f for f in (
     run_config_grants_trust, run_config_names_a_factory, report_wrong_types, report_deep_nesting,
     masks_metadata_missing_keys, resume_checkpoint_bare_tensor, resume_checkpoint_wrong_logits,
     policy_deep_nesting, policy_wrong_types, policy_rule_not_a_table, policy_binary,
-    run_config_model_not_an_object, run_config_deep_nesting, run_masks_are_a_pickle,
+    run_config_model_not_an_object, run_config_deep_nesting, run_masks_are_a_pickle, diff_report_wrong_types,
 )}
 
 
@@ -505,6 +512,8 @@ def _api_call(kind: str, args: list[str]) -> None:
         run.load_model()
     elif kind == "report":
         read_report(args[0])
+    elif kind == "diff":
+        RunFolder.open(args[0]).report()
     elif kind == "policy":
         from modscope.policy import load_policy
 
