@@ -1,7 +1,8 @@
 """Task data files: ``.npz``, ``.pt`` and ``.safetensors`` archives read into `Task` objects.
 
 Every format holds the same keys: the inputs as ``x`` (one input) or ``x0``, ``x1``, ... (several inputs, in the
-model's input order), and the targets as ``y``. All arrays have one row per example. The format is read from the
+model's input order) or, for models that take keyword arguments (transformers), any other names (``input_ids``,
+``attention_mask`` ...: named inputs, passed by name), and the targets as ``y``. All arrays have one row per example. The format is read from the
 file's content; the suffix is only a hint. Floating-point inputs stored as float64 (numpy's default) are read as
 float32, the dtype models are trained in.
 
@@ -9,6 +10,7 @@ Example of writing a file::
 
     numpy.savez("add.npz", x=inputs, y=targets)                  # one input
     torch.save({"x0": ids, "x1": lengths, "y": labels}, "t.pt")  # two inputs
+    numpy.savez("t.npz", input_ids=ids, attention_mask=mask, y=labels)  # named inputs
 """
 
 from __future__ import annotations
@@ -106,7 +108,8 @@ def read_arrays(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def split_arrays(arrays: dict[str, Any], path: Path) -> tuple[tuple[Any, ...], Any]:
-    """``(inputs, targets)`` from the arrays of a task data file: ``x`` or ``x0, x1, ...``, and ``y``."""
+    """``(inputs, targets)`` from the arrays of a task data file: ``x`` or ``x0, x1, ...``, and ``y``; any other
+    keys are named inputs (``input_ids``, ``attention_mask`` ...), returned as a dict and passed by name."""
     keys = sorted(arrays)
     if "y" not in arrays:
         raise DataError(f"task data file {path} has no targets: it holds {keys} but no 'y'; save the targets as y")
@@ -115,6 +118,8 @@ def split_arrays(arrays: dict[str, Any], path: Path) -> tuple[tuple[Any, ...], A
         raise DataError(f"task data file {path} holds both 'x' and {[k for _, k in numbered]}; keep one of the two forms")
     if "x" in arrays:
         return (_as_model_dtype(arrays["x"]),), arrays["y"]
+    if not numbered and len(arrays) > 1:  # named inputs (input_ids, attention_mask ...), passed as keyword arguments
+        return {k: _as_model_dtype(v) for k, v in sorted(arrays.items()) if k != "y"}, arrays["y"]  # type: ignore[return-value]
     if not numbered:
         raise DataError(f"task data file {path} has no inputs: it holds {keys} but no 'x' (or x0, x1, ...); save the inputs as x")
     indices = [i for i, _ in numbered]
@@ -238,7 +243,7 @@ def check_fits(model: Any, task: Task, *, n_examples: int = 2) -> None:
     shapes = ", ".join(f"{tuple(x.shape[1:])} {str(x.dtype).replace('torch.', '')}" for x in xs)
     with model.frozen() as module, torch.no_grad():
         try:
-            raw = module(*xs)
+            raw = model.run(module, {}, xs, task.input_names)
         except Exception as exc:  # any failure of the first forward pass means the data does not fit
             if isinstance(exc, ModscopeError) and not isinstance(exc, OperatorError):
                 raise

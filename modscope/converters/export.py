@@ -52,7 +52,8 @@ def export_masked(
         model: the model the masks were trained on.
         keep: ``{weight name: bool tensor of the weight's shape}``; True keeps a weight, False zeroes it. Names
             are torch names or source names (``model.weight(name)``); weights not in ``keep`` are unchanged.
-        path: the output. ``.onnx`` writes an edited copy of the ONNX source; ``.safetensors`` a safetensors
+        path: the output. A path without suffix, for a transformers model, writes a model folder
+            (``save_pretrained``'s layout: config.json + safetensors) that transformers loads; ``.onnx`` writes an edited copy of the ONNX source; ``.safetensors`` a safetensors
             state_dict; anything else a ``torch.save`` state_dict.
         source: the ONNX file or ``onnx.ModelProto`` to edit (ONNX output only); defaults to the file the model
             was loaded from.
@@ -81,6 +82,10 @@ def export_masked(
     if not out.parent.is_dir():
         raise InvalidParameterError(f"the output folder {out.parent} does not exist; create it first")
     masks = _check_keep(model, keep)
+    if model.source.format == "transformers" and not out.suffix:  # a model folder transformers loads
+        from .hf import save_folder
+
+        return save_folder(model, _zeroed(model, masks), out)
     if out.suffix.lower() == ".onnx":
         proto, base_dir = _onnx_source(model, source)
         _export_onnx(model, masks, out, proto, base_dir, check)
@@ -105,6 +110,12 @@ def _check_keep(model: Model, keep: Mapping[str, Any]) -> dict[str, torch.Tensor
             raise ShapeError(f"the keep mask of {key!r} has shape {tuple(mask.shape)}, the weight has {w.shape}")
         masks[w.name] = mask.detach().cpu()
     return masks
+
+
+def _zeroed(model: Model, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The masked weights with those that ``masks`` marks False set to zero."""
+    params = model.parameters()
+    return {name: torch.where(keep, params[name].cpu(), torch.zeros((), dtype=params[name].dtype)) for name, keep in masks.items()}
 
 
 # -- state_dict -----------------------------------------------------------------------------------------------------

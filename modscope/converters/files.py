@@ -89,6 +89,10 @@ def load_file(path: str | os.PathLike, **options: Any) -> Model:
         ('export', ['weight', 'bias'])
     """
     p = Path(path)
+    from .hf import is_model_folder, load_folder
+
+    if is_model_folder(p):  # a transformers model folder (config.json + *.safetensors)
+        return load_folder(p, **check_options("model folders", options, accepted_options(load_folder)))
     fmt = detect_format(p)
     loader = _loader(fmt)
     given = check_options(FORMAT_NAMES[fmt] + " files", options, accepted_options(loader))
@@ -192,7 +196,7 @@ def _read_head(p: Path, n: int) -> bytes:
     if not p.exists():
         raise ModelLoadError(f"model file {p} does not exist")
     if p.is_dir():
-        raise ModelLoadError(f"{p} is a folder; give the path of a model file")
+        raise ModelLoadError(f"{p} is a folder but not a model folder (config.json + *.safetensors); give the path of a model file")
     try:
         with open(p, "rb") as f:
             return f.read(n)

@@ -20,8 +20,8 @@ import signal
 import threading
 import warnings
 import zlib
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,8 +36,14 @@ from ..tasks import Task
 from .checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from .config import MaskConfig
 from .maskset import MaskSet
+from .memory import (
+    HEAP_HEADROOM,
+    MemoryPlan,
+    plan_run,
+    probe_activations,
+    retained_heap,
+)
 from .progress import Progress
-from .memory import HEAP_HEADROOM, MemoryPlan, plan_run, probe_activations, retained_heap
 from .sampling import SamplerKernels, StepBuffers, draw_uniforms
 from .selection import frozen_weights, select_weights
 
@@ -118,8 +124,8 @@ class _StepRunner:
         _announce_loop(reason)
         return None
 
-    def _call(self, params: dict[str, torch.Tensor], *xs: torch.Tensor) -> Any:
-        return torch.func.functional_call(self.module, {**self.fixed, **params}, xs, strict=False, tie_weights=False)
+    def _call(self, params: dict[str, torch.Tensor], *xs: torch.Tensor, names: tuple[str, ...] = ()) -> Any:
+        return self.model.run(self.module, {**self.fixed, **params}, xs, names)
 
     def outputs(self, effective: dict[str, torch.Tensor], batches: list[tuple[tuple[torch.Tensor, ...], torch.Tensor]],
                 tasks: range | None = None, samples: tuple[int, int] | None = None) -> list[torch.Tensor]:
@@ -143,14 +149,16 @@ class _StepRunner:
                 n_inputs = len(batches[members[0][1]][0])
                 stacked = (torch.stack([batches[k][0][i] for _, k in members]) for i in range(n_inputs))  # (G, B, ...)
                 xs = tuple(_sample_rows(x, S, s0, s1).reshape(len(members) * n, x.shape[1] // S, *x.shape[2:]) for x in stacked)
-                out = torch.func.vmap(self._call)({name: t.flatten(0, 1) for name, t in eff.items()}, *xs)
+                names = self.tasks[members[0][1]].input_names
+                out = torch.func.vmap(self._call)({name: t.flatten(0, 1) for name, t in eff.items()}, *xs, names=names)
                 for i, (g, k) in enumerate(members):
-                    chunk = pytree.tree_map(lambda t: t[i * n : (i + 1) * n].flatten(0, 1), out)
+                    chunk = pytree.tree_map(lambda t, i=i: t[i * n : (i + 1) * n].flatten(0, 1), out)
                     results[g] = self.tasks[k].select_output(chunk)
             else:
                 for i, (g, k) in enumerate(members):
                     parts = [x.chunk(S) for x in batches[k][0]]
-                    outs = [self._call({name: t[i, j] for name, t in eff.items()}, *(p[s0 + j] for p in parts)) for j in range(n)]
+                    outs = [self._call({name: t[i, j] for name, t in eff.items()}, *(p[s0 + j] for p in parts),
+                                       names=self.tasks[k].input_names) for j in range(n)]
                     results[g] = torch.cat([self.tasks[k].select_output(o) for o in outs])
         return results
 
@@ -205,8 +213,9 @@ def _deferred_interrupts() -> Iterator[Callable[[], bool]]:
 
 def _announce_loop(reason: str) -> None:
     warnings.warn(
-        f"torch.func.vmap cannot batch this model ({reason}); training masks with a loop over samples instead "
-        "(same masks, slower). Pass MaskConfig(vectorize='loop') to skip the attempt.",
+        f"torch.func.vmap cannot batch an operation of this model ({reason}) and modscope has no batchable stand-in "
+        "for it; training masks with a loop over samples instead (same masks, slower). Pass "
+        "MaskConfig(vectorize='loop') to skip the attempt.",
         ModscopeWarning,
         stacklevel=3,
     )
@@ -389,7 +398,7 @@ class MaskTrainer:
         devices = [self.device] if self.device.type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=devices):
-                return probe_activations(lambda: task.select_output(self.runner._call(dict(zip(names, leaves)), *xs)),
+                return probe_activations(lambda: task.select_output(self.runner._call(dict(zip(names, leaves)), *xs, names=task.input_names)),
                                          exclude=[*self._masked, *fixed.values(), *xs])
         except Exception:  # noqa: BLE001 - the first step reports it
             return 0
