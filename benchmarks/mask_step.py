@@ -223,7 +223,8 @@ def tasks_section(args: argparse.Namespace) -> None:
 
 
 def scaling_section(args: argparse.Namespace) -> None:
-    print(f"scaling over model size (FNN 42 → h → h → 20, batch 128, 4 samples, default mask step, {args.device}):")
+    print(f"scaling over model size (FNN 42 → h → h → 20, batch 128, 4 samples, default mask step, {args.device}, "
+          f"{torch.get_num_threads()} thread(s)):")
     for label in args.sizes:
         n = float(label.upper().rstrip("M")) * 1e6
         torch.manual_seed(0)
@@ -260,6 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.tasks:
             tasks_section(args)
     if args.sizes:
+        torch.set_num_threads(min(args.threads))
         scaling_section(args)
     return 0
 

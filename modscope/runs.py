@@ -16,6 +16,7 @@ folder never holds a half-written file, whatever stops the process.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -58,15 +59,22 @@ def locked(folder: str | os.PathLike) -> Iterator[None]:
         >>> with locked(tempfile.mkdtemp()):
         ...     pass
     """
-    import fcntl
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform (Windows): the folder is not locked
+        yield
+        return
 
     path = Path(folder) / LOCK
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:
             os.close(fd)
+            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):  # a file system without locks
+                yield
+                return
             holder = _lock_holder(path)
             raise InvalidParameterError(
                 f"run folder {Path(folder)} is in use by another `modscope fit`{holder}; wait for it to end or choose another --out"
@@ -173,6 +181,21 @@ def read_json(path: str | os.PathLike, what: str) -> dict[str, Any]:
     return data
 
 
+@contextlib.contextmanager
+def malformed_report(path: str | os.PathLike) -> Iterator[None]:
+    """Turn the errors a report.json of the wrong shape causes while it is read into one `InvalidParameterError`."""
+    from .errors import ModscopeError
+
+    try:
+        yield
+    except ModscopeError:
+        raise
+    except (TypeError, KeyError, ValueError, IndexError, AttributeError, RecursionError, ZeroDivisionError) as exc:
+        raise InvalidParameterError(
+            f"{path} is not a well-formed modscope report ({type(exc).__name__} while reading it); make it again with `modscope fit`"
+        ) from exc
+
+
 def _reason(exc: BaseException) -> str:
     return getattr(exc, "strerror", None) or str(exc).splitlines()[0]
 
@@ -250,8 +273,17 @@ class RunFolder:
         return read_json(self.config_path, "run config")
 
     def report(self) -> dict[str, Any]:
-        """The run's report.json as plain data."""
-        return read_json(self.report_path, "run report")
+        """The run's report.json as plain data, checked to be a well-formed report (its tables build).
+
+        Raises:
+            InvalidParameterError: the file is missing, unreadable or malformed.
+        """
+        data = read_json(self.report_path, "run report")
+        from .report import Report
+
+        with malformed_report(self.report_path):
+            Report(data).tables()
+        return data
 
     def masks(self) -> MaskSet:
         """The run's masks.

@@ -186,3 +186,28 @@ def test_fit_on_a_file_without_weights_says_why(tmp_path):
     assert result.returncode == 2
     assert "the model has no weights modscope can mask" in result.stderr and "include" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_audits_a_constant_weight_file_end_to_end(exported, tmp_path):
+    """The commands of docs/cli.md's Constant-node example: inspect, fit, report, export, then onnxruntime."""
+    from cli_fixtures import console
+
+    source = tmp_path / "ocr_cls.onnx"
+    onnx.save(as_constants(exported), source)
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        np.savez(tmp_path / f"{name}.npz", x=rng.standard_normal((32, 2, 5, 5)).astype(np.float32),
+                 y=rng.integers(0, 3, 32))
+    inspected = console("inspect", source)
+    assert inspected.returncode == 0 and "Weights found in: 6 Constant nodes; they hold 100.0% of the file's 690 " \
+        "float elements" in inspected.stdout
+    run = tmp_path / "runs" / "ocr"
+    fit = console("fit", source, "--task", f"a={tmp_path / 'a.npz'}", "--task", f"b={tmp_path / 'b.npz'}", "--out", run,
+                  "--n-steps", "20", "--batch-size", "16", "--quiet")
+    assert fit.returncode == 0, fit.stderr
+    assert console("report", run, "--html", tmp_path / "ocr.html").returncode == 0
+    out = tmp_path / "ocr_without_a.onnx"
+    assert console("export", run, "--remove", "a", "-o", out).returncode == 0
+    assert [n.op_type for n in onnx.load(out).graph.node] == [n.op_type for n in onnx.load(source).graph.node]
+    verified = console("inspect", out, "--verify")
+    assert verified.returncode == 0 and "outputs agree" in verified.stdout

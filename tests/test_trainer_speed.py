@@ -18,12 +18,12 @@ from modscope.masks.trainer import MaskTrainer
 # per task, the masks packed as bits (weights in name order, flattened) and the first 16 hex digits of the SHA-256
 # of the float32 logits. Any change in the noise stream, the sampler's arithmetic or the order of work shows here.
 REFERENCE = {
-    "first": ("0100730c83030030480c30c32012000900800000044644806de0348c040020016480204004c0418008088511400a0000231409a"
-              "3413680", "585109a353e065b2"),
-    "second": ("612031c08a040ab00d00044080010888e2050000544244e8000012800000e0018280408004c04982ac88821084060000b45380"
-               "a3701680", "71b34d894f6c3f1d"),
+    "first": (("0100730c83030030480c30c32012000900800000044644806de0348c040020016480204004c0418008088511400a0000231409a"
+               "3413680"), "585109a353e065b2"),
+    "second": (("612031c08a040ab00d00044080010888e2050000544244e8000012800000e0018280408004c04982ac88821084060000b45380"
+                "a3701680"), "71b34d894f6c3f1d"),
 }
-CONFIG = dict(n_steps=40, batch_size=32, n_samples=4, lr=0.2, init=0.3, beta=1e-2, mask_biases=True, seed=5)
+CONFIG = {"n_steps": 40, "batch_size": 32, "n_samples": 4, "lr": 0.2, "init": 0.3, "beta": 1e-2, "mask_biases": True, "seed": 5}
 
 
 def reference_net() -> nn.Module:
@@ -109,7 +109,7 @@ def test_plan_arithmetic():
     assert plan.replicas == 8 and [p.tasks for p in plan.passes] == [range(k, k + 2) for k in range(0, 10, 2)]
     assert plan.estimate == 1000 + 100 + 800 and plan.unchunked == 1000 + 100 + 4000
     split = plan_passes(tasks=2, samples=4, per_replica=100, per_task=10, base=0, limit=20 + 300)
-    assert [(p.tasks, p.samples) for p in split.passes] == [(range(0, 1), (0, 3)), (range(0, 1), (3, 4)),
+    assert [(p.tasks, p.samples) for p in split.passes] == [(range(1), (0, 3)), (range(1), (3, 4)),
                                                            (range(1, 2), (0, 3)), (range(1, 2), (3, 4))]
     assert parse_bytes("2 GiB") == 2 << 30 and parse_bytes("1.5kB") == 1500
     with pytest.raises(modscope.errors.InvalidParameterError):

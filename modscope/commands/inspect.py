@@ -20,6 +20,9 @@ EXAMPLE = "modscope inspect model.onnx --verify"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="the model file")
     p.add_argument("--verify", action="store_true", help="compare the converted model with onnxruntime (ONNX files)")
+    p.add_argument("--input", action="append", default=[], metavar="NAME=SHAPE|NAME=FILE.npy",
+                   help="with --verify: the shape of a random input (e.g. x=1x3x224x224) or an array to feed; "
+                        "repeat per input (default: shapes derived from the file)")
     p.add_argument("--json", action="store_true", help="print the description as JSON (with schema_version) on stdout")
     add_model_options(p)
 
@@ -216,16 +219,54 @@ def _print_storage(storage: dict[str, Any] | None) -> None:
         print(f"  ... and {len(storage['not_weights']) - 10} more (--json lists them all)")
 
 
+def parse_inputs(specs: list[str]) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
+    """``NAME=FILE.npy`` and ``NAME=SHAPE`` (``1x3x224x224`` or ``1,3,224,224``) as arrays and shapes by name.
+
+    Example:
+        >>> parse_inputs(["x=1x3x8x8", "mask=2,5"])[1]
+        {'x': (1, 3, 8, 8), 'mask': (2, 5)}
+    """
+    import numpy as np
+
+    from ..errors import DataError, InvalidParameterError
+
+    arrays: dict[str, Any] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for spec in specs:
+        name, sep, value = spec.partition("=")
+        if not sep or not name or not value:
+            raise InvalidParameterError(f"--input {spec!r} is not NAME=SHAPE or NAME=FILE.npy")
+        if value.endswith(".npy"):
+            try:
+                arrays[name] = np.load(value, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise DataError(f"--input {name}: {value} cannot be read as a .npy array ({exc})") from exc
+            continue
+        try:
+            dims = tuple(int(d) for d in value.replace(",", "x").split("x"))
+        except ValueError:
+            dims = ()
+        if not dims or any(d < 0 for d in dims):
+            raise InvalidParameterError(f"--input {name}: {value!r} is not a shape like 1x3x224x224 nor a .npy file")
+        shapes[name] = dims
+    return arrays, shapes
+
+
 def run(args: argparse.Namespace) -> int:
     from ..converters import load
 
     model = load(args.model, **model_options(args))
     info = describe(model)
     ok = True
+    if args.input and not args.verify:
+        from ..errors import InvalidParameterError
+
+        raise InvalidParameterError("--input only applies with --verify")
     if args.verify:
         from ..converters.verify import verify
 
-        result = verify(model)
+        arrays, shapes = parse_inputs(args.input)
+        result = verify(model, inputs=arrays or None, shapes=shapes or None)
         info["verify"] = result.to_dict()
         ok = result.ok
     if args.json:

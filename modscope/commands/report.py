@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import InvalidParameterError, ModscopeError
+from ..errors import InvalidParameterError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..report import Report
@@ -41,7 +39,7 @@ def read_report(path: str) -> Report:
         InvalidParameterError: the folder or file is missing, or the report is malformed (wrong types, missing keys).
     """
     from ..report import Report
-    from ..runs import RunFolder
+    from ..runs import RunFolder, malformed_report
 
     p = Path(path)
     if p.is_dir():
@@ -58,19 +56,6 @@ def read_report(path: str) -> Report:
     return report
 
 
-@contextlib.contextmanager
-def malformed_report(path: Path) -> Iterator[None]:
-    """Turn the errors a report.json of the wrong shape causes while rendering into one `InvalidParameterError`."""
-    try:
-        yield
-    except ModscopeError:
-        raise
-    except (TypeError, KeyError, ValueError, IndexError, AttributeError, RecursionError, ZeroDivisionError) as exc:
-        raise InvalidParameterError(
-            f"{path} is not a well-formed modscope report ({type(exc).__name__} while reading it); make it again with `modscope fit`"
-        ) from exc
-
-
 def run_name(path: str) -> str:
     """The name of a run for titles: its folder's name (also when given its report.json)."""
     p = Path(path)
@@ -78,7 +63,7 @@ def run_name(path: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..runs import write_text
+    from ..runs import malformed_report, write_text
 
     report = read_report(args.run)
     title = args.title or f"modscope report: {run_name(args.run)}"

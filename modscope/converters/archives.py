@@ -9,13 +9,15 @@ ways or that would cost unbounded memory to read:
 - two members with the same name;
 - a member whose name is absolute, holds ``..``, a backslash or a NUL byte (outside the archive's root);
 - an encrypted member, or one stored with a compression method other than stored (0) or deflate (8);
-- a member whose declared uncompressed size is over ``max_member_bytes``, or members that together declare more
-  than ``max_total_bytes`` (both checked from the central directory, before anything is decompressed).
+- a member whose declared uncompressed size is over ``max_member_bytes``, a deflated member that would inflate to
+  more than `MAX_INFLATED_BYTES`, or members that together declare more than ``max_total_bytes`` (all checked from
+  the central directory, before anything is decompressed).
 
 Once an archive passes, its member names are unique, so every reader sees the same bytes for each name.
 
-The limits default to `MAX_MEMBER_BYTES` and `MAX_TOTAL_BYTES`; raise them with the environment variables
-``MODSCOPE_MAX_ZIP_MEMBER_BYTES`` and ``MODSCOPE_MAX_ZIP_TOTAL_BYTES`` (integers, bytes).
+The limits default to `MAX_MEMBER_BYTES`, `MAX_INFLATED_BYTES` and `MAX_TOTAL_BYTES`; raise them with the
+environment variables ``MODSCOPE_MAX_ZIP_MEMBER_BYTES``, ``MODSCOPE_MAX_ZIP_INFLATED_BYTES`` and
+``MODSCOPE_MAX_ZIP_TOTAL_BYTES`` (integers, bytes).
 
 Example:
     >>> import numpy as np
@@ -36,6 +38,9 @@ from ..errors import ModelLoadError, ModscopeError
 MAX_MEMBER_BYTES = 16 << 30
 #: default limit on the declared uncompressed size of all members together (64 GiB).
 MAX_TOTAL_BYTES = 64 << 30
+#: default limit on what one *deflated* member may inflate to (2 GiB). torch writes its archives stored, so this
+#: bounds what a small compressed file (an .npz, a re-zipped checkpoint) can make a reader allocate.
+MAX_INFLATED_BYTES = 2 << 30
 #: compression methods the readers behind modscope support: stored and deflate.
 _METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate"}
 _MAX_MEMBERS = 1_000_000
@@ -86,6 +91,7 @@ def check_zip(
     """
     p = Path(path)
     member_cap = max_member_bytes or limit("MODSCOPE_MAX_ZIP_MEMBER_BYTES", MAX_MEMBER_BYTES)
+    inflate_cap = limit("MODSCOPE_MAX_ZIP_INFLATED_BYTES", MAX_INFLATED_BYTES)
     total_cap = max_total_bytes or limit("MODSCOPE_MAX_ZIP_TOTAL_BYTES", MAX_TOTAL_BYTES)
     try:
         with zipfile.ZipFile(p) as z:
@@ -111,6 +117,9 @@ def check_zip(
         if info.file_size > member_cap:
             raise error(f"{what} {p} is refused: its zip member {name!r} declares {info.file_size:,} bytes, over the limit of "
                         f"{member_cap:,} (raise it with MODSCOPE_MAX_ZIP_MEMBER_BYTES)")
+        if info.compress_type == zipfile.ZIP_DEFLATED and info.file_size > inflate_cap:
+            raise error(f"{what} {p} is refused: its compressed zip member {name!r} would inflate to {info.file_size:,} bytes, "
+                        f"over the limit of {inflate_cap:,} (raise it with MODSCOPE_MAX_ZIP_INFLATED_BYTES)")
         total += info.file_size
         if total > total_cap:
             raise error(f"{what} {p} is refused: its zip members declare more than {total_cap:,} bytes in all "

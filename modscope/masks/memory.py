@@ -83,7 +83,7 @@ class MemoryPlan:
             >>> MemoryPlan([Pass(range(0, 1), (0, 4))], 4, 3 << 30, 3 << 30, 20 << 30).summary()
             'memory plan: about 3.0 GiB peak (limit 20.0 GiB); all 4 task x sample passes at once'
         """
-        split = ("all {} task x sample passes at once".format(self.replicas * len(self.passes))
+        split = (f"all {self.replicas * len(self.passes)} task x sample passes at once"
                  if len(self.passes) == 1 else f"{len(self.passes)} passes of up to {self.replicas} task x sample pairs "
                  f"(all at once would need about {gib(self.unchunked)})")
         return f"memory plan: about {gib(self.estimate)} peak (limit {gib(self.limit)}); {split}"

@@ -20,8 +20,8 @@ import signal
 import threading
 import warnings
 import zlib
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,8 +36,14 @@ from ..tasks import Task
 from .checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from .config import MaskConfig
 from .maskset import MaskSet
+from .memory import (
+    HEAP_HEADROOM,
+    MemoryPlan,
+    plan_run,
+    probe_activations,
+    retained_heap,
+)
 from .progress import Progress
-from .memory import HEAP_HEADROOM, MemoryPlan, plan_run, probe_activations, retained_heap
 from .sampling import SamplerKernels, StepBuffers, draw_uniforms
 from .selection import frozen_weights, select_weights
 
@@ -146,7 +152,7 @@ class _StepRunner:
                 names = self.tasks[members[0][1]].input_names
                 out = torch.func.vmap(self._call)({name: t.flatten(0, 1) for name, t in eff.items()}, *xs, names=names)
                 for i, (g, k) in enumerate(members):
-                    chunk = pytree.tree_map(lambda t: t[i * n : (i + 1) * n].flatten(0, 1), out)
+                    chunk = pytree.tree_map(lambda t, i=i: t[i * n : (i + 1) * n].flatten(0, 1), out)
                     results[g] = self.tasks[k].select_output(chunk)
             else:
                 for i, (g, k) in enumerate(members):

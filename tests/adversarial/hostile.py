@@ -179,6 +179,18 @@ def zip_declared_size_over_limit(folder: Path, ctx: dict) -> Case:
     return case
 
 
+def zip_deflated_member_inflates_to_4_gib(folder: Path, ctx: dict) -> Case:
+    """A re-zipped (deflated) checkpoint whose data.pkl says it inflates to 4 GiB: refused at the default limits."""
+    legit = _state_dict_pt(folder / "legit.pt")
+    path = folder / "deflated.pt"
+    with zipfile.ZipFile(legit) as z, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as out:
+        for info in z.infolist():
+            out.writestr(info.filename, z.read(info))
+    name = next(n for n in zipfile.ZipFile(path).namelist() if n.endswith("data.pkl"))
+    _patch_central(path, name, file_size=0xFFFFFFF0)
+    return _inspect(path, folder)
+
+
 def pickled_module_payload(folder: Path, ctx: dict) -> Case:
     path = folder / "payload.pt"
     torch.save(Payload(_canary(folder)), path)
@@ -392,6 +404,13 @@ def report_wrong_types(folder: Path, ctx: dict) -> Case:
     return _report_case(path, folder)
 
 
+def diff_report_wrong_types(folder: Path, ctx: dict) -> Case:
+    run = _copy_run(folder, ctx)
+    report_wrong_types(folder, ctx)
+    (folder / "report.json").replace(run / "report.json")
+    return Case(["diff", ctx["run"], str(run)], ("diff", [str(run)]), [])
+
+
 def report_deep_nesting(folder: Path, ctx: dict) -> Case:
     path = folder / "report.json"
     path.write_text('{"schema_version": 1, "tasks": ' + "[" * 100_000 + "]" * 100_000 + "}")
@@ -464,14 +483,14 @@ def policy_binary(folder: Path, ctx: dict) -> Case:
 #: name -> builder(folder, context) for inputs that must be refused with exit code 2.
 REFUSED: dict[str, Callable[[Path, dict], Case]] = {f.__name__: f for f in (
     pt2_duplicate_config, pt2_config_is_a_list, zip_duplicate_members, zip_member_outside_root, zip_encrypted_member,
-    zip_unknown_method, zip_declared_size_over_limit, pickled_module_payload, legacy_pickle_payload,
+    zip_unknown_method, zip_declared_size_over_limit, zip_deflated_member_inflates_to_4_gib, pickled_module_payload, legacy_pickle_payload,
     safetensors_offsets_as_strings, safetensors_entry_not_an_object, safetensors_negative_shape, checkpoint_bare_tensor,
     torchscript_unguessable_input, npz_deflate_bomb, npz_header_lies, npz_duplicate_members, task_pt_payload,
     labels_negative, labels_minus_2_under_seq_ce, labels_boolean_under_ce, labels_too_large,
     run_config_grants_trust, run_config_names_a_factory, report_wrong_types, report_deep_nesting,
     masks_metadata_missing_keys, resume_checkpoint_bare_tensor, resume_checkpoint_wrong_logits,
     policy_deep_nesting, policy_wrong_types, policy_rule_not_a_table, policy_binary,
-    run_config_model_not_an_object, run_config_deep_nesting, run_masks_are_a_pickle,
+    run_config_model_not_an_object, run_config_deep_nesting, run_masks_are_a_pickle, diff_report_wrong_types,
 )}
 
 
@@ -493,6 +512,8 @@ def _api_call(kind: str, args: list[str]) -> None:
         run.load_model()
     elif kind == "report":
         read_report(args[0])
+    elif kind == "diff":
+        RunFolder.open(args[0]).report()
     elif kind == "policy":
         from modscope.policy import load_policy
 

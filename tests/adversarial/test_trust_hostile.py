@@ -83,6 +83,7 @@ def test_the_api_raises_a_modscope_error(batch, name):
     ("zip_encrypted_member", "encrypted"),
     ("zip_unknown_method", "compression method 99"),
     ("zip_declared_size_over_limit", "MODSCOPE_MAX_ZIP_MEMBER_BYTES"),
+    ("zip_deflated_member_inflates_to_4_gib", "MODSCOPE_MAX_ZIP_INFLATED_BYTES"),
     ("npz_deflate_bomb", "different lengths"),
     ("labels_negative", "class target -3"),
     ("labels_minus_2_under_seq_ce", "class target -2"),
