@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidParameterError, ModelLoadError, ModscopeError, ShapeError
+from ..filemodes import match_umask
 from ..model import Model
 
 #: source formats whose module's state_dict keys are the names in the source file.
@@ -355,13 +356,14 @@ def _check_runs(model_path: Path, proto: Any, out: Path) -> None:
 def _temp_path(final: Path) -> Path:
     fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
-    return Path(name)
+    return match_umask(name)  # mkstemp makes 0600; outputs follow the umask like every other file
 
 
 def _write_atomically(out: Path, write: Callable[[Path], None]) -> None:
     tmp = _temp_path(out)
     try:
         write(tmp)
+        match_umask(tmp)  # writers such as safetensors may recreate the file 0600
         os.replace(tmp, out)
     finally:
         if tmp.exists():

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidParameterError, ModelLoadError, UntrustedFileError
+from ..filemodes import match_umask
 from ..model import Model, Source, weights_checksum
 
 _INSTALL = 'transformers is not installed; install the extra: pip install "modscope[hf]" (from a clone: pip install -e ".[hf]")'
@@ -208,6 +209,7 @@ def save_folder(model: Model, params: dict[str, torch.Tensor], out: str | os.Pat
                 if n in params:
                     p.copy_(params[n].detach().to(p))
         module.save_pretrained(str(tmp), safe_serialization=True)
+        match_umask(tmp)  # mkdtemp makes 0700
         os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidParameterError, ModelLoadError, ModscopeError, UnknownTaskError
+from ..filemodes import match_umask
 from ..model import WeightInfo
 from .config import MaskConfig
 
@@ -109,7 +110,7 @@ class Mask(Mapping[str, torch.Tensor]):
         return {layer: kept / max(total, 1) for layer, (kept, total) in self.per_layer().items()}
 
     def __repr__(self) -> str:
-        return f"Mask(weights={len(self)}, kept={self.count():,}/{self.numel():,})"
+        return f"Mask(tensors={len(self)}, kept={self.count():,} of {self.numel():,} weights)"
 
 
 class MaskSet(Mapping[str, Mask]):
@@ -241,6 +242,7 @@ class MaskSet(Mapping[str, Mask]):
         tensors = {f"{i}/{j}": self.logits[t][w.name].contiguous() for i, t in enumerate(self.tasks) for j, w in enumerate(self.weights)}
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         save_file(tensors, str(tmp), metadata={"modscope": json.dumps(self.metadata())})
+        match_umask(tmp)  # safetensors creates 0600
         os.replace(tmp, path)
         return path
 
@@ -277,7 +279,7 @@ class MaskSet(Mapping[str, Mask]):
 
     def __repr__(self) -> str:
         dens = ", ".join(f"{t}={d:.3f}" for t, d in self.density().items())
-        return f"MaskSet(tasks={list(self.tasks)}, weights={len(self.weights)}, density: {dens})"
+        return f"MaskSet(tasks={list(self.tasks)}, weight_tensors={len(self.weights)}, kept fraction: {dens})"
 
 
 def _check_loaded(meta: dict[str, Any], weights: list[WeightInfo], logits: dict[Any, dict[str, torch.Tensor]]) -> None:
