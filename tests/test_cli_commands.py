@@ -108,10 +108,12 @@ def test_diff_of_a_run_with_itself_and_with_another_seed(fitted_run: Path, toy: 
     assert cli("diff", fitted_run, other, "--json") == 0
     changed = read_json(capsys.readouterr().out)
     assert changed["tasks"] == ["a"]  # only the common task
+    assert changed["only_a"] == ["b"] and changed["only_b"] == [] and changed["sharing_basis"] == "common tasks"
     assert changed["drift"]["a"]["chance"] < changed["drift"]["a"]["iou"] < 1  # another seed: some weights differ
     assert cli("diff", fitted_run, other) == 0
     out = capsys.readouterr().out
     assert "Mask drift" in out and "Sharing" in out and "Ablation" in out
+    assert f"Only in {fitted_run}, not compared: b" in out
 
 
 # -- export -----------------------------------------------------------------------------------------------------------
