@@ -57,7 +57,7 @@ def test_fit_prints_a_summary_and_logs_to_stderr(toy: Toy, tmp_path: Path, capsy
     assert cli("fit", toy.onnx, "--task", f"a={toy.a}", "--out", tmp_path / "run", *flags) == 0
     out, err = capsys.readouterr()
     assert out.splitlines()[0].split()[:3] == ["task", "metric", "full"]
-    assert "training 1 mask(s)" in err and "run written to" in err
+    assert "training 1 mask(s)" in err and "run written to" in err and "memory plan: about" in err
     assert "task" not in err.splitlines()[0]
 
 
