@@ -3,6 +3,8 @@ path's, tied heads as one weight, weight kinds, and a save_pretrained folder thr
 
 from __future__ import annotations
 
+import json
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -192,3 +194,35 @@ def test_model_folder_fit_report_export(tmp_path: Path) -> None:
         removed = params[name][keep]
         assert removed.numel() == 0 or torch.count_nonzero(removed) == 0
         torch.testing.assert_close(params[name][~keep], original[name][~keep])
+
+
+def test_folder_with_its_own_code_needs_trust(tmp_path: Path) -> None:
+    net, *_ = bert()
+    net.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["architectures"] = ["CustomModel"]
+    config["auto_map"] = {"AutoModel": "modeling_custom.CustomModel"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(modscope.errors.UntrustedFileError, match="--trust"):
+        modscope.load(tmp_path)
+
+
+def test_folder_without_transformers_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    net, *_ = bert()
+    net.save_pretrained(tmp_path)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
+    with pytest.raises(modscope.errors.ModelLoadError, match=r"modscope\[hf\]"):
+        modscope.load(tmp_path)
+
+
+def test_named_inputs_from_a_safetensors_task_file(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from modscope.taskdata import load_task
+
+    ids, mask = _ids()
+    save_file({"input_ids": ids, "attention_mask": mask, "y": ids[:, 0] % 2}, tmp_path / "t.safetensors")
+    task = load_task("t", tmp_path / "t.safetensors", loss="ce")
+    assert set(task.input_names) == {"input_ids", "attention_mask"} and len(task) == N
+    model = modscope.load(bert()[0].eval())
+    assert 0.0 <= modscope.evaluate(model, task) <= 1.0

@@ -1,5 +1,6 @@
 """Damaged or crafted files that modscope reads besides models: mask files whose metadata disagrees with itself or
-with its tensors, and policy files nested too deeply or naming a metric of the wrong type. Each is refused with one
+with its tensors, report.json files of the wrong shape given to `diff`, and policy files nested too deeply or naming a
+metric of the wrong type. Each is refused with one
 sentence: a `ModscopeError` subclass from the API, exit code 2 from the command line, no traceback."""
 
 # ruff: noqa: F401, F811 - pytest fixtures are imported from cli_fixtures and then named as arguments
@@ -129,3 +130,16 @@ def test_export_of_a_run_with_damaged_mask_metadata_exits_2(fitted_run: Path, tm
     captured = capsys.readouterr()
     assert one_sentence(captured.err), captured.err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("key, value", [("iou", [[1]]), ("ablation", "x"), ("ablation", {"a": {"b": "c"}}), ("tasks", 5)])
+def test_diff_with_a_crafted_report_exits_2(fitted_run: Path, tmp_path: Path, key: str, value: object,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(fitted_run, run)
+    report = json.loads((run / "report.json").read_text())
+    report[key] = value
+    (run / "report.json").write_text(json.dumps(report))
+    assert cli("diff", fitted_run, run) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and one_sentence(captured.err), captured.err
