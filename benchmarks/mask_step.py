@@ -32,7 +32,6 @@ import torch
 from torch import nn
 
 import modscope
-from modscope.masks.memory import retained_heap
 from modscope.masks.trainer import MaskTrainer
 
 SIZES = (42, 800, 800, 256, 20)
@@ -224,7 +223,8 @@ def tasks_section(args: argparse.Namespace) -> None:
 
 
 def scaling_section(args: argparse.Namespace) -> None:
-    print(f"scaling over model size (FNN 42 → h → h → 20, batch 128, 4 samples, default mask step, {args.device}):")
+    print(f"scaling over model size (FNN 42 → h → h → 20, batch 128, 4 samples, default mask step, {args.device}, "
+          f"{torch.get_num_threads()} thread(s)):")
     for label in args.sizes:
         n = float(label.upper().rstrip("M")) * 1e6
         torch.manual_seed(0)
@@ -255,14 +255,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sizes", type=lambda s: [v for v in s.split(",") if v], default=["0.1M", "1M", "10M", "100M"],
                         help="model sizes for the scaling table (default 0.1M,1M,10M,100M; empty to skip)")
     args = parser.parse_args(argv)
-    with retained_heap(args.device == "cpu"):  # as train_masks does
-        for threads in args.threads:
-            torch.set_num_threads(threads)
-            fnn_section(args, threads)
-            if args.tasks:
-                tasks_section(args)
-        if args.sizes:
-            scaling_section(args)
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        fnn_section(args, threads)
+        if args.tasks:
+            tasks_section(args)
+    if args.sizes:
+        torch.set_num_threads(min(args.threads))
+        scaling_section(args)
     return 0
 
 

@@ -91,6 +91,17 @@ class PolicyError(ModscopeError, ValueError):
     """A `modscope check` policy file cannot be read or names unknown quantities."""
 
 
+def warn_nonfinite_weights(names: list[str], *, stacklevel: int = 3) -> None:
+    """One `ModscopeWarning` naming the weights that hold NaN or Inf: a mask cannot make them meaningful, so they
+    are left out of the maskable weights (or, when already chosen, masked but still non-finite)."""
+    import warnings
+
+    if names:
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        warnings.warn(f"{len(names)} weight(s) hold NaN or Inf values and cannot be masked meaningfully ({shown}); "
+                      "check the model file", ModscopeWarning, stacklevel=stacklevel)
+
+
 class ModscopeWarning(UserWarning):
     """Warnings modscope emits (once per cause) about a default it applied or a slower path it took."""
 

@@ -56,7 +56,7 @@ def predict(
         for start in range(0, len(task), batch_size):
             index = torch.arange(start, min(start + batch_size, len(task)))
             xs, _ = task.batch(index, dev)
-            out: Any = call_module(module, params, xs, task.input_names)
+            out: Any = model.run(module, params, xs, task.input_names)
             chunks.append(pytree.tree_map(lambda t: t.cpu() if isinstance(t, torch.Tensor) else t, task.select_output(out)))
     return torch.cat(chunks)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -17,7 +18,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .batchable import batchable_layers
 from .errors import InvalidParameterError
+from .tasks import split_inputs
 
 WeightKind = Literal["weight", "bias", "norm", "embedding"]
 
@@ -85,23 +88,39 @@ def weights_checksum(params: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+#: class names of normalization layers defined outside torch (transformers' LlamaRMSNorm, T5LayerNorm ...).
+_NORM_CLASS = re.compile(r"(RMS|Layer|Group|Batch|Instance)Norm")
+
+
+def _weight_kind(name: str, owner: nn.Module | None) -> WeightKind:
+    """Embedding tables, and token, position and patch embeddings (any weight under an ``*embed*`` module); the
+    scales of normalization layers; biases (also a norm's shift); everything else a weight."""
+    path, _, leaf = name.rpartition(".")
+    if isinstance(owner, nn.Embedding | nn.EmbeddingBag):
+        return "embedding"
+    if "bias" in leaf:
+        return "bias"
+    if isinstance(owner, _NORM_TYPES) or (owner is not None and _NORM_CLASS.search(type(owner).__name__)):
+        return "norm"
+    if "embed" in path.lower() or "embed" in leaf.lower() or (owner is not None and "Embed" in type(owner).__name__):
+        return "embedding"
+    return "weight"
+
+
 def _infer_weight_info(module: nn.Module) -> list[WeightInfo]:
-    owners = {id(p): (mod_name, mod) for mod_name, mod in module.named_modules() for p in mod.parameters(recurse=False)}
+    owners: dict[int, tuple[str, nn.Module]] = {}
+    for mod_name, mod in module.named_modules():
+        for p in mod.parameters(recurse=False):
+            owners.setdefault(id(p), (mod_name, mod))  # a shared weight belongs to its first owner (the embedding)
     infos = []
+    # named_parameters lists a parameter shared by several modules (a tied LM head and input embedding) once, under
+    # its first name; `Model.run` substitutes it at every place it is used (functional_call's tie_weights).
     for name, p in module.named_parameters():
         if not p.is_floating_point():
             continue
         layer, _, leaf = name.rpartition(".")
         _, owner = owners.get(id(p), ("", None))
-        kind: WeightKind
-        if isinstance(owner, nn.Embedding | nn.EmbeddingBag):
-            kind = "embedding"
-        elif "bias" in leaf:
-            kind = "bias"
-        elif isinstance(owner, _NORM_TYPES):
-            kind = "norm"
-        else:
-            kind = "weight"
+        kind = _weight_kind(name, owner)
         infos.append(WeightInfo(name, tuple(p.shape), kind, layer or name, name))
     return infos
 
@@ -180,11 +199,36 @@ class Model:
 
     def functional_call(self, params: Mapping[str, torch.Tensor], *inputs: Any, device: torch.device | str | None = None) -> Any:
         """Run the module with some parameters replaced by ``params`` (the module is not changed)."""
-        return torch.func.functional_call(self.module_on(device), dict(params), inputs, strict=False, tie_weights=False)
+        return self.run(self.module_on(device), params, inputs)
+
+    def run(self, module: nn.Module, params: Mapping[str, torch.Tensor], inputs: tuple[Any, ...] | list[Any],
+            names: tuple[str, ...] = ()) -> Any:
+        """Call ``module`` (this model's module or its copy from `module_on`/`frozen`) with ``params`` substituted.
+
+        The last ``len(names)`` inputs are passed as keyword arguments of those names (a `Task`'s named inputs).
+        Tied weights stay tied: a weight substituted by one name is used wherever the module shares it. Subclasses
+        add call options and reduce the output to tensors (`call_options`, `reduce_output`).
+        """
+        args, kwargs = split_inputs(inputs, names)
+        kwargs.update(self.call_options(module))
+        if params:
+            out = torch.func.functional_call(module, dict(params), args, kwargs, strict=False, tie_weights=True)
+        else:
+            out = module(*args, **kwargs)
+        return self.reduce_output(out)
+
+    def call_options(self, module: nn.Module) -> dict[str, Any]:
+        """Keyword arguments added to every call (none for plain modules)."""
+        return {}
+
+    def reduce_output(self, output: Any) -> Any:
+        """The output as `Task.select_output` reads it (unchanged for plain modules)."""
+        return output
 
     @contextlib.contextmanager
     def frozen(self, device: torch.device | str | None = None, *, train: bool = False) -> Iterator[nn.Module]:
-        """Put the module in eval mode (or train mode) and turn off the attention fast path, restoring both on exit."""
+        """Put the module in eval mode (or train mode), turn off the attention fast path and give attention and
+        LSTM/GRU layers forwards that `torch.func.vmap` batches (`modscope.batchable`); all restored on exit."""
         module = self.module_on(device)
         modes = [(m, m.training) for m in module.modules()]
         fastpath = _mha_fastpath_enabled()
@@ -193,7 +237,8 @@ class Model:
             for m, _ in modes:
                 m.training = train
             _set_mha_fastpath(False)
-            yield module
+            with batchable_layers(module):
+                yield module
         finally:
             for m, was_training in modes:
                 m.training = was_training

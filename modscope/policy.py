@@ -154,6 +154,8 @@ def load_policy(path: str | os.PathLike) -> list[Rule]:
         raise PolicyError(f"policy file {p} cannot be read ({getattr(exc, 'strerror', None) or exc})") from exc
     except tomllib.TOMLDecodeError as exc:
         raise PolicyError(f"policy file {p} is not valid TOML ({exc}); see `modscope check --help` for the format") from exc
+    except RecursionError:
+        raise PolicyError(f"policy file {p} is nested too deeply to be a policy; see `modscope check --help` for the format") from None
     return parse_policy(data, str(p))
 
 
@@ -176,7 +178,7 @@ def _parse_rule(raw: Any, where: str) -> Rule:
     if not isinstance(raw, dict):
         raise PolicyError(f"{where} is not a table")
     metric = raw.get("metric")
-    if metric not in _KEYS:
+    if not isinstance(metric, str) or metric not in _KEYS:
         raise PolicyError(f"{where}: metric {metric!r} is not one of {', '.join(_KEYS)}")
     required, optional = _KEYS[metric]
     unknown = sorted(set(raw) - set(_COMMON) - set(required) - set(optional))

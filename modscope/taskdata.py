@@ -1,7 +1,8 @@
 """Task data files: ``.npz``, ``.pt`` and ``.safetensors`` archives read into `Task` objects.
 
 Every format holds the same keys: the inputs as ``x`` (one input) or ``x0``, ``x1``, ... (several inputs, in the
-model's input order), and the targets as ``y``. All arrays have one row per example. The format is read from the
+model's input order) or, for models that take keyword arguments (transformers), any other names (``input_ids``,
+``attention_mask`` ...: named inputs, passed by name), and the targets as ``y``. All arrays have one row per example. The format is read from the
 file's content; the suffix is only a hint. Floating-point inputs stored as float64 (numpy's default) are read as
 float32, the dtype models are trained in.
 
@@ -9,6 +10,7 @@ Example of writing a file::
 
     numpy.savez("add.npz", x=inputs, y=targets)                  # one input
     torch.save({"x0": ids, "x1": lengths, "y": labels}, "t.pt")  # two inputs
+    numpy.savez("t.npz", input_ids=ids, attention_mask=mask, y=labels)  # named inputs
 """
 
 from __future__ import annotations
@@ -106,7 +108,8 @@ def read_arrays(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def split_arrays(arrays: dict[str, Any], path: Path) -> tuple[tuple[Any, ...], Any]:
-    """``(inputs, targets)`` from the arrays of a task data file: ``x`` or ``x0, x1, ...``, and ``y``."""
+    """``(inputs, targets)`` from the arrays of a task data file: ``x`` or ``x0, x1, ...``, and ``y``; any other
+    keys are named inputs (``input_ids``, ``attention_mask`` ...), returned as a dict and passed by name."""
     keys = sorted(arrays)
     if "y" not in arrays:
         raise DataError(f"task data file {path} has no targets: it holds {keys} but no 'y'; save the targets as y")
@@ -115,6 +118,8 @@ def split_arrays(arrays: dict[str, Any], path: Path) -> tuple[tuple[Any, ...], A
         raise DataError(f"task data file {path} holds both 'x' and {[k for _, k in numbered]}; keep one of the two forms")
     if "x" in arrays:
         return (_as_model_dtype(arrays["x"]),), arrays["y"]
+    if not numbered and len(arrays) > 1:  # named inputs (input_ids, attention_mask ...), passed as keyword arguments
+        return {k: _as_model_dtype(v) for k, v in sorted(arrays.items()) if k != "y"}, arrays["y"]  # type: ignore[return-value]
     if not numbered:
         raise DataError(f"task data file {path} has no inputs: it holds {keys} but no 'x' (or x0, x1, ...); save the inputs as x")
     indices = [i for i, _ in numbered]
@@ -133,11 +138,9 @@ def _detect(p: Path, head: bytes) -> str:
     if not head:
         raise DataError(f"task data file {p} is empty")
     if head.startswith(b"PK"):
-        try:
-            with zipfile.ZipFile(p) as z:
-                names = z.namelist()
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
-            raise DataError(f"task data file {p} is a damaged zip archive ({exc}); write it again") from exc
+        from .converters.archives import check_zip
+
+        names = [info.filename for info in check_zip(p, "task data file", error=DataError)]
         if any(n.endswith(".npy") for n in names):
             return "npz"
         if any(n.endswith("data.pkl") for n in names):
@@ -154,6 +157,7 @@ def _read_npz(p: Path) -> dict[str, Any]:
     import numpy as np
     import torch
 
+    _check_npz_rows(p)
     with np.load(p, allow_pickle=False) as archive:
         out = {}
         for key in archive.files:
@@ -162,6 +166,35 @@ def _read_npz(p: Path) -> dict[str, Any]:
                 raise DataError(f"task data file {p}: array {key!r} has dtype {array.dtype}; store numbers only")
             out[key] = torch.from_numpy(np.ascontiguousarray(array))
         return out
+
+
+def _check_npz_rows(p: Path) -> None:
+    """Read only the .npy headers: each member's data must match its declared size, and x*/y agree on the number of
+    rows, before any array is decompressed (a small deflated file can declare gigabytes)."""
+    import numpy as np
+
+    rows: dict[str, int] = {}
+    with zipfile.ZipFile(p) as z:
+        for info in z.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            key = info.filename[:-4]
+            with z.open(info) as f:
+                try:
+                    version = np.lib.format.read_magic(f)
+                    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read_header(f)
+                except ValueError as exc:
+                    raise DataError(f"task data file {p}: array {key!r} has a corrupt header ({_first_line(exc)})") from exc
+                data_bytes = int(np.prod(shape, dtype=np.float64) * dtype.itemsize) if dtype.kind in "biuf" else None
+                if data_bytes is not None and data_bytes != info.file_size - f.tell():
+                    raise DataError(f"task data file {p}: array {key!r} declares shape {shape} but holds "
+                                    f"{info.file_size - f.tell():,} bytes of data; write the file again")
+            if (key == "y" or _X_KEY.match(key) or key == "x") and shape:
+                rows[key] = int(shape[0])
+    if len(set(rows.values())) > 1:
+        raise DataError(f"task data file {p}: its arrays have different lengths "
+                        f"({', '.join(f'{k}: {n}' for k, n in sorted(rows.items()))}); give every array one row per example")
 
 
 def _read_pt(p: Path) -> dict[str, Any]:
@@ -204,11 +237,13 @@ def check_fits(model: Any, task: Task, *, n_examples: int = 2) -> None:
     """
     import torch
 
+    from .tasks import CLASS_IGNORE, check_class_targets
+
     xs, y = task.batch(torch.arange(min(n_examples, len(task))))
     shapes = ", ".join(f"{tuple(x.shape[1:])} {str(x.dtype).replace('torch.', '')}" for x in xs)
     with model.frozen() as module, torch.no_grad():
         try:
-            raw = module(*xs)
+            raw = model.run(module, {}, xs, task.input_names)
         except Exception as exc:  # any failure of the first forward pass means the data does not fit
             if isinstance(exc, ModscopeError) and not isinstance(exc, OperatorError):
                 raise
@@ -222,11 +257,12 @@ def check_fits(model: Any, task: Task, *, n_examples: int = 2) -> None:
             f"(Task(..., output=INDEX), or --output {task.name}=INDEX on the command line)"
         )
     out = task.select_output(raw)
-    if task.loss in ("ce", "seq_ce") and isinstance(out, torch.Tensor) and out.dim():
+    if task.loss in CLASS_IGNORE and isinstance(out, torch.Tensor) and out.dim():
         top = int(task.targets.max())
         if top >= out.shape[-1]:
             raise DataError(f"task {task.name!r}: targets go up to class {top} but the model's output has "
                             f"{out.shape[-1]} classes on its last axis; check the targets or pick another --loss/--output")
+        check_class_targets(task.targets, str(task.loss), task.name, out.shape[-1])
     try:
         task.loss_fn()(out, y)
         task.compute_metric(out, y)

@@ -3,14 +3,17 @@
 Losses (``loss=``):
     - ``"ce"``: cross-entropy with the classes on the **last** axis of the output: logits ``(N, ..., C)`` and integer
       targets ``(N, ...)``; mean over all positions.
-    - ``"seq_ce"``: the same for padded sequences: positions whose target is ``-1`` are ignored; the loss is the sum
-      over positions divided by the number of sequences (the paper's SCAN loss).
+      Targets are integers in ``[0, C)``; ``-100`` (`CE_IGNORE_INDEX`, torch's ``ignore_index`` default) marks
+      positions that do not count.
+    - ``"seq_ce"``: the same for padded sequences: positions whose target is ``-1`` (`IGNORE_INDEX`, the padding)
+      or ``-100`` (the label padding of Hugging Face tokenizers and collators) are ignored; the loss is the sum over positions divided by the number of sequences (the paper's SCAN loss).
+      Other targets are integers in ``[0, C)``.
     - ``"bce"``: binary cross-entropy on logits, targets of the output's shape.
     - ``"mse"``: mean squared error.
     - a callable ``loss(outputs, targets) -> scalar tensor`` (mean over the batch).
 
 Metrics (``metric=``): ``"accuracy"`` (default for the classification losses; an example counts as correct only if
-all of its positions are), ``"mse"`` (default for ``"mse"``; lower is better), or a callable
+all of its real positions are: ignored positions do not count), ``"mse"`` (default for ``"mse"``; lower is better), or a callable
 ``metric(outputs, targets) -> float`` over the whole evaluation set (higher is better unless ``higher_is_better``).
 """
 
@@ -30,7 +33,41 @@ from .errors import DataError, InvalidParameterError
 LossName = Literal["ce", "seq_ce", "bce", "mse"]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MetricFn = Callable[[torch.Tensor, torch.Tensor], float]
+#: the target value ``seq_ce`` ignores (sequence padding).
 IGNORE_INDEX = -1
+#: the target value ``ce`` ignores (``torch.nn.functional.cross_entropy``'s default ``ignore_index``).
+CE_IGNORE_INDEX = -100
+#: the ignore index of each class loss.
+CLASS_IGNORE = {"ce": CE_IGNORE_INDEX, "seq_ce": IGNORE_INDEX}
+
+
+def check_class_targets(targets: torch.Tensor, loss: str, task: str, n_classes: int | None = None) -> torch.Tensor:
+    """Class targets as ``long``, after checking they are integers in ``[0, n_classes)`` or the loss's ignore index.
+
+    Raises:
+        DataError: booleans, fractional values, or class ids out of range (the message names one).
+
+    Example:
+        >>> check_class_targets(torch.tensor([0., 2., -100.]), "ce", "t", 3).tolist()
+        [0, 2, -100]
+    """
+    if targets.dtype == torch.bool:
+        raise DataError(f"task {task!r}: loss {loss!r} needs integer class targets, got booleans; "
+                        "convert them to 0/1 or use --loss bce")
+    if targets.is_floating_point() or targets.is_complex():
+        if targets.is_complex() or not torch.equal(targets, targets.round()):
+            raise DataError(f"task {task!r}: loss {loss!r} needs integer class targets, got fractional values")
+    targets = targets.long()
+    ignore = CLASS_IGNORE[loss]
+    bad = (targets < 0) & (targets != ignore) & ~((targets == CE_IGNORE_INDEX) & (loss == "seq_ce"))
+    if n_classes is not None:
+        bad |= targets >= n_classes
+    if bool(bad.any()):
+        value = int(targets[bad].reshape(-1)[0])
+        top = f"[0, {n_classes})" if n_classes is not None else "0 or more"
+        raise DataError(f"task {task!r}: class target {value} is out of range: loss {loss!r} takes classes {top} "
+                        f"and {ignore}{' or -100' if loss == 'seq_ce' else ''} for positions to ignore")
+    return targets
 
 
 def _as_tensor(value: Any, what: str, task: str) -> torch.Tensor:
@@ -56,8 +93,8 @@ def _accuracy(outputs: torch.Tensor, targets: torch.Tensor, kind: str) -> float:
         correct = (outputs > 0) == (targets > 0.5)
     else:
         correct = outputs.argmax(-1) == targets
-        if kind == "seq_ce":
-            correct = correct | (targets == IGNORE_INDEX)
+        if kind in CLASS_IGNORE:
+            correct = correct | (targets == CLASS_IGNORE[kind]) | (targets == CE_IGNORE_INDEX)
     correct = correct.reshape(correct.shape[0], -1).all(dim=1)
     return float(correct.float().mean())
 
@@ -71,9 +108,9 @@ def _ce(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def _seq_ce(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    total = F.cross_entropy(
-        outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1).long(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+    targets = targets.reshape(-1).long()
+    targets = torch.where(targets == CE_IGNORE_INDEX, IGNORE_INDEX, targets)  # both paddings are ignored
+    total = F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets, ignore_index=IGNORE_INDEX, reduction="sum")
     return total / outputs.shape[0]
 
 
@@ -94,14 +131,17 @@ class Task:
 
     Args:
         name: a short identifier ("add", "class_3" ...), unique among the tasks trained together.
-        x: the inputs: an array or tensor ``(N, ...)``, a tuple of them for models with several inputs, or a
+        x: the inputs: an array or tensor ``(N, ...)``, a tuple of them for models with several inputs (passed
+            positionally), a mapping of named inputs (passed as keyword arguments, e.g. ``{"input_ids": ...,
+            "attention_mask": ...}`` for a transformers model; all of one length ``N``), or a
             ``torch.utils.data.Dataset`` whose items are ``(x, y)`` (then ``y`` must be omitted).
         y: the targets ``(N, ...)``.
         loss: "ce", "seq_ce", "bce", "mse" or a callable ``loss(outputs, targets) -> scalar tensor``.
         metric: "accuracy", "mse" or a callable ``metric(outputs, targets) -> float``; by default accuracy for
             classification losses and mse for "mse".
         output: which model output to read when the model returns several: an index into a tuple/list or a key
-            into a dict. ``None`` takes the output as it is.
+            into a dict (a transformers model's outputs are a dict such as ``{"logits": ...}``). ``None`` takes the
+            output as it is, or the only entry (or ``"logits"``) of a dict.
         higher_is_better: whether a larger metric is better; derived from the metric when omitted.
 
     Raises:
@@ -123,7 +163,8 @@ class Task:
     output: int | str | None = None
     higher_is_better: bool | None = None
     inputs: tuple[torch.Tensor, ...] = field(init=False, repr=False)
-    input_names: tuple[str, ...] | None = field(init=False, repr=False, default=None)
+    #: the keyword names of the last ``len(input_names)`` inputs (all of them for a mapping; none for positional).
+    input_names: tuple[str, ...] = field(init=False, repr=False, default=())
     targets: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -148,14 +189,15 @@ class Task:
         if y is None:
             raise DataError(f"task {self.name!r} has no targets; pass y (or a Dataset of (x, y) pairs)")
         if isinstance(x, Mapping):
-            if not x or not all(isinstance(k, str) and k for k in x):
-                raise DataError(f"task {self.name!r}: named inputs must be a non-empty mapping of names to arrays, e.g. {{'input_ids': ids}}")
+            if not x or not all(isinstance(k, str) and k.isidentifier() for k in x):
+                raise DataError(f"task {self.name!r}: named inputs need at least one entry, each keyed by an argument "
+                                f"name of the model (got keys {list(x)[:5]})")
             self.input_names = tuple(x)
             xs = tuple(x.values())
         else:
             xs = tuple(x) if isinstance(x, tuple | list) and not _is_numeric_list(x) else (x,)
-        labels = self.input_names or tuple(str(i) for i in range(len(xs)))
-        inputs = tuple(_as_tensor(v, f"input {n!r}" if self.input_names else f"input {n}", self.name) for n, v in zip(labels, xs))
+        labels = self.input_names or tuple(f"input {i}" for i in range(len(xs)))
+        inputs = tuple(_as_tensor(v, label, self.name) for label, v in zip(labels, xs))
         targets = _as_tensor(y, "targets", self.name)
         lengths = {len(t) if t.dim() else 0 for t in inputs} | {len(targets) if targets.dim() else 0}
         if 0 in lengths:
@@ -163,13 +205,13 @@ class Task:
         if len(lengths) > 1:
             sizes = [len(t) for t in inputs] + [len(targets)]
             raise DataError(f"task {self.name!r}: inputs and targets have different lengths {sizes}; they must all have one row per example")
-        for n, t in zip(labels, inputs):
-            _check_finite(t, f"input {n}", self.name)
+        for label, t in zip(labels, inputs):
+            _check_finite(t, label, self.name)
         _check_finite(targets, "targets", self.name)
-        if self.loss in ("ce", "seq_ce") and targets.is_floating_point():
-            if not torch.equal(targets, targets.round()):
-                raise DataError(f"task {self.name!r}: loss {self.loss!r} needs integer class targets, got fractional values")
-            targets = targets.long()
+        if self.loss in CLASS_IGNORE:
+            targets = check_class_targets(targets, self.loss, self.name)
+        elif self.loss == "mse" and targets.dtype == torch.bool:
+            raise DataError(f"task {self.name!r}: loss 'mse' needs numeric targets, got booleans; use --loss bce")
         return inputs, targets
 
     # -- used by the trainer and evaluation ------------------------------------------------------------------------
@@ -197,6 +239,8 @@ class Task:
                 raise InvalidParameterError(
                     f"task {self.name!r}: the model returns {len(outputs)} outputs; pick one with Task(..., output=INDEX)"
                 )
+            if isinstance(outputs, Mapping):
+                return _only_output(outputs, self.name)
             return outputs[0] if isinstance(outputs, tuple | list) else outputs
         try:
             return outputs[self.output]
@@ -208,23 +252,30 @@ class Task:
         xs = tuple(t[index].to(device) for t in self.inputs)
         return xs, self.targets[index].to(device)
 
-    def signature(self) -> tuple[tuple[tuple[int, ...], torch.dtype], ...]:
-        """Per-example input shapes and dtypes; tasks with equal signatures are batched together."""
-        return (self.input_names, *((tuple(t.shape[1:]), t.dtype) for t in self.inputs))
+    def signature(self) -> tuple[Any, ...]:
+        """Per-example input shapes and dtypes and the input names; tasks with equal signatures are batched together."""
+        return (*((tuple(t.shape[1:]), t.dtype) for t in self.inputs), self.input_names)
 
 
-def call_module(module: nn.Module, params: Mapping[str, torch.Tensor], xs: Sequence[torch.Tensor],
-                names: Sequence[str] | None = None) -> Any:
-    """Run ``module`` with ``params`` substituted, on positional inputs or, given ``names``, keyword inputs.
+def split_inputs(xs: Sequence[Any], names: Sequence[str]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``(positional, keyword)`` call arguments: the last ``len(names)`` of ``xs`` are passed by those names.
 
     Example:
-        >>> import torch
-        >>> lin = torch.nn.Linear(2, 1)
-        >>> call_module(lin, {}, [torch.ones(3, 2)], names=["input"]).shape
-        torch.Size([3, 1])
+        >>> split_inputs((1, 2, 3), ("attention_mask",))
+        ((1, 2), {'attention_mask': 3})
     """
-    args, kwargs = (tuple(xs), {}) if names is None else ((), dict(zip(names, xs)))
-    return torch.func.functional_call(module, dict(params), args, kwargs, strict=False, tie_weights=False)
+    n = len(xs) - len(names)
+    return tuple(xs[:n]), dict(zip(names, xs[n:]))
+
+
+def _only_output(outputs: Mapping[str, Any], task: str) -> Any:
+    if len(outputs) == 1:
+        return next(iter(outputs.values()))
+    if "logits" in outputs:
+        return outputs["logits"]
+    raise InvalidParameterError(
+        f"task {task!r}: the model returns several outputs {list(outputs)}; pick one with Task(..., output=NAME)"
+    )
 
 
 def _is_numeric_list(x: Sequence[Any]) -> bool:

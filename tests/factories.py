@@ -127,3 +127,20 @@ def export_onnx(module: nn.Module, path: Path, n_features: int = 3, **kwargs) ->
             **kwargs,
         )
     return path
+
+
+class LSTMTagger(nn.Module):
+    """An embedding, an LSTM and a linear head over token ids ``(N, T)``: a model saved in training checkpoints."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 6)
+        self.lstm = nn.LSTM(6, 8, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(self.embed(ids))[0])
+
+
+def lstm_tagger() -> nn.Module:
+    return LSTMTagger()

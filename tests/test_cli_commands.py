@@ -108,10 +108,12 @@ def test_diff_of_a_run_with_itself_and_with_another_seed(fitted_run: Path, toy: 
     assert cli("diff", fitted_run, other, "--json") == 0
     changed = read_json(capsys.readouterr().out)
     assert changed["tasks"] == ["a"]  # only the common task
+    assert changed["only_a"] == ["b"] and changed["only_b"] == [] and changed["sharing_basis"] == "common tasks"
     assert changed["drift"]["a"]["chance"] < changed["drift"]["a"]["iou"] < 1  # another seed: some weights differ
     assert cli("diff", fitted_run, other) == 0
     out = capsys.readouterr().out
     assert "Mask drift" in out and "Sharing" in out and "Ablation" in out
+    assert f"Only in {fitted_run}, not compared: b" in out
 
 
 # -- export -----------------------------------------------------------------------------------------------------------
@@ -136,7 +138,10 @@ def test_export_remove_and_keep_onnx(fitted_run: Path, tmp_path: Path) -> None:
 def test_export_of_a_torch_checkpoint(toy: Toy, tmp_path: Path) -> None:
     run = tmp_path / "run"
     assert cli("fit", toy.state_dict, "--factory", "cli_fixtures:toy_net", "--task", f"a={toy.a}", "--out", run, *FIT_FLAGS) == 0
-    assert cli("export", run, "--remove", "a", "-o", tmp_path / "ablated.pt") == 0
+    # the run folder does not name the factory by itself: without --factory export refuses, writing nothing
+    assert cli("export", run, "--remove", "a", "-o", tmp_path / "ablated.pt") == 2
+    assert not (tmp_path / "ablated.pt").exists()
+    assert cli("export", run, "--remove", "a", "-o", tmp_path / "ablated.pt", "--factory", "cli_fixtures:toy_net") == 0
     state = torch.load(tmp_path / "ablated.pt", weights_only=True)
     net = toy_net()
     net.load_state_dict(state)  # strict: the same keys as the original

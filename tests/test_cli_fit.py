@@ -57,7 +57,7 @@ def test_fit_prints_a_summary_and_logs_to_stderr(toy: Toy, tmp_path: Path, capsy
     assert cli("fit", toy.onnx, "--task", f"a={toy.a}", "--out", tmp_path / "run", *flags) == 0
     out, err = capsys.readouterr()
     assert out.splitlines()[0].split()[:3] == ["task", "metric", "full"]
-    assert "training 1 mask(s)" in err and "run written to" in err
+    assert "training 1 mask(s)" in err and "run written to" in err and "memory plan: about" in err
     assert "task" not in err.splitlines()[0]
 
 
@@ -172,7 +172,10 @@ def test_fit_and_export_torch_formats(kind: str, toy: Toy, tmp_path: Path) -> No
     assert cli("fit", model, *flags, "--task", f"a={toy.a}", "--out", run, *FIT_FLAGS) == 0
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["options"] == ({"trust": True} if flags else {})
-    assert cli("export", run, "--remove", "a", "-o", tmp_path / "ablated.safetensors") == 0
+    if flags:  # a run folder never grants trust by itself
+        assert cli("export", run, "--remove", "a", "-o", tmp_path / "ablated.safetensors") == 2
+        assert not (tmp_path / "ablated.safetensors").exists()
+    assert cli("export", run, "--remove", "a", "-o", tmp_path / "ablated.safetensors", *flags) == 0
     from safetensors.torch import load_file
 
     ablated = load_file(tmp_path / "ablated.safetensors")

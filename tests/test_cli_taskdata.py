@@ -42,7 +42,7 @@ def test_several_inputs_in_order(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("arrays", "message"), [
     ({"x": np.zeros((2, 3)), "x0": np.zeros((2, 3)), "y": np.zeros(2)}, "both 'x' and"),
     ({"x0": np.zeros((2, 3)), "x2": np.zeros((2, 3)), "y": np.zeros(2)}, "without gaps"),
-    ({"inputs": np.zeros((2, 3)), "y": np.zeros(2)}, "no inputs"),
+    ({"y": np.zeros(2)}, "no inputs"),  # any key other than y is an input (named inputs)
     ({"x": np.array(["a", "b"]), "y": np.zeros(2)}, "numbers only"),
 ])
 def test_malformed_archives(arrays: dict, message: str, tmp_path: Path) -> None:

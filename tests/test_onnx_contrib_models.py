@@ -140,3 +140,48 @@ def test_verify_accepts_fused_files_on_its_own_random_inputs(name: str, family_f
     _, fused, _ = family_files(name)
     result = verify(modscope.load(fused))
     assert result.ok, result.to_dict()
+
+
+def _elements(model: modscope.Model) -> Counter:
+    counts: Counter = Counter()
+    for w in model.weights:
+        counts[w.kind] += int(np.prod(w.shape))
+    return counts
+
+
+@pytest.mark.parametrize("rewrite", ["constants", "if_branch"])
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_weights_in_constant_nodes_or_an_if_branch(name: str, rewrite: str, family_files, tmp_path: Path) -> None:
+    """The unfused export rewritten as paddle2onnx/OpenVINO write files (every weight a Constant node), or moved into
+    an If branch: same outputs as onnxruntime, the same maskable elements, masks train with vmap, and the ablated
+    file keeps its structure and runs in onnxruntime like the masked model."""
+    from onnx_rewrites import as_constants, in_if_branch
+
+    plain, _, feeds = family_files(name)
+    proto = as_constants(onnx.load(plain)) if rewrite == "constants" else in_if_branch(onnx.load(plain))
+    path = tmp_path / f"{name}_{rewrite}.onnx"
+    onnx.save(proto, path)
+    feeds = {**feeds, "flag": np.array(True)} if rewrite == "if_branch" else feeds
+    model = modscope.load(path)
+    _assert_close(_run_torch(model, feeds), _run_ort(path, feeds))
+    reference = _elements(modscope.load(plain))
+    assert _elements(model) == (reference if rewrite == "constants" else Counter({k: 2 * v for k, v in reference.items()}))
+
+    if rewrite == "constants":  # (the If's condition is one scalar, not a per-example input a Task can hold)
+        inputs = tuple(torch.from_numpy(feeds[n]) for n in model.module.input_names)
+        output = FAMILIES[name].output
+        target = torch.from_numpy(_run_torch(model, feeds)[output or 0]) + 0.1
+        task = modscope.Task("t", inputs, target, loss="mse", metric="mse", output=output)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            config = modscope.MaskConfig(n_steps=2, batch_size=8, n_samples=2, seed=0)
+            masks = modscope.train_masks(model, [task], config, progress=False)
+        assert masks.extra["vectorize"] == "vmap"
+
+    gen = torch.Generator().manual_seed(3)
+    keep = {w.name: torch.rand(w.shape, generator=gen) > 0.3 for w in model.weights}
+    out = export_masked(model, keep, tmp_path / "ablated.onnx")
+    params = model.parameters()
+    zeroed = {n: torch.where(k, params[n], torch.zeros(())) for n, k in keep.items()}
+    _assert_close(_run_ort(out, feeds), _run_torch(model, feeds, zeroed))
+    assert [n.op_type for n in onnx.load(out).graph.node] == [n.op_type for n in proto.graph.node]

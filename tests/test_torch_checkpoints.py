@@ -143,7 +143,7 @@ def test_pickled_module_needs_trust(tmp_path, zip_format):
         modscope.load(path)
     message = str(info.value)
     assert "is a pickled Python object" in message
-    assert "loading it runs code from the file. Pass trust=True (CLI: --trust) only if you trust its source." in message
+    assert "loading it runs code from the file; pass trust=True (CLI: --trust) only if you trust its source" in message
     assert "torch.nn.modules.container.Sequential" in message
 
     model = modscope.load(path, trust=True)

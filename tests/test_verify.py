@@ -60,7 +60,7 @@ def test_given_inputs_are_used(mlp):
     x = np.full((7, 3), 100.0, dtype=np.float32)
     assert verify(model, inputs={"x": x}).outputs[0].shape == (7, 2)
     assert verify(model, inputs=[torch.from_numpy(x)]).outputs[0].shape == (7, 2)
-    with pytest.raises(InvalidParameterError, match=r"lacks graph input\(s\) \['x'\]"):
+    with pytest.raises(InvalidParameterError, match=r"the model has no input 'y'; its inputs are \['x'\]"):
         verify(model, inputs={"y": x})
     with pytest.raises(InvalidParameterError, match="2 arrays but the graph has 1 inputs"):
         verify(model, inputs=[x, x])
@@ -108,3 +108,60 @@ def test_random_inputs_follow_the_graph_types():
     assert inputs["flag"].dtype == np.bool_
     again = random_inputs(helper.make_model(graph), seed=3)
     np.testing.assert_array_equal(again["ids"], inputs["ids"])
+
+
+def _pooling_net(tmp_path) -> str:
+    """A CNN whose pooling needs more than a few pixels, exported with symbolic batch and spatial dimensions."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.MaxPool2d(4), torch.nn.Conv2d(4, 4, 3),
+                              torch.nn.MaxPool2d(4), torch.nn.Flatten(1), torch.nn.LazyLinear(2))
+    net(torch.zeros(1, 3, 64, 64))
+    path = tmp_path / "pool.onnx"
+    with __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("ignore")
+        torch.onnx.export(net.eval(), (torch.zeros(1, 3, 64, 64),), str(path), dynamo=False, input_names=["x"],
+                          dynamic_axes={"x": {0: "batch", 2: "height", 3: "width"}})
+    return str(path)
+
+
+def test_symbolic_dimensions_get_workable_sizes(tmp_path):
+    proto = onnx.load(_pooling_net(tmp_path))
+    assert random_inputs(proto)["x"].shape == (2, 3, 64, 64)  # batch 2, image dimensions large enough to pool
+    assert random_inputs(proto, shapes={"x": (1, 3, 80, 80)})["x"].shape == (1, 3, 80, 80)
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", "seq"])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", "seq"])
+    g = helper.make_graph([helper.make_node("Add", ["x", "y"], ["z"])], "g", [x, y], [x])
+    made = random_inputs(helper.make_model(g))
+    assert made["x"].shape == made["y"].shape == (2, 8), "one size per symbol, whichever input names it"
+    with pytest.raises(InvalidParameterError, match="no input 'q'"):
+        random_inputs(helper.make_model(g), shapes={"q": (1,)})
+
+
+def test_cli_verify_takes_input_shapes_and_files(tmp_path):
+    from cli_fixtures import console, read_json
+
+    path = _pooling_net(tmp_path)
+    ok = console("inspect", path, "--verify", "--json")
+    assert ok.returncode == 0 and read_json(ok.stdout)["verify"]["ok"]
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((1, 3, 70, 70)).astype(np.float32))
+    assert console("inspect", path, "--verify", "--input", f"x={tmp_path / 'x.npy'}").returncode == 0
+    too_small = console("inspect", path, "--verify", "--input", "x=1x3x8x8")
+    assert too_small.returncode == 2 and "Traceback" not in too_small.stderr
+    assert len(too_small.stderr.strip().splitlines()) == 1 and "failed on inputs" in too_small.stderr
+    bad = console("inspect", path, "--verify", "--input", "x=big")
+    assert bad.returncode == 2 and "is not a shape" in bad.stderr
+
+
+def test_onnxruntime_failure_is_one_sentence(mlp, monkeypatch):
+    model = modscope.load(mlp)
+
+    class Broken:
+        __version__ = "0"
+
+        @staticmethod
+        def InferenceSession(*args, **kwargs):  # noqa: N802 - onnxruntime's name
+            raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Load model failed\nstack trace ...")
+
+    monkeypatch.setattr(verify_mod, "import_onnxruntime", lambda: Broken)
+    with pytest.raises(ModscopeError, match=r"onnxruntime cannot load the file \(\[ONNXRuntimeError\] : 1 : FAIL : "
+                                            r"Load model failed\)"):
+        verify(model)

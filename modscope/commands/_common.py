@@ -15,11 +15,14 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                        help="for a state_dict or safetensors checkpoint: the function that builds the empty module")
     group.add_argument("--trust", action="store_true",
                        help="allow loading a pickled module (this runs code from the file; only for files you trust)")
+    group.add_argument("--state-key", metavar="KEY",
+                       help="for a training checkpoint: the key holding the state_dict (default: model_state_dict, "
+                            "model_state, state_dict, model, ...); A/B for a nested one")
 
 
 def model_options(args: argparse.Namespace) -> dict[str, Any]:
     """The model-loading options that were given, for `modscope.load`."""
-    return {k: v for k, v in (("factory", args.factory), ("trust", args.trust)) if v}
+    return {k: v for k, v in (("factory", args.factory), ("trust", args.trust), ("state_key", getattr(args, "state_key", None))) if v}
 
 
 def log(args: argparse.Namespace, message: str) -> None:

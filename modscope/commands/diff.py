@@ -10,7 +10,8 @@ HELP = "compare two runs on the same tasks: mask drift, change in sharing, overl
 DESCRIPTION = """\
 Compare two runs on the same tasks, for example a model before and after a fine-tune. Mask drift is the IoU of each
 task's mask in run A with its mask in run B (1: the same weights; compare with the chance level). The changes in
-sharing, pairwise IoU and the ablation matrix are B minus A. Both runs must mask the same weights."""
+sharing, pairwise IoU and the ablation matrix are B minus A. Both runs must mask the same weights. Tasks present in
+one run only are named and left out; sharing is then recomputed on the common tasks."""
 EXAMPLE = "modscope diff runs/base runs/finetuned"
 
 
@@ -31,6 +32,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not result["same_model"]:
         print("The runs were made on different model files (the checksums differ).\n")
+    for side, name in (("only_a", args.run_a), ("only_b", args.run_b)):
+        if result[side]:
+            print(f"Only in {name}, not compared: {', '.join(result[side])}")
+    if result["only_a"] or result["only_b"]:
+        print(f"Compared on the common tasks only ({', '.join(result['tasks'])}); sharing is recomputed on them.\n")
     drift = result["drift"]
     print("Mask drift (IoU of each task's masks across the runs)")
     print(text_table(["task", "IoU A-B", "chance", "density A", "density B"],

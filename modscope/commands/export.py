@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ._common import add_model_options, model_options
+
 HELP = "write the model with a task's mask removed (--remove) or with only it kept (--keep)"
 DESCRIPTION = """\
 Write the model the run was trained on with one task's masked weights zeroed (--remove TASK: the ablated model,
@@ -12,7 +14,8 @@ what the report's ablation matrix measures) or with every masked weight outside 
 the extracted subnetwork). Weights that were not masked (biases, by default) stay as they are.
 
 An output ending in .onnx is an edited copy of the original ONNX file (only the changed initializers differ); .safetensors
-or any other suffix writes a state_dict. The model file must be the one the run was made on: its checksum is checked."""
+or any other suffix writes a state_dict. The model file must be the one the run was made on: its checksum is checked.
+A run made with --trust or --factory needs them again here: a run folder never grants trust or names code by itself."""
 EXAMPLE = "modscope export runs/addmul --remove mul -o model-without-mul.onnx"
 
 
@@ -24,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="the file to write (.onnx, .safetensors, .pt)")
     p.add_argument("--model", metavar="PATH", help="the model file, if it moved since the run (default: the path in config.json)")
     p.add_argument("--no-check", action="store_true", help="do not run an ONNX output once in onnxruntime before writing it")
+    add_model_options(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     masks = folder.masks()
     task = args.remove or args.keep
     mask = ~masks[task] if args.remove else masks[task]
-    model = folder.load_model(args.model)
+    model = folder.load_model(args.model, **model_options(args))
     out = export_masked(model, dict(mask), args.output, check=not args.no_check)
     removed = mask.numel() - mask.count()
     print(f"wrote {out}: {removed:,} of {mask.numel():,} masked weights zeroed "

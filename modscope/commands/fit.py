@@ -114,47 +114,58 @@ def _check_names(tasks: list[tuple[str, str]], evals: list[tuple[str, str]]) -> 
     return names
 
 
-def _prepare_folder(run: RunFolder, args: argparse.Namespace) -> bool:
-    """Check what ``--out`` holds; return whether this command creates it."""
+def _create_folder(run: RunFolder) -> bool:
+    """Make ``--out`` if it is missing; return whether this command created it."""
     path = run.path
     if path.exists() and not path.is_dir():
         raise InvalidParameterError(f"--out {path} is a file; give a folder for the run")
-    if not path.exists():
-        return True
-    if args.force:
+    try:
+        path.mkdir(parents=True)
+    except FileExistsError:
+        if not path.is_dir():
+            raise InvalidParameterError(f"--out {path} is a file; give a folder for the run") from None
         return False
+    return True
+
+
+def _prepare_folder(run: RunFolder, args: argparse.Namespace, created: bool) -> None:
+    """Check what ``--out`` holds (under its lock): a finished or interrupted run needs --resume or --force."""
+    path = run.path
+    if created or args.force:
+        return
     if run.checkpoint_path.exists() and not args.resume:
         raise InvalidParameterError(f"{path} holds an interrupted run; continue it with --resume, or start over with --force")
     if run.report_path.exists() and not args.resume:
         raise InvalidParameterError(f"{path} already holds a finished run; choose another --out, or pass --force to replace it")
-    return False
 
 
 def run(args: argparse.Namespace) -> int:
     import shutil
 
-    from ..runs import RunFolder
+    from ..runs import RunFolder, locked
 
     config = MaskConfig(**dataclass_values(args, MaskConfig))
     names = _check_names(args.task, args.eval)
     options = _task_options(args, names)
     folder = RunFolder(args.out)
-    created = _prepare_folder(folder, args)
-    try:
-        return _fit(args, config, names, options, folder)
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the command line turns it into KeyboardInterrupt)
-        if folder.checkpoint_path.exists():
-            print(f"modscope fit: interrupted; the training state is saved in {folder.checkpoint_path}: "
-                  "run the same command with --resume to continue", file=sys.stderr)
-        else:
-            print("modscope fit: interrupted before the first checkpoint", file=sys.stderr)
-            if created:
+    created = _create_folder(folder)
+    with locked(folder.path):  # a second fit on this folder stops here, touching nothing
+        try:
+            _prepare_folder(folder, args, created)
+            return _fit(args, config, names, options, folder)
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the command line turns it into KeyboardInterrupt)
+            if folder.checkpoint_path.exists():
+                print(f"modscope fit: interrupted; the training state is saved in {folder.checkpoint_path}: "
+                      "run the same command with --resume to continue", file=sys.stderr)
+            else:
+                print("modscope fit: interrupted before the first checkpoint", file=sys.stderr)
+                if created:
+                    shutil.rmtree(folder.path, ignore_errors=True)
+            return 130
+        except BaseException:
+            if created:  # no partial run folder is left behind (removed while still holding its lock)
                 shutil.rmtree(folder.path, ignore_errors=True)
-        return 130
-    except BaseException:
-        if created:  # no partial run folder is left behind
-            shutil.rmtree(folder.path, ignore_errors=True)
-        raise
+            raise
 
 
 def _fit(args: argparse.Namespace, config: MaskConfig, names: list[str], options: dict[str, dict[str, Any]],
@@ -165,11 +176,12 @@ def _fit(args: argparse.Namespace, config: MaskConfig, names: list[str], options
     from ..runs import RUN_FILES
 
     model, tasks, eval_tasks = _load_inputs(args, names, options)
+    if args.resume and not args.force:
+        _check_same_model(folder, model)
     n_masked = sum(w.numel for w in select_weights(model, config))
     if args.force:  # only now that the new run's inputs have been checked
         for name in RUN_FILES:
             (folder.path / name).unlink(missing_ok=True)
-    folder.path.mkdir(parents=True, exist_ok=True)
 
     masks = _reuse_masks(folder, model, names, config) if args.resume else None
     if masks is None:
@@ -223,6 +235,22 @@ def _write_run(folder: RunFolder, args: argparse.Namespace, model: Model, masks:
     })
     report.save(folder.report_path)
     folder.checkpoint_path.unlink(missing_ok=True)
+
+
+def _check_same_model(folder: RunFolder, model: Model) -> None:
+    """Refuse to --resume a run folder that holds another model's run (its recorded checksum differs)."""
+    recorded: set[str] = set()
+    if folder.config_path.exists():
+        entry = folder.config().get("model")
+        if isinstance(entry, dict) and isinstance(entry.get("checksum"), str):
+            recorded.add(entry["checksum"])
+    if folder.masks_path.exists() and folder.masks().model_checksum:
+        recorded.add(str(folder.masks().model_checksum))
+    if recorded and recorded != {model.checksum}:
+        raise InvalidParameterError(
+            f"{folder.path} holds the run of another model (its checksum differs from {model.checksum[:12]}...); "
+            "--resume continues only the same model's run: choose another --out, or pass --force to replace it"
+        )
 
 
 def _reuse_masks(folder: RunFolder, model: Model, names: list[str], config: MaskConfig) -> MaskSet | None:

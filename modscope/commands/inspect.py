@@ -20,6 +20,9 @@ EXAMPLE = "modscope inspect model.onnx --verify"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="the model file")
     p.add_argument("--verify", action="store_true", help="compare the converted model with onnxruntime (ONNX files)")
+    p.add_argument("--input", action="append", default=[], metavar="NAME=SHAPE|NAME=FILE.npy",
+                   help="with --verify: the shape of a random input (e.g. x=1x3x224x224) or an array to feed; "
+                        "repeat per input (default: shapes derived from the file)")
     p.add_argument("--json", action="store_true", help="print the description as JSON (with schema_version) on stdout")
     add_model_options(p)
 
@@ -86,7 +89,9 @@ def io_and_operators(model: Any) -> tuple[list[dict[str, Any]] | None, list[dict
         inputs, outputs, ops = _fx_io_and_ops(model.module)
         return inputs, outputs, dict(ops.most_common())
     if src.format == "torchscript" and src.path:
-        script = torch.jit.load(src.path, map_location="cpu")
+        from ..converters.torchscript import read_script
+
+        script = read_script(src.path)  # stdout kept clean of the archive's own prints
         kinds = Counter(n.kind().removeprefix("aten::") for n in script.inlined_graph.nodes() if n.kind().startswith("aten::"))
         names = [i.debugName() for i in list(script.graph.inputs())[1:]]  # the first input is the module itself
         return [{"name": n, "shape": None, "dtype": "?"} for n in names], None, dict(kinds.most_common())
@@ -114,6 +119,32 @@ def layers(model: Any) -> list[dict[str, Any]]:
     return list(out.values())
 
 
+def weight_storage(model: Any) -> dict[str, Any] | None:
+    """For ONNX files: where the maskable weights are stored, how much of the file's float tensors of rank >= 2 they
+    cover, and the float tensors of rank >= 2 that are not weights (none for other formats)."""
+    src = model.source
+    if src.format != "onnx" or not src.path:
+        return None
+    import onnx
+
+    from ..converters.onnx.constants import describe_places
+
+    places = describe_places(onnx.load(src.path, load_external_data=False).graph)
+    maskable = {w.source_name for w in model.weights}
+    found = Counter(f"{'sub-graph ' if p.in_subgraph else ''}{p.where}s" for p in places if p.key in maskable)
+    matrices = [p for p in places if p.float and len(p.shape) >= 2]
+    covered = sum(p.numel for p in matrices if p.key in maskable)
+    total = sum(p.numel for p in matrices)
+    return {
+        "found_in": dict(found.most_common()),
+        "float_elements_rank2": total,
+        "coverage": covered / total if total else None,
+        "not_weights": [{"name": p.key, "shape": list(p.shape), "where": p.where,
+                         "why": "no node computes with it as a weight (a table, mask or constant input)"}
+                        for p in matrices if p.key not in maskable],
+    }
+
+
 def describe(model: Any) -> dict[str, Any]:
     """Everything `inspect` shows, as JSON-ready data."""
     from ..converters.files import FORMAT_NAMES
@@ -134,6 +165,7 @@ def describe(model: Any) -> dict[str, Any]:
         "n_weights": sum(layer["n_weights"] for layer in by_layer),
         "n_masked_by_default": sum(layer["n_masked"] for layer in by_layer),
         "layers": by_layer,
+        "storage": weight_storage(model),
     }
 
 
@@ -158,6 +190,7 @@ def print_text(info: dict[str, Any]) -> None:
              "; ".join("x".join(map(str, w["shape"])) for w in layer["weights"]), layer["n_weights"], layer["n_masked"]]
             for layer in info["layers"]]
     print(text_table(["layer", "kind", "shapes", "weights", "masked by default"], rows))
+    _print_storage(info.get("storage"))
     verify = info.get("verify")
     if verify:
         verdict = "outputs agree" if verify["ok"] else "OUTPUTS DIFFER"
@@ -168,16 +201,72 @@ def print_text(info: dict[str, Any]) -> None:
                           for o in verify["outputs"]]))
 
 
+def _print_storage(storage: dict[str, Any] | None) -> None:
+    if storage is None:
+        return
+    found = ", ".join(f"{n} {where}" for where, n in storage["found_in"].items()) or "nowhere"
+    coverage = storage["coverage"]
+    share = ("" if coverage is None else
+             f"; they hold {coverage:.1%} of the file's {storage['float_elements_rank2']:,} float elements in tensors "
+             "of rank >= 2")
+    print(f"\nWeights found in: {found}{share}")
+    if not storage["found_in"]:
+        print("  No tensor of this file is used as a weight: nothing feeds a Conv, Gemm, MatMul, recurrent, "
+              "normalization or embedding input.")
+    for t in storage["not_weights"][:10]:
+        print(f"  not a weight: {t['name']} ({'x'.join(map(str, t['shape']))}, {t['where']}): {t['why']}")
+    if len(storage["not_weights"]) > 10:
+        print(f"  ... and {len(storage['not_weights']) - 10} more (--json lists them all)")
+
+
+def parse_inputs(specs: list[str]) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
+    """``NAME=FILE.npy`` and ``NAME=SHAPE`` (``1x3x224x224`` or ``1,3,224,224``) as arrays and shapes by name.
+
+    Example:
+        >>> parse_inputs(["x=1x3x8x8", "mask=2,5"])[1]
+        {'x': (1, 3, 8, 8), 'mask': (2, 5)}
+    """
+    import numpy as np
+
+    from ..errors import DataError, InvalidParameterError
+
+    arrays: dict[str, Any] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for spec in specs:
+        name, sep, value = spec.partition("=")
+        if not sep or not name or not value:
+            raise InvalidParameterError(f"--input {spec!r} is not NAME=SHAPE or NAME=FILE.npy")
+        if value.endswith(".npy"):
+            try:
+                arrays[name] = np.load(value, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise DataError(f"--input {name}: {value} cannot be read as a .npy array ({exc})") from exc
+            continue
+        try:
+            dims = tuple(int(d) for d in value.replace(",", "x").split("x"))
+        except ValueError:
+            dims = ()
+        if not dims or any(d < 0 for d in dims):
+            raise InvalidParameterError(f"--input {name}: {value!r} is not a shape like 1x3x224x224 nor a .npy file")
+        shapes[name] = dims
+    return arrays, shapes
+
+
 def run(args: argparse.Namespace) -> int:
     from ..converters import load
 
     model = load(args.model, **model_options(args))
     info = describe(model)
     ok = True
+    if args.input and not args.verify:
+        from ..errors import InvalidParameterError
+
+        raise InvalidParameterError("--input only applies with --verify")
     if args.verify:
         from ..converters.verify import verify
 
-        result = verify(model)
+        arrays, shapes = parse_inputs(args.input)
+        result = verify(model, inputs=arrays or None, shapes=shapes or None)
         info["verify"] = result.to_dict()
         ok = result.ok
     if args.json:

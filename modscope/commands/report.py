@@ -33,19 +33,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def read_report(path: str) -> Report:
-    """The `Report` of a run folder, or of a report.json file."""
+    """The `Report` of a run folder, or of a report.json file, checked to render (its tables build).
+
+    Raises:
+        InvalidParameterError: the folder or file is missing, or the report is malformed (wrong types, missing keys).
+    """
     from ..report import Report
-    from ..runs import RunFolder
+    from ..runs import RunFolder, malformed_report
 
     p = Path(path)
     if p.is_dir():
         report_path = RunFolder(p).report_path
         if not report_path.exists():
             raise InvalidParameterError(f"{p} holds no report.json: it is not a finished run folder of `modscope fit`")
-        return Report.load(report_path)
-    if p.is_file():
-        return Report.load(p)
-    raise InvalidParameterError(f"run folder {p} does not exist; make one with `modscope fit MODEL --task NAME=FILE --out {p}`")
+    elif p.is_file():
+        report_path = p
+    else:
+        raise InvalidParameterError(f"run folder {p} does not exist; make one with `modscope fit MODEL --task NAME=FILE --out {p}`")
+    report = Report.load(report_path)
+    with malformed_report(report_path):
+        report.tables()
+    return report
 
 
 def run_name(path: str) -> str:
@@ -55,13 +63,15 @@ def run_name(path: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..runs import write_text
+    from ..runs import malformed_report, write_text
 
     report = read_report(args.run)
     title = args.title or f"modscope report: {run_name(args.run)}"
     # render everything first, so that a failure leaves no output behind
-    html = report.to_html(title=title) if args.html else None
-    markdown = report.to_markdown(title=title) if args.md or not (args.html or args.csv or args.json) else None
+    with malformed_report(Path(args.run)):
+        html = report.to_html(title=title) if args.html else None
+        markdown = report.to_markdown(title=title) if args.md or not (args.html or args.csv or args.json) else None
+        body = report.to_json() if args.json else None
     for target in (args.html, args.md):
         if target and not Path(target).parent.is_dir():
             raise InvalidParameterError(f"the folder of {target} does not exist; create it first")
@@ -71,8 +81,8 @@ def run(args: argparse.Namespace) -> int:
         write_text(args.md, markdown or "")
     if args.csv:
         report.write_csv(args.csv)
-    if args.json:
-        sys.stdout.write(report.to_json())
+    if body is not None:
+        sys.stdout.write(body)
     elif not (args.html or args.md or args.csv):
         sys.stdout.write(markdown or "")
     for target in (args.html, args.md, args.csv):

@@ -25,8 +25,10 @@ def load(source: Any, **options: Any) -> Model:
     """Load a model for analysis.
 
     Args:
-        source: a path to a model file (ONNX, .pt2, TorchScript, state_dict/safetensors with ``factory=``), an
-            ``onnx.ModelProto``, a ``torch.nn.Module`` or a ``torch.export.ExportedProgram``.
+        source: a path to a model file (ONNX, .pt2, TorchScript, state_dict/safetensors with ``factory=``) or to a
+            local Hugging Face model folder (``config.json`` + ``*.safetensors``, read with transformers), an
+            ``onnx.ModelProto``, a ``torch.nn.Module`` (a ``transformers.PreTrainedModel`` is called without cache
+            and returns its tensors by name) or a ``torch.export.ExportedProgram``.
         **options: format-specific options, e.g. ``op_handlers`` for ONNX, ``factory`` and ``trust`` for torch files.
 
     Returns:
@@ -47,6 +49,12 @@ def load(source: Any, **options: Any) -> Model:
 
     if isinstance(source, Model):
         return source
+    from .hf import is_transformers_model, load_transformers
+
+    if is_transformers_model(source):
+        if options:
+            raise InvalidParameterError(f"options {sorted(options)} do not apply to an in-memory transformers model")
+        return load_transformers(source)
     if isinstance(source, torch.nn.Module):
         if options:
             raise InvalidParameterError(f"options {sorted(options)} do not apply to an in-memory torch module")

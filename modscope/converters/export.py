@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidParameterError, ModelLoadError, ModscopeError, ShapeError
+from ..filemodes import match_umask
 from ..model import Model
 
 #: source formats whose module's state_dict keys are the names in the source file.
@@ -52,7 +53,8 @@ def export_masked(
         model: the model the masks were trained on.
         keep: ``{weight name: bool tensor of the weight's shape}``; True keeps a weight, False zeroes it. Names
             are torch names or source names (``model.weight(name)``); weights not in ``keep`` are unchanged.
-        path: the output. ``.onnx`` writes an edited copy of the ONNX source; ``.safetensors`` a safetensors
+        path: the output. A path without suffix, for a transformers model, writes a model folder
+            (``save_pretrained``'s layout: config.json + safetensors) that transformers loads; ``.onnx`` writes an edited copy of the ONNX source; ``.safetensors`` a safetensors
             state_dict; anything else a ``torch.save`` state_dict.
         source: the ONNX file or ``onnx.ModelProto`` to edit (ONNX output only); defaults to the file the model
             was loaded from.
@@ -81,6 +83,10 @@ def export_masked(
     if not out.parent.is_dir():
         raise InvalidParameterError(f"the output folder {out.parent} does not exist; create it first")
     masks = _check_keep(model, keep)
+    if model.source.format == "transformers" and not out.suffix:  # a model folder transformers loads
+        from .hf import save_folder
+
+        return save_folder(model, _zeroed(model, masks), out)
     if out.suffix.lower() == ".onnx":
         proto, base_dir = _onnx_source(model, source)
         _export_onnx(model, masks, out, proto, base_dir, check)
@@ -105,6 +111,12 @@ def _check_keep(model: Model, keep: Mapping[str, Any]) -> dict[str, torch.Tensor
             raise ShapeError(f"the keep mask of {key!r} has shape {tuple(mask.shape)}, the weight has {w.shape}")
         masks[w.name] = mask.detach().cpu()
     return masks
+
+
+def _zeroed(model: Model, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The masked weights with those that ``masks`` marks False set to zero."""
+    params = model.parameters()
+    return {name: torch.where(keep, params[name].cpu(), torch.zeros((), dtype=params[name].dtype)) for name, keep in masks.items()}
 
 
 # -- state_dict -----------------------------------------------------------------------------------------------------
@@ -167,7 +179,7 @@ def _check_unchanged(src: Path, checksum: str) -> None:
 def _export_onnx(model: Model, masks: Mapping[str, torch.Tensor], out: Path, proto: Any, base_dir: Path | None, check: bool) -> None:
     from onnx import TensorProto
 
-    initializers = {init.name: init for init in _initializers(proto.graph)}
+    initializers = _weight_tensors(proto.graph)
     data = _ExternalData(f"{out.name}.data")
     edited = set()
     quantized: dict[str, Any] | None = None
@@ -187,10 +199,10 @@ def _export_onnx(model: Model, masks: Mapping[str, torch.Tensor], out: Path, pro
         else:
             ablated = np.where(mask.numpy(), array, np.zeros((), array.dtype))
         _replace_data(init, ablated, data)
-        edited.add(init.name)
+        edited.add(w.source_name)
     same_dir = base_dir is not None and out.parent.resolve() == base_dir.resolve()
-    for init in initializers.values():
-        if init.name in edited or init.data_location != TensorProto.EXTERNAL:
+    for key, init in initializers.items():
+        if key in edited or init.data_location != TensorProto.EXTERNAL:
             continue
         location = _external_info(init).get("location", "")
         if not same_dir or location == data.file_name:  # the output folder cannot point at the original file
@@ -214,17 +226,12 @@ def _ablated_integers(
     return ablated_integers(info, array, keep, zero_point)
 
 
-def _initializers(graph: Any) -> Iterator[Any]:
-    from onnx import AttributeProto
+def _weight_tensors(graph: Any) -> dict[str, Any]:
+    """Every TensorProto a weight may have been loaded from, by the key the loader gave it (``onnx/constants.py``):
+    initializers and weight-like Constant nodes of the graph and its sub-graphs. Editing one edits the proto."""
+    from .onnx.constants import weight_places
 
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == AttributeProto.GRAPH:
-                yield from _initializers(attr.g)
-            elif attr.type == AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _initializers(sub)
+    return weight_places(graph)
 
 
 def _read_array(init: Any, base_dir: Path | None) -> np.ndarray:
@@ -349,13 +356,14 @@ def _check_runs(model_path: Path, proto: Any, out: Path) -> None:
 def _temp_path(final: Path) -> Path:
     fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
-    return Path(name)
+    return match_umask(name)  # mkstemp makes 0600; outputs follow the umask like every other file
 
 
 def _write_atomically(out: Path, write: Callable[[Path], None]) -> None:
     tmp = _temp_path(out)
     try:
         write(tmp)
+        match_umask(tmp)  # writers such as safetensors may recreate the file 0600
         os.replace(tmp, out)
     finally:
         if tmp.exists():

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import InvalidParameterError, ModelLoadError
+from .archives import check_zip
 from ..model import Model
 
 FileFormat = Literal["onnx", "export", "torchscript", "torch_zip", "safetensors", "pickle"]
@@ -67,7 +68,7 @@ def load_file(path: str | os.PathLike, **options: Any) -> Model:
     Args:
         path: the model file.
         **options: options of the detected format's loader: ``op_handlers`` (ONNX, TorchScript), ``factory`` and
-            ``trust`` (torch files), ``example_inputs`` and ``opset`` (TorchScript). ``None`` and ``False`` values
+            ``trust`` (torch files), ``state_key`` (torch checkpoints), ``example_inputs`` and ``opset`` (TorchScript). ``None`` and ``False`` values
             count as not given.
 
     Returns:
@@ -88,6 +89,10 @@ def load_file(path: str | os.PathLike, **options: Any) -> Model:
         ('export', ['weight', 'bias'])
     """
     p = Path(path)
+    from .hf import is_model_folder, load_folder
+
+    if is_model_folder(p):  # a transformers model folder (config.json + *.safetensors)
+        return load_folder(p, **check_options("model folders", options, accepted_options(load_folder)))
     fmt = detect_format(p)
     loader = _loader(fmt)
     given = check_options(FORMAT_NAMES[fmt] + " files", options, accepted_options(loader))
@@ -191,7 +196,7 @@ def _read_head(p: Path, n: int) -> bytes:
     if not p.exists():
         raise ModelLoadError(f"model file {p} does not exist")
     if p.is_dir():
-        raise ModelLoadError(f"{p} is a folder; give the path of a model file")
+        raise ModelLoadError(f"{p} is a folder but not a model folder (config.json + *.safetensors); give the path of a model file")
     try:
         with open(p, "rb") as f:
             return f.read(n)
@@ -200,6 +205,7 @@ def _read_head(p: Path, n: int) -> bytes:
 
 
 def _zip_format(p: Path) -> FileFormat:
+    check_zip(p)  # unique, contained, plain members of bounded size: every reader sees the same bytes
     try:
         with zipfile.ZipFile(p) as z:
             names = z.namelist()
@@ -237,10 +243,29 @@ def _looks_like_safetensors(p: Path, head: bytes) -> bool:
         raise ModelLoadError(f"{p} is a corrupt safetensors file: its JSON header does not parse ({exc})") from exc
     if not isinstance(header, dict):
         raise ModelLoadError(f"{p} is a corrupt safetensors file: its header is not a JSON object")
-    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    end = _safetensors_data_end(p, header)
     if 8 + n + end > size:
         raise ModelLoadError(f"{p} is a truncated safetensors file (tensor data ends past the end of the file)")
     return True
+
+
+def _safetensors_data_end(p: Path, header: dict[str, Any]) -> int:
+    """Where the tensor data ends, after checking each entry's dtype, shape and offsets are well-formed."""
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        ok = isinstance(entry, dict) and isinstance(entry.get("dtype"), str)
+        shape, offsets = (entry.get("shape"), entry.get("data_offsets")) if ok else (None, None)
+        ok = ok and isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
+        ok = ok and isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)
+        if not ok or offsets[0] > offsets[1]:
+            raise ModelLoadError(
+                f"{p} is a corrupt safetensors file: the header entry of {str(name)[:80]!r} needs a dtype string, a shape "
+                "of non-negative integers and data_offsets [begin, end] of integers"
+            )
+        end = max(end, offsets[1])
+    return end
 
 
 def _onnx_like_head(head: bytes) -> bool:

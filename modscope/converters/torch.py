@@ -34,14 +34,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import InvalidParameterError, ModelLoadError, UntrustedFileError
+from ..errors import InvalidParameterError, ModelLoadError, ModscopeWarning, UntrustedFileError
 from ..model import Model, Source, WeightInfo, WeightKind, weights_checksum
+from .archives import check_zip
 from .files import check_options, file_sha256
 
 Factory = str | Callable[[], nn.Module]
 
-#: keys under which training checkpoints commonly nest the state_dict.
-_NESTED_STATE_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
+#: keys under which training checkpoints commonly nest the state_dict (Lightning uses ``state_dict``), in the order
+#: they are tried; ``state_key=`` (CLI: ``--state-key``) names another.
+NESTED_STATE_KEYS = ("model_state_dict", "model_state", "state_dict", "model", "module", "net")
+#: prefixes a wrapper adds to every key: DataParallel (``module.``), Lightning modules holding ``self.model``.
+_KEY_PREFIXES = ("module.", "model.", "net.", "_orig_mod.")
 
 
 # -- torch.export ---------------------------------------------------------------------------------------------------
@@ -83,6 +87,7 @@ def load_pt2(path: Path, *, trust: bool = False) -> Model:
         UntrustedFileError: a pickled member holds Python objects and ``trust`` is False.
         ModelLoadError: ``torch.export.load`` cannot read the archive.
     """
+    check_zip(path)  # unique member names: the pickles judged below are the ones torch.export.load reads
     if not trust:
         _check_pt2_pickles(path)
     try:
@@ -128,17 +133,29 @@ def weight_kind(leaf: str, owner_class: str) -> WeightKind:
     return "weight"
 
 
+def _pt2_weights_config(path: Path, name: str, raw: bytes) -> dict[str, dict[str, Any]]:
+    """The ``config`` mapping of a .pt2 weights/constants config member, checked to be ``{fqn: {...}}``."""
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ModelLoadError(f"torch.export archive {path} has a corrupt {name} (not JSON)") from exc
+    config = data.get("config", {}) if isinstance(data, dict) else None
+    if not isinstance(config, dict) or not all(isinstance(meta, dict) for meta in config.values()):
+        raise ModelLoadError(f"torch.export archive {path} has a corrupt {name} (expected an object of objects under 'config')")
+    return config
+
+
 def _check_pt2_pickles(path: Path) -> None:
-    """Raise UntrustedFileError if a member that torch.export.load would unpickle holds more than tensors."""
+    """Raise UntrustedFileError if a member that torch.export.load would unpickle holds more than tensors.
+
+    The caller runs `check_zip` first: member names are unique, so the bytes read here are the bytes torch reads.
+    """
     with zipfile.ZipFile(path) as z:
         names = z.namelist()
         pickled = [n for n in names if n.endswith(".pt")]
         for config_name in (n for n in names if n.endswith("_config.json") and "/data/" in f"/{n}"):
             folder = config_name.rsplit("/", 1)[0]
-            try:
-                config = json.loads(z.read(config_name)).get("config", {})
-            except (json.JSONDecodeError, AttributeError) as exc:
-                raise ModelLoadError(f"torch.export archive {path} has a corrupt {config_name}") from exc
+            config = _pt2_weights_config(path, config_name, z.read(config_name))
             for fqn, meta in config.items():
                 file_name = str(meta.get("path_name", ""))
                 if file_name.startswith("opaque"):
@@ -182,13 +199,19 @@ def load_safetensors(path: Path, *, factory: Factory | None = None, trust: bool 
     return _model_from_state_dict(state, factory, path, "safetensors")
 
 
-def load_torch_file(path: Path, *, factory: Factory | None = None, trust: bool = False) -> Model:
+def load_torch_file(path: Path, *, factory: Factory | None = None, trust: bool = False, state_key: str | None = None) -> Model:
     """Load a ``torch.save`` checkpoint: a state_dict (with ``factory``) or, with ``trust=True``, a pickled module.
+
+    A training checkpoint that nests the state_dict (``{"epoch": 3, "model_state_dict": {...}, "optimizer": ...}``,
+    Lightning's ``{"state_dict": {"model.fc.weight": ...}}``) is searched under `NESTED_STATE_KEYS`, or under
+    ``state_key``; a prefix every key carries (``model.``, ``module.``) is stripped. Keys the module does not have,
+    and buffers it has but the file lacks, are named in one warning; a missing parameter is an error.
 
     Args:
         path: the checkpoint (zip or legacy pickle format).
         factory: ``"package.module:callable"`` (or a callable) building the module a state_dict is loaded into.
         trust: allow unpickling arbitrary Python objects; only for files from a source you trust.
+        state_key: the key of the checkpoint that holds the state_dict (``"a/b"`` for a nested one).
 
     Returns:
         A `Model` of format ``"state_dict"`` or, for a pickled module, ``"pickle"``.
@@ -198,6 +221,8 @@ def load_torch_file(path: Path, *, factory: Factory | None = None, trust: bool =
         ModelLoadError: the file is corrupt, holds neither a module nor a state_dict, or the state_dict does not
             fit the factory's module.
     """
+    if zipfile.is_zipfile(path):
+        check_zip(path)  # also when called directly, not through load_file
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -213,13 +238,25 @@ def load_torch_file(path: Path, *, factory: Factory | None = None, trust: bool =
         if factory is not None:
             raise InvalidParameterError(f"{path} holds a whole module, so factory= does not apply; leave it out")
         return Model(obj, source=Source("pickle", str(path), file_sha256(path), details={"class": type(obj).__name__}))
-    state = _tensor_dict(obj)
+    state = _state_at(obj, state_key, path) if state_key else _tensor_dict(obj)
     if state is None:
-        raise ModelLoadError(
-            f"{path} holds a {type(obj).__name__}, not a module or a state_dict (a dict of tensors)"
-            + (f" (top-level keys: {', '.join(map(str, list(obj)[:6]))})" if isinstance(obj, Mapping) else "")
-        )
+        keys = f" (top-level keys: {', '.join(map(str, list(obj)[:6]))}); name the one holding the weights with --state-key" if isinstance(obj, Mapping) else ""
+        raise ModelLoadError(f"{path} holds a {type(obj).__name__}, not a module or a state_dict (a dict of tensors){keys}")
     return _model_from_state_dict(state, factory, path, "torch")
+
+
+def _state_at(obj: Any, key: str, path: Path) -> dict[str, torch.Tensor]:
+    """The state_dict at ``key`` (``"a/b"`` walks nested mappings)."""
+    node = obj
+    for part in key.split("/"):
+        if not isinstance(node, Mapping) or part not in node:
+            have = ", ".join(map(str, list(node)[:6])) if isinstance(node, Mapping) else type(node).__name__
+            raise ModelLoadError(f"{path} has no key {key!r} (at {part!r} it holds: {have})")
+        node = node[part]
+    state = _tensor_dict(node, nested=False)
+    if state is None:
+        raise ModelLoadError(f"{path}: the value under {key!r} is a {type(node).__name__}, not a state_dict (a dict of tensors)")
+    return state
 
 
 def _load_trusted(path: Path) -> Any:
@@ -237,19 +274,19 @@ def _load_trusted(path: Path) -> Any:
 
 def _refuse(path: Path, why: str) -> None:
     raise UntrustedFileError(
-        f"{path} is a pickled Python object ({why}); loading it runs code from the file. "
-        "Pass trust=True (CLI: --trust) only if you trust its source."
+        f"{path} is a pickled Python object ({why}); loading it runs code from the file; "
+        "pass trust=True (CLI: --trust) only if you trust its source"
     )
 
 
-def _tensor_dict(obj: Any) -> dict[str, torch.Tensor] | None:
+def _tensor_dict(obj: Any, *, nested: bool = True) -> dict[str, torch.Tensor] | None:
     def plain(d: Any) -> bool:
         return isinstance(d, Mapping) and bool(d) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in d.items())
 
     if plain(obj):
         return dict(obj)
-    if isinstance(obj, Mapping):
-        for key in _NESTED_STATE_KEYS:
+    if nested and isinstance(obj, Mapping):
+        for key in NESTED_STATE_KEYS:
             if plain(obj.get(key)):
                 return dict(obj[key])
     return None
@@ -264,7 +301,7 @@ def _model_from_state_dict(state: dict[str, torch.Tensor], factory: Factory | No
     module = build_module(factory)
     state, prefix = _match_keys(state, module, factory)
     try:
-        module.load_state_dict(state, strict=True)
+        module.load_state_dict(state, strict=False)  # _match_keys refused missing parameters and warned of the rest
     except RuntimeError as exc:
         raise ModelLoadError(f"the state_dict in {path} does not fit the module from factory {_name(factory)}: {first_line(exc)}") from exc
     module.eval()
@@ -317,19 +354,36 @@ def resolve_factory(factory: Factory) -> Callable[[], nn.Module]:
 
 
 def _match_keys(state: dict[str, torch.Tensor], module: nn.Module, factory: Factory) -> tuple[dict[str, torch.Tensor], str]:
-    """Check the keys against the module's; a common prefix such as ``module.`` (DataParallel) is stripped."""
-    expected = set(module.state_dict())
-    prefix = ""
-    if set(state) != expected:
-        for candidate in ("module.", "model."):
-            if all(k.startswith(candidate) for k in state) and {k[len(candidate):] for k in state} == expected:
-                prefix, state = candidate, {k[len(candidate):]: v for k, v in state.items()}
-                break
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        parts = [f"{len(keys)} {what} key(s) ({_few(keys)})" for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
-        raise ModelLoadError(f"the state_dict does not match the module from factory {_name(factory)}: {' and '.join(parts)}")
+    """The state_dict's entries the module has, after stripping the wrapper prefix that matches most keys.
+
+    Raises:
+        ModelLoadError: a parameter of the module is missing from the file, or a shape differs.
+
+    Warns:
+        ModscopeWarning: once, naming keys the module does not have and buffers the file lacks.
+    """
     own = module.state_dict()
+    prefix = ""
+    best = len(set(state) & set(own))
+    for candidate in _KEY_PREFIXES:
+        stripped = {k[len(candidate):] for k in state if k.startswith(candidate)}
+        if len(stripped & set(own)) > best:
+            prefix, best = candidate, len(stripped & set(own))
+    if prefix:
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)} | {
+            k: v for k, v in state.items() if not k.startswith(prefix)}
+    params = {name for name, _ in module.named_parameters()}
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    missing_params = [k for k in missing if k in params]
+    if missing_params:
+        parts = [f"{len(keys)} {what} key(s) ({_few(keys)})" for what, keys in (("missing", missing_params), ("unexpected", unexpected)) if keys]
+        raise ModelLoadError(f"the state_dict does not match the module from factory {_name(factory)}: {' and '.join(parts)}")
+    if missing or unexpected:
+        parts = [f"{len(keys)} {what} ({_few(keys)})" for what, keys in (
+            ("key(s) the module does not have were ignored", unexpected), ("buffer(s) the file lacks keep the module's values", missing)) if keys]
+        warnings.warn(f"the state_dict and the module from factory {_name(factory)} differ: {'; '.join(parts)}",
+                      ModscopeWarning, stacklevel=4)
+    state = {k: v for k, v in state.items() if k in own}
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
     if wrong:
         raise ModelLoadError(f"the state_dict's shapes do not match the module from factory {_name(factory)}: {_few(wrong)} (file vs module)")

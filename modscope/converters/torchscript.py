@@ -5,7 +5,8 @@ TorchScript types compiled from the archive's ``code/`` folder and never imports
 (a ``data.pkl`` naming ``os.system`` fails with "Unknown type name"; ``tests/test_torch_checkpoints.py``
 checks this). The TorchScript code itself can call any registered torch operator, so a hostile archive is
 still not harmless when *run*; modscope does not run it, it exports it. We treat TorchScript as safe to load
-without ``trust``. Script modules' parameters cannot be swapped reliably with ``torch.func.functional_call``,
+without ``trust``; while it is loaded and exported, stdout (file descriptor 1) goes to stderr, so that a
+``__setstate__`` that prints cannot corrupt ``inspect --json`` (docs/security.md). Script modules' parameters cannot be swapped reliably with ``torch.func.functional_call``,
 so the archive is exported to ONNX in memory (``torch.onnx.export(..., dynamo=False)``) and loaded through
 the ONNX converter; weight names stay the script module's parameter names wherever the exporter keeps them.
 """
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
@@ -56,12 +59,10 @@ def load_torchscript(
             conversion fails (the message names what failed and suggests torch.export or ONNX).
     """
     del trust
-    try:
-        script = torch.jit.load(str(path), map_location="cpu")
-    except Exception as exc:
-        raise ModelLoadError(f"cannot load TorchScript archive {path}: {first_line(exc)}") from exc
-    inputs = _as_tuple(example_inputs) if example_inputs is not None else _infer_script_inputs(script, path)
-    proto = _script_to_onnx(script, inputs, opset, path)
+    with stdout_to_stderr():  # a __setstate__ in the archive may print; stdout is for modscope's --json output
+        script = read_script(path)
+        inputs = _as_tuple(example_inputs) if example_inputs is not None else _infer_script_inputs(script, path)
+        proto = _script_to_onnx(script, inputs, opset, path)
     from .onnx.loader import load_onnx
 
     try:
@@ -75,6 +76,22 @@ def load_torchscript(
     opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     source = Source("torchscript", str(path), file_sha256(path), opset_used, {"converted_via": "onnx"})
     return Model(converted.module, weights=weights, source=source)
+
+
+def read_script(path: str | Path) -> Any:
+    """``torch.jit.load`` on the CPU with stdout sent to stderr (the archive's ``__setstate__`` code runs here).
+
+    Raises:
+        ModelLoadError: the archive cannot be loaded.
+    """
+    from .archives import check_zip
+
+    check_zip(path)
+    with stdout_to_stderr():
+        try:
+            return torch.jit.load(str(path), map_location="cpu")
+        except Exception as exc:
+            raise ModelLoadError(f"cannot load TorchScript archive {path}: {first_line(exc)}") from exc
 
 
 def _as_tuple(inputs: Any) -> tuple[torch.Tensor, ...]:
@@ -105,17 +122,26 @@ def _infer_script_inputs(script: Any, path: Path) -> tuple[torch.Tensor, ...]:
     return tuple(inferred)
 
 
+_GUESSABLE = ("aten::linear", "aten::conv1d", "aten::conv2d", "aten::conv3d", "aten::_convolution", "aten::embedding")
+
+
 def _guess_input(node: Any, value: Any, tensors: Mapping[str, torch.Tensor], self_value: Any) -> torch.Tensor | None:
     kind = node.kind()
     args = list(node.inputs())
+    if kind not in _GUESSABLE or len(args) < 2:
+        return None
     weight_path = _attr_path(args[1] if kind != "aten::embedding" else args[0], self_value)
     weight = tensors.get(weight_path or "")
     if weight is None:
         return None
-    if kind == "aten::linear" and args[0] is value:
+    if kind == "aten::linear" and args[0] is value and weight.dim() >= 1:
         return torch.zeros(2, weight.shape[-1])
     if kind in ("aten::conv1d", "aten::conv2d", "aten::conv3d", "aten::_convolution") and args[0] is value:
+        if weight.dim() < 3 or (kind == "aten::_convolution" and len(args) < 9):
+            return None
         groups = args[-1].toIValue() if kind != "aten::_convolution" else args[8].toIValue()
+        if not isinstance(groups, int):
+            return None
         n_spatial = weight.dim() - 2
         return torch.zeros(1, weight.shape[1] * int(groups or 1), *[32] * n_spatial)
     if kind == "aten::embedding" and args[1] is value:
@@ -127,7 +153,7 @@ def _attr_path(value: Any, self_value: Any) -> str | None:
     parts = []
     while value is not self_value:
         node = value.node()
-        if node.kind() != "prim::GetAttr":
+        if node.kind() != "prim::GetAttr" or not node.hasAttribute("name"):
             return None
         parts.append(node.s("name"))
         value = node.input()
@@ -160,6 +186,30 @@ def _script_to_onnx(script: Any, inputs: tuple[torch.Tensor, ...], opset: int | 
             "save the model with torch.export (.pt2) or export it to ONNX yourself"
         ) from exc
     return onnx.load_from_string(buffer.getvalue())
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send everything written to file descriptor 1 (Python's and C++'s stdout) to stderr while the block runs.
+
+    Example:
+        >>> with stdout_to_stderr():
+        ...     print("this goes to stderr")
+    """
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no file descriptor 1 (an embedded interpreter): nothing to protect
+        yield
+        return
+    try:
+        os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 @contextlib.contextmanager

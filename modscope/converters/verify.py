@@ -24,6 +24,7 @@ from ..errors import (
     ModelLoadError,
     ModscopeError,
     ModscopeWarning,
+    OperatorError,
     ResourceLimitError,
     ShapeError,
 )
@@ -93,6 +94,7 @@ def verify(
     atol: float = 1e-5,
     providers: Sequence[str] | None = None,
     seed: int = 0,
+    shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> VerifyResult:
     """Compare a converted model with its ONNX original run in onnxruntime.
 
@@ -106,6 +108,7 @@ def verify(
         atol: absolute tolerance, default 1e-5.
         providers: onnxruntime execution providers, default ``["CPUExecutionProvider"]``.
         seed: seed of the random inputs.
+        shapes: shapes of the random inputs by name, where the file's declared ones will not do.
 
     Returns:
         A `VerifyResult` with the largest absolute and relative difference per output and the provider that ran.
@@ -126,15 +129,30 @@ def verify(
     ort = import_onnxruntime()
     proto, path = _onnx_source(model, source)
     input_names = _graph_input_names(proto)
-    feeds = _feeds(proto, input_names, inputs, seed, getattr(model.module, "max_tensor_bytes", None))
+    feeds = _feeds(proto, input_names, inputs, seed, getattr(model.module, "max_tensor_bytes", None), shapes)
     # the converted model runs first: its size limits stop a hostile file before onnxruntime allocates for it
     with model.frozen() as module, torch.no_grad():
         device = model.device
-        got = module(*[torch.from_numpy(np.ascontiguousarray(feeds[n])).to(device) for n in input_names])
-    session = ort.InferenceSession(
-        _reference_model(proto, path), providers=list(providers or ["CPUExecutionProvider"])
-    )
-    reference = session.run(None, feeds)
+        try:
+            got = module(*[torch.from_numpy(np.ascontiguousarray(feeds[n])).to(device) for n in input_names])
+        except OperatorError as exc:
+            if inputs is not None or shapes:
+                raise
+            raise ShapeError(f"{exc}; the inputs were made up from the file's declared shapes "
+                             f"({_described(feeds)}): give workable ones (inspect: --input NAME=SHAPE or "
+                             "NAME=FILE.npy)") from exc
+    try:
+        session = ort.InferenceSession(
+            _reference_model(proto, path), providers=list(providers or ["CPUExecutionProvider"])
+        )
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own classes; the user needs one sentence
+        raise ModelLoadError(f"onnxruntime cannot load the file ({_first_line(exc)}), so there is no reference to "
+                             "compare with") from exc
+    try:
+        reference = session.run(None, feeds)
+    except Exception as exc:  # noqa: BLE001
+        raise ShapeError(f"onnxruntime cannot run the file on inputs {_described(feeds)} ({_first_line(exc)}); give "
+                         "workable inputs with --input NAME=SHAPE or --input NAME=FILE.npy") from exc
     got_list = list(got) if isinstance(got, tuple | list) else [got]
     names = [o.name for o in session.get_outputs()]
     diffs = tuple(_compare(n, g, r, rtol, atol) for n, g, r in zip(names, got_list, reference))
@@ -145,12 +163,16 @@ def verify(
 
 
 def random_inputs(
-    proto: Any, *, seed: int = 0, symbolic_dim: int = 2, max_tensor_bytes: int | str | None = None
+    proto: Any, *, seed: int = 0, symbolic_dim: int | None = None, max_tensor_bytes: int | str | None = None,
+    shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, np.ndarray]:
     """Random arrays for a graph's inputs, from their declared element types and shapes.
 
-    Symbolic or unknown dimensions become ``symbolic_dim``. Floats are standard normal, integers 0 or 1 (valid
-    indices for any embedding), booleans random.
+    A shape in ``shapes`` wins over the declared one. Otherwise a symbolic or unknown dimension gets a size that
+    works for most networks, the same for every input that names the same symbol: 2 for the first (batch)
+    dimension, 64 for the spatial dimensions of an image-like input (rank 4 or more, so that pooling and strided
+    convolutions still have something to reduce), 8 elsewhere; ``symbolic_dim`` sets one size for all of them.
+    Floats are standard normal, integers 0 or 1 (valid indices for any embedding), booleans random.
 
     Args:
         proto: an ``onnx.ModelProto``.
@@ -177,6 +199,11 @@ def random_inputs(
 
     rng = np.random.default_rng(seed)
     initializers = {i.name for i in proto.graph.initializer}
+    unknown = sorted(set(shapes or ()) - {v.name for v in proto.graph.input} )
+    if unknown:
+        raise InvalidParameterError(f"the model has no input {unknown[0]!r}; its inputs are "
+                                    f"{[v.name for v in proto.graph.input if v.name not in initializers]}")
+    sizes: dict[str, int] = {}
     out = {}
     for value in proto.graph.input:
         if value.name in initializers:
@@ -184,7 +211,13 @@ def random_inputs(
         if not value.type.HasField("tensor_type"):
             raise ShapeError(f"graph input {value.name!r} is not a tensor; pass inputs= explicitly")
         t = value.type.tensor_type
-        shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else symbolic_dim for d in t.shape.dim)
+        if shapes and value.name in shapes:
+            shape = tuple(int(d) for d in shapes[value.name])
+        else:
+            shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0
+                          else sizes.setdefault(d.dim_param or f"{value.name}:{i}",
+                                                symbolic_dim or _workable_size(i, len(t.shape.dim)))
+                          for i, d in enumerate(t.shape.dim))
         dtype = np.dtype(tensor_dtype_to_np_dtype(t.elem_type))
         _check_input_size(value.name, shape, max_tensor_bytes)
         if dtype.kind == "f":
@@ -196,6 +229,22 @@ def random_inputs(
         else:
             raise ShapeError(f"graph input {value.name!r} has type {dtype}, which random_inputs cannot make; pass inputs=")
     return out
+
+
+def _workable_size(position: int, rank: int) -> int:
+    if position == 0:
+        return 2
+    return 64 if rank >= 4 and position >= 2 else 8
+
+
+def _described(feeds: Mapping[str, np.ndarray]) -> str:
+    return ", ".join(f"{n}={'x'.join(map(str, a.shape))}" for n, a in feeds.items())
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    return line[:300]
 
 
 def _reference_model(proto: Any, path: Path | None) -> str | bytes:
@@ -284,14 +333,17 @@ def _graph_input_names(proto: Any) -> list[str]:
     return [i.name for i in proto.graph.input if i.name not in initializers]
 
 
-def _feeds(proto: Any, names: list[str], inputs: Any, seed: int, limit: int | None = None) -> dict[str, np.ndarray]:
+def _feeds(proto: Any, names: list[str], inputs: Any, seed: int, limit: int | None = None,
+           shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, np.ndarray]:
     if inputs is None:
-        return random_inputs(proto, seed=seed, max_tensor_bytes=limit)
+        return random_inputs(proto, seed=seed, max_tensor_bytes=limit, shapes=shapes)
     if isinstance(inputs, Mapping):
+        unknown = [n for n in inputs if n not in names]
+        if unknown:
+            raise InvalidParameterError(f"the model has no input {unknown[0]!r}; its inputs are {names}")
         missing = [n for n in names if n not in inputs]
-        if missing:
-            raise InvalidParameterError(f"inputs lacks graph input(s) {missing}; give one array per name in {names}")
-        return {n: _as_array(inputs[n]) for n in names}
+        made = random_inputs(proto, seed=seed, max_tensor_bytes=limit, shapes=shapes) if missing else {}
+        return {n: _as_array(inputs[n]) if n in inputs else made[n] for n in names}
     items = list(inputs)
     if len(items) != len(names):
         raise InvalidParameterError(f"inputs has {len(items)} arrays but the graph has {len(names)} inputs {names}")

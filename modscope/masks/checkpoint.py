@@ -41,7 +41,7 @@ def save_checkpoint(
         "generators": [g.get_state() for g in generators],
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
 
@@ -58,13 +58,25 @@ def load_checkpoint(
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure means the file cannot be used
         raise InvalidParameterError(f"checkpoint {path} cannot be read ({exc}); delete it to start over") from exc
+    if not isinstance(payload, dict):
+        raise InvalidParameterError(f"checkpoint {path} holds a {type(payload).__name__}, not a modscope training state; "
+                                    "delete it to start over")
     if payload.get("identity") != identity:
         raise InvalidParameterError(
             f"checkpoint {path} belongs to a different run (other tasks, config or model); delete it or resume the same run"
         )
-    with torch.no_grad():
-        logits.copy_(payload["logits"])
-    optimizer.load_state_dict(payload["optimizer"])
-    for gen, gen_state in zip(generators, payload["generators"], strict=True):
-        gen.set_state(gen_state)
-    return TrainingState(int(payload["step"]), payload["curves"], list(payload["window"]), int(payload["window_steps"]))
+    saved = payload.get("logits")
+    if not isinstance(saved, torch.Tensor) or saved.shape != logits.shape or not saved.is_floating_point():
+        shape = tuple(saved.shape) if isinstance(saved, torch.Tensor) else type(saved).__name__
+        raise InvalidParameterError(f"checkpoint {path} is corrupt: its mask logits are {shape}, this run needs "
+                                    f"{tuple(logits.shape)}; delete it to start over")
+    try:
+        with torch.no_grad():
+            logits.copy_(saved)
+        optimizer.load_state_dict(payload["optimizer"])
+        for gen, gen_state in zip(generators, payload["generators"], strict=True):
+            gen.set_state(gen_state)
+        return TrainingState(int(payload["step"]), payload["curves"], list(payload["window"]), int(payload["window_steps"]))
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise InvalidParameterError(f"checkpoint {path} is corrupt ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}); "
+                                    "delete it to start over") from exc

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from ..errors import InvalidParameterError, ModelLoadError, UnknownTaskError
+from ..errors import InvalidParameterError, ModelLoadError, ModscopeError, UnknownTaskError
+from ..filemodes import match_umask
 from ..model import WeightInfo
 from .config import MaskConfig
 
@@ -109,7 +110,7 @@ class Mask(Mapping[str, torch.Tensor]):
         return {layer: kept / max(total, 1) for layer, (kept, total) in self.per_layer().items()}
 
     def __repr__(self) -> str:
-        return f"Mask(weights={len(self)}, kept={self.count():,}/{self.numel():,})"
+        return f"Mask(tensors={len(self)}, kept={self.count():,} of {self.numel():,} weights)"
 
 
 class MaskSet(Mapping[str, Mask]):
@@ -239,8 +240,9 @@ class MaskSet(Mapping[str, Mask]):
 
         path = Path(path)
         tensors = {f"{i}/{j}": self.logits[t][w.name].contiguous() for i, t in enumerate(self.tasks) for j, w in enumerate(self.weights)}
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         save_file(tensors, str(tmp), metadata={"modscope": json.dumps(self.metadata())})
+        match_umask(tmp)  # safetensors creates 0600
         os.replace(tmp, path)
         return path
 
@@ -258,14 +260,36 @@ class MaskSet(Mapping[str, Mask]):
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupt or foreign file
             raise ModelLoadError(f"{path} is not a modscope mask file (it cannot be read: {exc})") from exc
+        if not isinstance(meta, dict):
+            raise ModelLoadError(f"{path} is not a modscope mask file (its metadata is a {type(meta).__name__}, not an object)")
         if meta.get("schema_version") != SCHEMA_VERSION:
             raise ModelLoadError(f"{path} has mask schema {meta.get('schema_version')}, this modscope reads {SCHEMA_VERSION}")
-        weights = [WeightInfo(w["name"], tuple(w["shape"]), w["kind"], w["layer"], w["source_name"]) for w in meta["weights"]]
-        logits = {t: {w.name: tensors[f"{i}/{j}"] for j, w in enumerate(weights)} for i, t in enumerate(meta["tasks"])}
-        config = MaskConfig.from_dict(meta["config"]) if meta.get("config") else None
-        return cls(logits, weights, config=config, curves=meta.get("curves"), model_checksum=meta.get("model_checksum", ""),
-                   extra=meta.get("extra"))
+        try:  # any missing key or value of the wrong type means a damaged or crafted file (issue: one sentence)
+            weights = [WeightInfo(w["name"], tuple(w["shape"]), w["kind"], w["layer"], w["source_name"]) for w in meta["weights"]]
+            logits = {t: {w.name: tensors[f"{i}/{j}"] for j, w in enumerate(weights)} for i, t in enumerate(meta["tasks"])}
+            _check_loaded(meta, weights, logits)
+            config = MaskConfig.from_dict(meta["config"]) if meta.get("config") else None
+            return cls(logits, weights, config=config, curves=meta.get("curves"),
+                       model_checksum=meta.get("model_checksum", ""), extra=meta.get("extra"))
+        except ModscopeError as exc:
+            raise ModelLoadError(f"{path} is a damaged modscope mask file ({exc})") from exc
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RecursionError) as exc:
+            what = f"no entry {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            raise ModelLoadError(f"{path} is a damaged modscope mask file ({what}); make it again with `modscope fit`") from exc
 
     def __repr__(self) -> str:
         dens = ", ".join(f"{t}={d:.3f}" for t, d in self.density().items())
-        return f"MaskSet(tasks={list(self.tasks)}, weights={len(self.weights)}, density: {dens})"
+        return f"MaskSet(tasks={list(self.tasks)}, weight_tensors={len(self.weights)}, kept fraction: {dens})"
+
+
+def _check_loaded(meta: dict[str, Any], weights: list[WeightInfo], logits: dict[Any, dict[str, torch.Tensor]]) -> None:
+    """Raise ValueError unless a mask file's metadata agrees with its tensors (the caller words the error)."""
+    if not isinstance(meta["tasks"], list) or not all(isinstance(t, str) for t in meta["tasks"]):
+        raise ValueError("its tasks are not a list of names")
+    if not isinstance(meta.get("model_checksum", ""), str):
+        raise ValueError("its model checksum is not a string")
+    for per_weight in logits.values():
+        for w in weights:
+            t = per_weight[w.name]
+            if tuple(t.shape) != tuple(w.shape) or not t.is_floating_point():
+                raise ValueError(f"the logits of {w.name} are {tuple(t.shape)} {t.dtype}, not {tuple(w.shape)} floats")

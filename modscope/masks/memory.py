@@ -2,9 +2,9 @@
 
 A step runs the frozen network K tasks x S samples times, each "replica" with its own effective weights W ⊙ m. Per
 replica it holds, for the N masked elements: the uniform noise (4 bytes each, and 4 more for the next pass's noise
-drawn ahead by a second thread), the effective weights (4) and their gradient (4): 16 bytes per masked weight, plus the replica's activations kept for the backward
+when a second thread draws it ahead), the effective weights (4) and their gradient (4): 12 (16) bytes per masked weight, plus the replica's activations kept for the backward
 pass (measured once on a probe pass of one replica, see `probe_activations`). Per task the run holds the logits,
-their gradient, Adam's two moments, one Adam temporary and a row of thresholds: 24 bytes per masked weight. On top come the process's
+their gradient, Adam's two moments and a row of thresholds: 20 bytes per masked weight. On top come the process's
 memory before training (weights, data, the framework) and the pass buffers of `sampling.StepBuffers`.
 
 When all K x S replicas do not fit in ``MaskConfig.max_memory``, the step runs them in passes: several whole tasks
@@ -34,12 +34,14 @@ from ..errors import InvalidParameterError, OutOfMemoryPlanError
 if TYPE_CHECKING:
     from .config import MaskConfig
 
-REPLICA_BYTES_PER_WEIGHT = 16
-"""Noise (twice: the next pass's is drawn ahead with threads), effective weight and its gradient (float32), per
-masked weight and replica."""
-TASK_BYTES_PER_WEIGHT = 24
-"""Logits, their gradient, Adam's two moments, one Adam temporary and a row of thresholds (float32), per masked
-weight and task."""
+REPLICA_BYTES_PER_WEIGHT = 12
+"""Noise, effective weight and its gradient (float32), per masked weight and replica; 4 more when the next pass's
+noise is drawn ahead (`AHEAD_BYTES_PER_WEIGHT`)."""
+AHEAD_BYTES_PER_WEIGHT = 4
+TASK_BYTES_PER_WEIGHT = 20
+"""Logits, their gradient, Adam's two moments and a row of thresholds (float32), per masked weight and task."""
+OPTIMIZER_TEMP_BYTES_PER_WEIGHT = 8
+"""Adam's temporaries during its step (the square root of the second moment, then its quotient), per task."""
 ACTIVATION_FACTOR = 2.0
 """Saved activations plus their gradients in flight during the backward pass, as a multiple of the saved ones."""
 DEFAULT_SHARE = 0.9
@@ -81,7 +83,7 @@ class MemoryPlan:
             >>> MemoryPlan([Pass(range(0, 1), (0, 4))], 4, 3 << 30, 3 << 30, 20 << 30).summary()
             'memory plan: about 3.0 GiB peak (limit 20.0 GiB); all 4 task x sample passes at once'
         """
-        split = ("all {} task x sample passes at once".format(self.replicas * len(self.passes))
+        split = (f"all {self.replicas * len(self.passes)} task x sample passes at once"
                  if len(self.passes) == 1 else f"{len(self.passes)} passes of up to {self.replicas} task x sample pairs "
                  f"(all at once would need about {gib(self.unchunked)})")
         return f"memory plan: about {gib(self.estimate)} peak (limit {gib(self.limit)}); {split}"
@@ -179,8 +181,12 @@ def probe_activations(run: Callable[[], torch.Tensor], exclude: list[torch.Tenso
 
 
 def plan_passes(tasks: int, samples: int, per_replica: int, per_task: int, base: int, limit: int,
-                replicas: int | None = None, prefer: int | None = None) -> MemoryPlan:
+                replicas: int | None = None, prefer: int | None = None, kept_per_replica: int = 0,
+                optimizer: int = 0) -> MemoryPlan:
     """Choose the passes of a step.
+
+    The peak is the larger of a pass's (everything of its replicas alive) and the optimizer step's (the replicas'
+    reused buffers, ``kept_per_replica`` each, and the optimizer's temporaries, ``optimizer`` bytes).
 
     Args:
         tasks, samples: K and S.
@@ -190,20 +196,27 @@ def plan_passes(tasks: int, samples: int, per_replica: int, per_task: int, base:
         limit: the bytes the run may use.
         replicas: force this many replicas per pass (``MaskConfig.pass_size``).
         prefer: the most replicas per pass that the step's speed favours (when memory allows more).
+        kept_per_replica: bytes of a replica still held during the optimizer step.
+        optimizer: bytes of the optimizer step's temporaries.
 
     Raises:
         OutOfMemoryPlanError: not even one replica fits.
     """
     total = tasks * samples
     fixed = base + tasks * per_task
-    unchunked = fixed + total * per_replica
+
+    def peak(c: int) -> int:
+        return fixed + max(c * per_replica, c * kept_per_replica + optimizer)
+
+    unchunked = peak(total)
     if replicas is None:
-        fit = (limit - fixed) // per_replica if per_replica else total
-        if fit < 1:
+        if peak(1) > limit:
             raise OutOfMemoryPlanError(
-                f"one mask sample needs about {gib(fixed + per_replica)} ({gib(fixed)} for what the process holds (model, data, framework) and "
-                f"{tasks} task(s) of logits and optimizer state, {gib(per_replica)} per sample), more than the "
-                f"{gib(limit)} allowed (max_memory); mask fewer layers (include=...), use fewer samples or a smaller batch")
+                f"one mask sample needs about {gib(peak(1))} ({gib(fixed)} for what the process holds (model, data, "
+                f"framework) and {tasks} task(s) of logits and optimizer state, {gib(per_replica)} per sample), more "
+                f"than the {gib(limit)} allowed (max_memory); mask fewer layers (include=...), use fewer samples or a "
+                "smaller batch")
+        fit = max(c for c in range(1, total + 1) if c == 1 or peak(c) <= limit)
         replicas = int(min(total, fit, prefer or total))
     replicas = max(1, min(int(replicas), total))
     if replicas >= samples:
@@ -212,20 +225,22 @@ def plan_passes(tasks: int, samples: int, per_replica: int, per_task: int, base:
         replicas = per_pass * samples if tasks > per_pass else total
     else:
         passes = [Pass(range(k, k + 1), (s, min(s + replicas, samples))) for k in range(tasks) for s in range(0, samples, replicas)]
-    estimate = fixed + replicas * per_replica
-    return MemoryPlan(passes, replicas, estimate, unchunked, limit,
-                      {"base": base, "tasks": tasks * per_task, "replica": per_replica})
+    return MemoryPlan(passes, replicas, peak(replicas), unchunked, limit,
+                      {"base": base, "tasks": tasks * per_task, "replica": per_replica, "optimizer": optimizer})
 
 
 def plan_run(tasks: int, config: MaskConfig, n_masked: int, activations: int, device: torch.device,
-             prefer: int | None = None) -> MemoryPlan:
+             prefer: int | None = None, ahead: bool = False) -> MemoryPlan:
     """The plan of a run of ``config`` over ``tasks`` tasks: ``n_masked`` masked weights, ``activations`` bytes saved
     by one (task, sample) pass (`probe_activations`), the memory now held and free on ``device``."""
     held, free = process_memory(device)
     limit = parse_bytes(config.max_memory) or held + int(DEFAULT_SHARE * free)
-    per_replica = REPLICA_BYTES_PER_WEIGHT * n_masked + int(ACTIVATION_FACTOR * activations)
-    plan = plan_passes(tasks, config.n_samples, per_replica, TASK_BYTES_PER_WEIGHT * n_masked, held, limit,
-                       config.pass_size, prefer)
+    per_weight = REPLICA_BYTES_PER_WEIGHT + (AHEAD_BYTES_PER_WEIGHT if ahead else 0)
+    per_replica = per_weight * n_masked + int(ACTIVATION_FACTOR * activations)
+    # the logits and their gradient (8 of the 20 bytes per task) exist already: they are part of ``held``
+    plan = plan_passes(tasks, config.n_samples, per_replica, (TASK_BYTES_PER_WEIGHT - 8) * n_masked, held, limit,
+                       config.pass_size, prefer, kept_per_replica=(per_weight - 4) * n_masked,
+                       optimizer=OPTIMIZER_TEMP_BYTES_PER_WEIGHT * tasks * n_masked)
     plan.parts["activations"] = activations
     return plan
 
@@ -236,15 +251,20 @@ _MMAP_THRESHOLDS = (1 << 30, 32 << 20)  # 1 GiB where glibc accepts it, else its
 _TRIM_RETAINED = 2**31 - 1  # the largest value mallopt takes (an int)
 
 
+_RETAINING = [0]  # open retained_heap blocks (nested trainers share one setting)
+
+
 @contextlib.contextmanager
 def retained_heap(enabled: bool = True) -> Iterator[None]:
     """Keep freed memory in the process (glibc) while training, so the step's arrays are reused, not re-faulted.
 
     By default glibc returns freed blocks of the heap top to the system and serves blocks over its mmap threshold
     with fresh mappings: a step that frees and re-allocates its activations and gradients (autograd allocates them)
-    then pays page faults, system time, on every step. Inside this block allocations up to 1 GiB (32 MiB on older glibc) come from the heap and
-    freed memory is kept; on exit the thresholds go back to glibc's defaults and the kept memory is returned. Elsewhere
-    than glibc this does nothing.
+    then pays page faults, system time, on every step. Inside this block allocations up to 1 GiB (32 MiB on older
+    glibc) come from the heap and freed memory is kept; when the last such block exits the thresholds go back to
+    glibc's defaults and the kept memory is returned. The price is fragmentation: the process may hold more than its
+    live peak, so the trainer uses this only when its memory plan leaves room (`HEAP_HEADROOM`). Elsewhere than
+    glibc this does nothing.
 
     Example:
         >>> with retained_heap():
@@ -254,14 +274,23 @@ def retained_heap(enabled: bool = True) -> Iterator[None]:
     if libc is None:
         yield
         return
-    any(libc.mallopt(_M_MMAP_THRESHOLD, size) for size in _MMAP_THRESHOLDS)
-    libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_RETAINED)
+    if _RETAINING[0] == 0:
+        any(libc.mallopt(_M_MMAP_THRESHOLD, size) for size in _MMAP_THRESHOLDS)
+        libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_RETAINED)
+    _RETAINING[0] += 1
     try:
         yield
     finally:
-        libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT)
-        libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT)
-        libc.malloc_trim(0)
+        _RETAINING[0] -= 1
+        if _RETAINING[0] == 0:
+            libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT)
+            libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT)
+            libc.malloc_trim(0)
+
+
+HEAP_HEADROOM = 1.5
+"""Keep freed memory only when the plan's estimate times this is within the limit (measured: BERT-base in passes of
+one sample held 21% more than its live peak with freed memory kept)."""
 
 
 def _glibc() -> Any:

@@ -21,8 +21,8 @@ import signal
 import threading
 import warnings
 import zlib
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,8 +37,14 @@ from ..tasks import Task, call_module
 from .checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from .config import MaskConfig
 from .maskset import MaskSet
+from .memory import (
+    HEAP_HEADROOM,
+    MemoryPlan,
+    plan_run,
+    probe_activations,
+    retained_heap,
+)
 from .progress import Progress
-from .memory import MemoryPlan, plan_run, probe_activations, retained_heap
 from .sampling import SamplerKernels, StepBuffers, draw_uniforms
 from .selection import frozen_weights, select_weights
 
@@ -119,8 +125,8 @@ class _StepRunner:
         _announce_loop(reason)
         return None
 
-    def _call(self, params: dict[str, torch.Tensor], *xs: torch.Tensor, names: tuple[str, ...] | None = None) -> Any:
-        return call_module(self.module, {**self.fixed, **params}, xs, names)
+    def _call(self, params: dict[str, torch.Tensor], *xs: torch.Tensor, names: tuple[str, ...] = ()) -> Any:
+        return self.model.run(self.module, {**self.fixed, **params}, xs, names)
 
     def outputs(self, effective: dict[str, torch.Tensor], batches: list[tuple[tuple[torch.Tensor, ...], torch.Tensor]],
                 tasks: range | None = None, samples: tuple[int, int] | None = None) -> list[torch.Tensor]:
@@ -145,15 +151,15 @@ class _StepRunner:
                 stacked = (torch.stack([batches[k][0][i] for _, k in members]) for i in range(n_inputs))  # (G, B, ...)
                 xs = tuple(_sample_rows(x, S, s0, s1).reshape(len(members) * n, x.shape[1] // S, *x.shape[2:]) for x in stacked)
                 names = self.tasks[members[0][1]].input_names
-                out = torch.func.vmap(functools.partial(self._call, names=names))({name: t.flatten(0, 1) for name, t in eff.items()}, *xs)
+                out = torch.func.vmap(self._call)({name: t.flatten(0, 1) for name, t in eff.items()}, *xs, names=names)
                 for i, (g, k) in enumerate(members):
-                    chunk = pytree.tree_map(lambda t: t[i * n : (i + 1) * n].flatten(0, 1), out)
+                    chunk = pytree.tree_map(lambda t, i=i: t[i * n : (i + 1) * n].flatten(0, 1), out)
                     results[g] = self.tasks[k].select_output(chunk)
             else:
                 for i, (g, k) in enumerate(members):
                     parts = [x.chunk(S) for x in batches[k][0]]
-                    outs = [self._call({name: t[i, j] for name, t in eff.items()}, *(p[s0 + j] for p in parts), names=self.tasks[k].input_names)
-                            for j in range(n)]
+                    outs = [self._call({name: t[i, j] for name, t in eff.items()}, *(p[s0 + j] for p in parts),
+                                       names=self.tasks[k].input_names) for j in range(n)]
                     results[g] = torch.cat([self.tasks[k].select_output(o) for o in outs])
         return results
 
@@ -208,8 +214,9 @@ def _deferred_interrupts() -> Iterator[Callable[[], bool]]:
 
 def _announce_loop(reason: str) -> None:
     warnings.warn(
-        f"torch.func.vmap cannot batch this model ({reason}); training masks with a loop over samples instead "
-        "(same masks, slower). Pass MaskConfig(vectorize='loop') to skip the attempt.",
+        f"torch.func.vmap cannot batch an operation of this model ({reason}) and modscope has no batchable stand-in "
+        "for it; training masks with a loop over samples instead (same masks, slower). Pass "
+        "MaskConfig(vectorize='loop') to skip the attempt.",
         ModscopeWarning,
         stacklevel=3,
     )
@@ -275,8 +282,7 @@ def train_masks(
     device = resolve_device(config.device)
     bar = Progress(config.n_steps, enabled=progress)
     ckpt_path = Path(checkpoint) if checkpoint else None
-    with (threads.limited(config.threads, announce=progress is not False), model.frozen(device, train=config.train_mode)
-          as module, retained_heap(device.type == "cpu")):
+    with threads.limited(config.threads, announce=progress is not False), model.frozen(device, train=config.train_mode) as module:
         trainer = MaskTrainer(model, module, tasks, config, device, initial_logits=initial_logits)
         state = TrainingState(0, {t.name: {"step": [], "loss": [], "density": []} for t in tasks}, [0.0] * len(tasks))
         if resume and ckpt_path and ckpt_path.exists():
@@ -345,6 +351,7 @@ class MaskTrainer:
         self.runner = _StepRunner(model, module, self.tasks, self.layout, config, device)
         self._masked = [self.runner.masked[w.name] for w in self.weights]
         self._plan: MemoryPlan | None = None
+        self._heap: contextlib.AbstractContextManager | None = None  # glibc keeps freed memory while this is open
         threads = torch.get_num_threads() if device.type == "cpu" else 1
         self._draw_pool = ThreadPoolExecutor(min(threads, len(self.tasks) + 1)) if threads > 1 else None
         self._ahead = False
@@ -365,7 +372,10 @@ class MaskTrainer:
         """Plan the passes from one probe pass on the first task's examples ``xs`` and allocate the step buffers."""
         xs = tuple(x[: self.config.batch_size // self.config.n_samples] for x in xs)
         self._plan = plan_run(len(self.tasks), self.config, self.layout.total, self._probe_activations(xs), self.device,
-                              prefer=self._preferred_replicas())
+                              prefer=self._preferred_replicas(), ahead=self._draw_pool is not None)
+        if self.device.type == "cpu" and self._plan.estimate * HEAP_HEADROOM <= self._plan.limit:
+            self._heap = retained_heap()
+            self._heap.__enter__()
         most_tasks = max(len(p.tasks) for p in self._plan.passes)
         whole = all(p.samples == (0, self.config.n_samples) for p in self._plan.passes)
         self._ahead = self._draw_pool is not None and whole  # draw the next pass's noise while this one computes
@@ -522,12 +532,15 @@ class MaskTrainer:
         return loss.detach()
 
     def close(self) -> None:
-        """Stop the noise-drawing threads (if any)."""
+        """Stop the noise-drawing threads (if any) and let glibc return the memory kept for reuse."""
         if self._next is not None:
             self._next[0].result()
         if self._draw_pool is not None:
             self._draw_pool.shutdown()
             self._draw_pool = None
+        if self._heap is not None:
+            self._heap.__exit__(None, None, None)
+            self._heap = None
 
     def save(self, path: Path, state: TrainingState) -> None:
         """Save the run; noise drawn ahead for the next step is not part of it (its streams are saved before it)."""

@@ -4,6 +4,10 @@
   chance level for masks of those densities; 1 means the task uses exactly the same weights in both runs.
 - the change in sharing (B − A) per task, in pairwise IoU, and in the ablation matrix (the metric of each task with
   each mask removed).
+
+Only the tasks present in both runs are compared. Tasks present in one run only are listed apart (``only_a``,
+``only_b``), and sharing is then recomputed from the masks on the common tasks alone: a task's sharing in a run with
+an extra task would otherwise change only because that task is missing from the other run.
 """
 
 from __future__ import annotations
@@ -27,8 +31,11 @@ def diff_runs(masks_a: MaskSet, report_a: Mapping[str, Any], masks_b: MaskSet, r
         masks_b, report_b: the same for run B. Both runs must mask the same weights (the same architecture).
 
     Returns:
-        ``{"tasks", "same_model", "drift": {task: {...}}, "sharing": {task: {"a", "b", "change"}},
-        "iou": {"A|B": {...}}, "ablation": {"masks", "tasks", "a", "b", "change"}}``.
+        ``{"tasks", "only_a", "only_b", "same_model", "drift": {task: {...}},
+        "sharing": {task: {"a", "b", "change"}}, "sharing_basis", "iou": {"A|B": {...}},
+        "ablation": {"masks", "tasks", "a", "b", "change"}}``. ``tasks`` are the common tasks; ``only_a``/``only_b``
+        the tasks of one run only, left out of every comparison; ``sharing_basis`` is ``"reports"`` when both runs
+        have the same tasks and ``"common tasks"`` when sharing was recomputed on the common tasks.
 
     Raises:
         InvalidParameterError: the runs share no task, or mask different weights.
@@ -47,11 +54,21 @@ def diff_runs(masks_a: MaskSet, report_a: Mapping[str, Any], masks_b: MaskSet, r
         drift[t] = {"iou": overlap.pair("a", "b"), "chance": float(overlap.chance_total[0, 1]),
                     "per_layer": {layer: float(m[0, 1]) for layer, m in overlap.per_layer.items()},
                     "density_a": masks_a[t].density(), "density_b": masks_b[t].density()}
-    sharing = {t: {"a": report_a["sharing"]["total"].get(t), "b": report_b["sharing"]["total"].get(t)} for t in tasks}
+    only_a = [t for t in masks_a.tasks if t not in tasks]
+    only_b = [t for t in masks_b.tasks if t not in tasks]
+    if only_a or only_b:  # a task's sharing depends on the other tasks: compare it on the common ones only
+        shared_a = metrics.sharing(masks_a.subset(tasks)).total if len(tasks) > 1 else {}
+        shared_b = metrics.sharing(masks_b.subset(tasks)).total if len(tasks) > 1 else {}
+    else:
+        shared_a, shared_b = report_a["sharing"]["total"], report_b["sharing"]["total"]
+    sharing = {t: {"a": shared_a.get(t), "b": shared_b.get(t)} for t in tasks}
     for v in sharing.values():
         v["change"] = _change(v["a"], v["b"])
     return {
         "tasks": tasks,
+        "only_a": only_a,
+        "only_b": only_b,
+        "sharing_basis": "common tasks" if only_a or only_b else "reports",
         "same_model": masks_a.model_checksum == masks_b.model_checksum,
         "drift": drift,
         "sharing": sharing,

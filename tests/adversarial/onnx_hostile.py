@@ -119,6 +119,15 @@ def broadcast_bomb() -> onnx.ModelProto:
     return _model(_plus_x(nodes, "ab"), [_x()], [_y()], [_i64("sa", [1 << 17, 1]), _i64("sb", [1, 1 << 17])])
 
 
+def gather_bomb() -> onnx.ModelProto:
+    """Gather of a [1, 2**15] constant by 2**15 zero indices: 2**30 elements from two 256 KiB operands."""
+    zero = helper.make_tensor("v", TensorProto.INT64, [1], [0])
+    nodes = [helper.make_node("ConstantOfShape", ["sd"], ["data"]),
+             helper.make_node("ConstantOfShape", ["si"], ["idx"], value=zero),
+             helper.make_node("Gather", ["data", "idx"], ["g"], axis=0)]
+    return _model(_plus_x(nodes, "g"), [_x()], [_y()], [_i64("sd", [1, SIDE]), _i64("si", [SIDE])])
+
+
 def sparse_constant_bomb() -> onnx.ModelProto:
     """A Constant node whose sparse value declares 2**30 dense elements and stores one."""
     values = numpy_helper.from_array(np.array([1.0], np.float32), "v")
@@ -279,6 +288,7 @@ REFUSED: dict[str, Callable[[], onnx.ModelProto]] = {
     "resize_bomb": resize_bomb,
     "concat_bomb": concat_bomb,
     "broadcast_bomb": broadcast_bomb,
+    "gather_bomb": gather_bomb,
     "sparse_constant_bomb": sparse_constant_bomb,
     "negative_dims": negative_dims,
     "overflowing_dims": overflowing_dims,

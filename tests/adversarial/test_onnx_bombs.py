@@ -54,7 +54,8 @@ def test_hostile_file_is_refused_in_one_sentence(batch, name):
 
 
 @pytest.mark.parametrize("name", ["range_bomb", "tile_bomb", "constant_of_shape_bomb", "cos_of_huge_constant",
-                                  "pad_bomb", "resize_bomb", "concat_bomb", "broadcast_bomb", "sparse_constant_bomb",
+                                  "pad_bomb", "resize_bomb", "concat_bomb", "broadcast_bomb", "gather_bomb",
+                                  "sparse_constant_bomb",
                                   *hostile.REFUSED_WHEN_RUN])
 def test_memory_bombs_name_the_node_and_the_limit(batch, name):
     result = batch[0][name]

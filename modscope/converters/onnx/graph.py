@@ -27,7 +27,7 @@ import onnx
 import torch
 from torch import nn
 
-from ...errors import InvalidParameterError, ModelLoadError, ModscopeError, OperatorError
+from ...errors import InvalidParameterError, ModelLoadError, ModscopeError, OperatorError, warn_nonfinite_weights
 from .compiler import GraphCompiler
 from .limits import resolve_max_tensor_bytes
 from .plan import FIRST_SLOT, Plan
@@ -124,17 +124,21 @@ class OnnxGraphModule(nn.Module):
         if weights is None:
             weights = [n for n, t in values.items() if t.is_floating_point() and t.numel() > 1]
         self._quantized = find_quantized_weights(graph)
+        unmaskable: list[str] = []
         for name in weights:
             tensor = values.get(name)
             if name in self._quantized and tensor is not None and not tensor.is_floating_point():
                 tensor = dequantize_weight(name, self._quantized[name], values, self.opsets.get("", 1))
             if tensor is None or not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+                if tensor is not None and tensor.is_floating_point():
+                    unmaskable.append(name)
                 continue  # tensors holding inf/nan are masks or limits, not trained weights
             safe = safe_name(name, self._taken)
             param = nn.Parameter(tensor)
             self.params.register_parameter(safe, param)
             self.param_names[name] = f"params.{safe}"
             values[name] = param
+        warn_nonfinite_weights(unmaskable)  # said now, not as a misleading "nothing left to mask" later
         for name, tensor in values.items():
             if name not in self.param_names:
                 self._add_buffer(name, tensor, persistent=True)

@@ -23,6 +23,7 @@ from . import make_table
 from .graph import OnnxGraphModule
 from .quantized import find_quantized_weights
 from .registry import Handler, OpKey
+from .constants import has_constant_weights, lift_constant_weights, make_names_unique, weight_places
 from .roles import find_weights
 
 
@@ -75,6 +76,14 @@ def load_onnx(
         proto = _parse(data, path)
         checksum = hashlib.sha256(data).hexdigest()
         base_dir = str(path.resolve().parent)
+    lifted: list[str] = []
+    places = weight_places(proto.graph)
+    if has_constant_weights(proto.graph) or any("@" in key for key in places):  # see constants.py
+        if isinstance(source, onnx.ModelProto):
+            proto = onnx.ModelProto()
+            proto.CopyFrom(source)  # the caller's proto is never modified
+        lifted = lift_constant_weights(proto.graph)  # weights kept in Constant nodes (paddle2onnx, OpenVINO)
+        make_names_unique(proto.graph)  # the same name in two sub-graphs: two weights
     roles = find_weights(proto.graph, quantized=find_quantized_weights(proto.graph))
     module = OnnxGraphModule(
         proto, make_table(op_handlers), weight_initializers=roles, base_dir=base_dir, max_tensor_bytes=max_tensor_bytes
@@ -90,6 +99,7 @@ def load_onnx(
         "producer_version": proto.producer_version,
         "ir_version": proto.ir_version,
         "opsets": opsets,
+        "weights_in_constants": [n for n in lifted if n in roles],
     }
     src = Source("onnx", str(path) if path else None, checksum, opsets.get("ai.onnx"), details)
     return Model(module, weights=weights, source=src)

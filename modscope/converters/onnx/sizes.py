@@ -341,10 +341,10 @@ RULES: dict[str, Rule] = {
 }
 
 #: operators that read values from their inputs but never make more than their inputs hold (times a small factor).
+#: (Gather and GatherND are not among them: their output is a product of the two inputs' sizes; meta sizes them.)
 INPUT_BOUNDED = frozenset({
     "Reshape", "Slice", "Squeeze", "Unsqueeze", "Split", "SplitToSequence", "TopK", "NonZero", "Compress", "Unique",
-    "CumSum", "CumProd", "Trilu", "ReverseSequence", "TensorScatter", "NonMaxSuppression", "Gather", "GatherND",
-    "GatherElements", "ScatterElements", "ScatterND", "Flatten", "Identity", "Cast", "CastLike", "Shape", "Size",
+    "CumSum", "CumProd", "Trilu", "ReverseSequence", "TensorScatter", "NonMaxSuppression", "GatherElements", "ScatterElements", "ScatterND", "Flatten", "Identity", "Cast", "CastLike", "Shape", "Size",
     "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin", "ReduceProd",
     "ReduceSum", "ReduceSumSquare", "ArgMax", "ArgMin", "Transpose", "Clip",
 })

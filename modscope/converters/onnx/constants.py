@@ -1,0 +1,181 @@
+"""Where an ONNX file keeps its weights: initializers, ``Constant`` nodes, and the bodies of If/Loop/Scan.
+
+Weights kept in ``Constant`` nodes become initializers, so that they are found, masked and written back.
+
+Some exporters (paddle2onnx, OpenVINO's converter, graph optimizers that fold everything) keep every weight as a
+``Constant`` node and no initializer. modscope finds weights among initializers (``roles.py``), so before that the
+float Constant nodes holding more than one element are moved into the initializers of the graph they belong to (the
+main graph or an If/Loop/Scan body), under the name of the Constant's output: the graph computes the same values,
+``WeightInfo.source_name`` is that name, and the writer (``converters/export.py``) puts ablated values back into the
+Constant node of the original file.
+
+This is the semantics of onnx-ir's ``LiftConstantsToInitializersPass``; it is done here on the protobuf itself,
+because that pass needs a full round trip of the model through onnx-ir's in-memory form (every tensor re-encoded,
+other fields normalised), while this touches only the Constant nodes it moves.
+
+Sub-graphs may reuse a name that another scope also gives an initializer (the two branches of an If each holding a
+``weight``): every weight place gets a key unique in the whole model (`weight_places`), the loader renames the later
+ones in its private copy (`make_names_unique`), and the writer finds the same places by the same keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import onnx
+
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+
+
+def constant_weight(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    """The tensor of a Constant node that can be a weight (a float ``value`` with two or more elements), else None."""
+    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or len(node.attribute) != 1:
+        return None
+    attr = node.attribute[0]
+    if attr.name != "value" or attr.type != onnx.AttributeProto.TENSOR or attr.t.data_type not in _FLOAT_TYPES:
+        return None
+    n = 1
+    for d in attr.t.dims:
+        n *= d
+    return attr.t if n >= 2 else None
+
+
+def graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every sub-graph in it (If/Loop/Scan bodies, at any depth)."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from graphs(sub)
+
+
+def has_constant_weights(graph: onnx.GraphProto) -> bool:
+    """Whether any graph in ``graph`` keeps a possible weight in a Constant node."""
+    return any(constant_weight(node) is not None for g in graphs(graph) for node in g.node)
+
+
+def lift_constant_weights(graph: onnx.GraphProto) -> list[str]:
+    """Move the weight-like Constant nodes of ``graph`` and its sub-graphs into initializers, in place.
+
+    A Constant whose output is also a graph output stays (an output must be computed by a node).
+
+    Returns:
+        The names of the new initializers (the Constants' output names), in graph order.
+
+    Example:
+        >>> import numpy as np
+        >>> from onnx import helper, numpy_helper
+        >>> w = helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(np.ones((2, 2), np.float32)))
+        >>> g = helper.make_graph([w, helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [], [])
+        >>> lift_constant_weights(g), [n.op_type for n in g.node], [i.name for i in g.initializer]
+        (['w'], ['MatMul'], ['w'])
+    """
+    lifted = []
+    for g in list(graphs(graph)):
+        outputs = {o.name for o in g.output}
+        keep = []
+        for node in g.node:
+            tensor = constant_weight(node)
+            if tensor is None or node.output[0] in outputs:
+                keep.append(node)
+                continue
+            init = g.initializer.add()
+            init.CopyFrom(tensor)
+            init.name = node.output[0]
+            lifted.append(init.name)
+        if len(keep) != len(g.node):
+            del g.node[:]
+            g.node.extend(keep)
+    return lifted
+
+
+def _places(graph: onnx.GraphProto) -> Iterator[tuple[onnx.GraphProto, str, onnx.TensorProto, bool]]:
+    """(graph, name in the file, tensor, whether an initializer) of every initializer and weight-like Constant, graph
+    by graph, initializers first: the order the loader's lifting leaves them in."""
+    for g in graphs(graph):
+        for init in g.initializer:
+            yield g, init.name, init, True
+        for node in g.node:
+            tensor = constant_weight(node)
+            if tensor is not None:
+                yield g, node.output[0], tensor, False
+
+
+def weight_places(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """Every tensor a weight may be loaded from, by a key unique in the model: its name, or ``name@N`` for the N-th
+    later place in another sub-graph with the same name. Editing a tensor edits the proto."""
+    places: dict[str, onnx.TensorProto] = {}
+    for _, name, tensor, _ in _places(graph):
+        places[_unique(name, places)] = tensor
+    return places
+
+
+def make_names_unique(graph: onnx.GraphProto) -> dict[str, str]:
+    """Rename, in place, initializers whose name another scope already uses for an initializer (`weight_places`'
+    keys), and the reads of them in their own graph and its sub-graphs. Returns {new name: name in the file}."""
+    taken: dict[str, None] = {}
+    renamed = {}
+    for g, name, tensor, is_initializer in list(_places(graph)):
+        key = _unique(name, taken)
+        taken[key] = None
+        if key != name and is_initializer:
+            tensor.name = key
+            _rename_reads(g, name, key)
+            renamed[key] = name
+    return renamed
+
+
+def _unique(name: str, taken: dict) -> str:
+    key, n = name, 1
+    while key in taken:
+        key, n = f"{name}@{n}", n + 1
+    return key
+
+
+def _rename_reads(graph: onnx.GraphProto, old: str, new: str) -> None:
+    for g in graphs(graph):
+        for node in g.node:
+            for i, name in enumerate(node.input):
+                if name == old:
+                    node.input[i] = new
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where one tensor that may be a weight is stored in the file.
+
+    Attributes:
+        key: its name in the model (`weight_places`' key; a weight's ``source_name``).
+        where: "initializer" or "Constant node".
+        in_subgraph: whether it belongs to an If/Loop/Scan body.
+        shape: its dims. float: whether its elements are floating point.
+    """
+
+    key: str
+    where: str
+    in_subgraph: bool
+    shape: tuple[int, ...]
+    float: bool
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def describe_places(graph: onnx.GraphProto) -> list[Place]:
+    """Every initializer and weight-like Constant of the model with where it is stored (no tensor data is read)."""
+    places: dict[str, None] = {}
+    out = []
+    for g, name, tensor, is_initializer in _places(graph):
+        key = _unique(name, places)
+        places[key] = None
+        out.append(Place(key, "initializer" if is_initializer else "Constant node", g is not graph,
+                         tuple(tensor.dims), tensor.data_type in _FLOAT_TYPES))
+    return out
