@@ -10,7 +10,7 @@ from torch.utils import _pytree as pytree
 
 from .errors import InvalidParameterError
 from .model import Model
-from .tasks import Task, call_module
+from .tasks import Task
 
 
 def masked_parameters(

@@ -26,7 +26,6 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .errors import DataError, InvalidParameterError
 

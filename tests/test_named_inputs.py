@@ -64,9 +64,9 @@ def test_named_inputs_evaluate_and_predict():
 @pytest.mark.parametrize(
     "x, match",
     [
-        ({}, "non-empty mapping"),
+        ({}, "at least one entry"),
         ({"input_ids": np.zeros((3, 2)), "attention_mask": np.zeros((4, 2))}, "different lengths"),
-        ({"input_ids": np.array([["a"], ["b"], ["c"]], dtype=object)}, "'input_ids' is not a numeric array"),
+        ({"input_ids": np.array([["a"], ["b"], ["c"]], dtype=object)}, "input_ids is not a numeric array"),
     ],
 )
 def test_bad_named_inputs_raise_one_sentence(x, match):

@@ -15,7 +15,6 @@ summed, clipping is per task and Adam is element-wise, so a task's mask does not
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import signal
 import threading
@@ -33,7 +32,7 @@ from torch.utils import _pytree as pytree
 from .. import threads
 from ..errors import InvalidParameterError, ModscopeWarning, ShapeError
 from ..model import Model, WeightInfo
-from ..tasks import Task, call_module
+from ..tasks import Task
 from .checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from .config import MaskConfig
 from .maskset import MaskSet
