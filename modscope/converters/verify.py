@@ -28,6 +28,7 @@ from ..errors import (
     ResourceLimitError,
     ShapeError,
 )
+from ..install import install_hint
 from ..model import Model
 
 _ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino", "onnxruntime-qnn")
@@ -283,7 +284,7 @@ def import_onnxruntime() -> ModuleType:
         warnings.warn(
             f"{' and '.join(installed)} are installed together; they share the import name 'onnxruntime' and break "
             f"each other (CUDA disappears). Keep one: pip uninstall -y {' '.join(installed)} && pip install "
-            "onnxruntime-gpu (or modscope[verify] for the CPU build)",
+            f"onnxruntime-gpu (or `{install_hint('verify')}` for the CPU build)",
             ModscopeWarning,
             stacklevel=3,
         )
@@ -291,7 +292,7 @@ def import_onnxruntime() -> ModuleType:
         import onnxruntime
     except ImportError as exc:
         raise ModscopeError(
-            "onnxruntime is not installed; run `pip install modscope[verify]` (or `modscope[gpu]` for CUDA)"
+            f"onnxruntime is not installed; run `{install_hint('verify')}` (or the extra gpu for CUDA)"
         ) from exc
     return onnxruntime
 

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ModscopeError
+from ..install import install_hint
 from .tables import drop
 
 _DPI = 100
@@ -21,7 +22,7 @@ def _figure(width: float, height: float, ncols: int = 1) -> tuple[Any, Any]:
     try:
         from matplotlib.figure import Figure
     except ImportError as exc:
-        raise ModscopeError("plots need matplotlib; install it with `pip install modscope[report]`") from exc
+        raise ModscopeError(f"plots need matplotlib; install it with `{install_hint('report')}`") from exc
     fig = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
     axes = fig.subplots(1, ncols, squeeze=False)[0]
     return fig, axes
