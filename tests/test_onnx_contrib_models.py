@@ -89,29 +89,14 @@ def test_fused_file_has_the_maskable_weights_of_the_unfused_export(name: str, fa
 def test_masks_train_on_the_fused_file_with_vmap(name: str, family_files) -> None:
     _, fused, feeds = family_files(name)
     model = modscope.load(fused)
-    inputs = tuple(torch.from_numpy(feeds[n]) for n in model.module.input_names)
-    output = FAMILIES[name].output
-    target = torch.from_numpy(_run_torch(model, feeds)[output or 0]) + 0.1
-    task = modscope.Task("t", inputs, target, loss="mse", metric="mse", output=output)
-    config = modscope.MaskConfig(n_steps=2, batch_size=8, n_samples=2, mask_norms=True, mask_biases=True, seed=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        masks = modscope.train_masks(model, [task], config, progress=False)
-    assert masks.extra["vectorize"] == "vmap"
-    assert_loss_reaches_every_matrix(model, feeds, output or 0)
+    _train_without_fallback(model, feeds, name, mask_norms=True, mask_biases=True)
+    assert_loss_reaches_every_matrix(model, feeds, FAMILIES[name].output or 0)
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_ablated_fused_file_runs_in_onnxruntime_like_the_masked_model(name: str, family_files, tmp_path: Path) -> None:
     _, fused, feeds = family_files(name)
-    model = modscope.load(fused)
-    gen = torch.Generator().manual_seed(3)
-    keep = {w.name: torch.rand(w.shape, generator=gen) > 0.3 for w in model.weights}
-    out = export_masked(model, keep, tmp_path / "ablated.onnx")
-    params = model.parameters()
-    zeroed = {n: torch.where(k, params[n], torch.zeros(())) for n, k in keep.items()}
-    _assert_close(_run_ort(out, feeds), _run_torch(model, feeds, zeroed))
-    assert [n.op_type for n in onnx.load(out).graph.node] == [n.op_type for n in onnx.load(fused).graph.node]
+    _assert_ablated_file_runs_like_the_masked_model(modscope.load(fused), onnx.load(fused), feeds, tmp_path)
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -168,20 +153,31 @@ def test_weights_in_constant_nodes_or_an_if_branch(name: str, rewrite: str, fami
     assert _elements(model) == (reference if rewrite == "constants" else Counter({k: 2 * v for k, v in reference.items()}))
 
     if rewrite == "constants":  # (the If's condition is one scalar, not a per-example input a Task can hold)
-        inputs = tuple(torch.from_numpy(feeds[n]) for n in model.module.input_names)
-        output = FAMILIES[name].output
-        target = torch.from_numpy(_run_torch(model, feeds)[output or 0]) + 0.1
-        task = modscope.Task("t", inputs, target, loss="mse", metric="mse", output=output)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            config = modscope.MaskConfig(n_steps=2, batch_size=8, n_samples=2, seed=0)
-            masks = modscope.train_masks(model, [task], config, progress=False)
-        assert masks.extra["vectorize"] == "vmap"
+        _train_without_fallback(model, feeds, name)
+    _assert_ablated_file_runs_like_the_masked_model(model, proto, feeds, tmp_path)
 
+
+def _train_without_fallback(model: modscope.Model, feeds: dict[str, np.ndarray], name: str, **config) -> None:
+    """Two steps of one task's mask under vmap; any warning (the loop fallback's) fails."""
+    inputs = tuple(torch.from_numpy(feeds[n]) for n in model.module.input_names)
+    output = FAMILIES[name].output
+    target = torch.from_numpy(_run_torch(model, feeds)[output or 0]) + 0.1
+    task = modscope.Task("t", inputs, target, loss="mse", metric="mse", output=output)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        masks = modscope.train_masks(model, [task], modscope.MaskConfig(n_steps=2, batch_size=8, n_samples=2, seed=0,
+                                                                        **config), progress=False)
+    assert masks.extra["vectorize"] == "vmap"
+
+
+def _assert_ablated_file_runs_like_the_masked_model(model: modscope.Model, source: onnx.ModelProto,
+                                                    feeds: dict[str, np.ndarray], folder: Path) -> None:
+    """Random masks written back: onnxruntime on the file equals the model with those weights zeroed, and the file
+    keeps the source's operators."""
     gen = torch.Generator().manual_seed(3)
     keep = {w.name: torch.rand(w.shape, generator=gen) > 0.3 for w in model.weights}
-    out = export_masked(model, keep, tmp_path / "ablated.onnx")
+    out = export_masked(model, keep, folder / "ablated.onnx")
     params = model.parameters()
     zeroed = {n: torch.where(k, params[n], torch.zeros(())) for n, k in keep.items()}
     _assert_close(_run_ort(out, feeds), _run_torch(model, feeds, zeroed))
-    assert [n.op_type for n in onnx.load(out).graph.node] == [n.op_type for n in proto.graph.node]
+    assert [n.op_type for n in onnx.load(out).graph.node] == [n.op_type for n in source.graph.node]

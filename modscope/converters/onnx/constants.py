@@ -20,6 +20,7 @@ ones in its private copy (`make_names_unique`), and the writer finds the same pl
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -163,10 +164,7 @@ class Place:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 def describe_places(graph: onnx.GraphProto) -> list[Place]:

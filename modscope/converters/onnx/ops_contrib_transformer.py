@@ -90,16 +90,7 @@ def packed_attention(
         past_len = past.shape[3]
         k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
     allowed = key_padding(ctx, mask_index, proj.shape[0], q.shape[2], k.shape[2], past_len)
-    y = attend(
-        q,
-        k,
-        v,
-        scale=ctx.attr("scale", None),
-        allowed=allowed,
-        filter_value=float(ctx.attr("mask_filter_value", -10000.0)),
-        causal=bool(ctx.attr("unidirectional", 0)),
-        attention_bias=attention_bias,
-    )
+    y = _attend_as_attributed(ctx, q, k, v, allowed, attention_bias)
     if ctx.n_outputs == 1:
         return merge_heads(y)
     return merge_heads(y), torch.stack([k, v])
@@ -161,16 +152,7 @@ def multi_head_attention(
         past_len = past_key.shape[2]
         k, v = torch.cat([past_key, k], dim=2), torch.cat([past_value, v], dim=2)
     allowed = key_padding(ctx, key_padding_mask, q.shape[0], q.shape[2], k.shape[2], past_len)
-    y = attend(
-        q,
-        k,
-        v,
-        scale=ctx.attr("scale", None),
-        allowed=allowed,
-        filter_value=float(ctx.attr("mask_filter_value", -10000.0)),
-        causal=bool(ctx.attr("unidirectional", 0)),
-        attention_bias=attention_bias,
-    )
+    y = _attend_as_attributed(ctx, q, k, v, allowed, attention_bias)
     return declared_outputs(ctx, (merge_heads(y), k, v))
 
 
@@ -485,3 +467,12 @@ def _sink_softmax(scores: torch.Tensor, head_sink: torch.Tensor | None, smooth: 
         else torch.zeros(*scores.shape[:-1], 1, dtype=scores.dtype, device=scores.device)
     )
     return torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+
+
+def _attend_as_attributed(ctx: NodeContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          allowed: torch.Tensor | None, attention_bias: torch.Tensor | None) -> torch.Tensor:
+    """`attend` with the node's ``scale``, ``mask_filter_value`` and ``unidirectional`` attributes (Attention and
+    MultiHeadAttention read them the same way)."""
+    return attend(q, k, v, scale=ctx.attr("scale", None), allowed=allowed,
+                  filter_value=float(ctx.attr("mask_filter_value", -10000.0)),
+                  causal=bool(ctx.attr("unidirectional", 0)), attention_bias=attention_bias)
