@@ -21,7 +21,6 @@ import pickle
 import struct
 import sys
 import zipfile
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -522,23 +521,14 @@ def _api_call(kind: str, args: list[str]) -> None:
 
 def batch_main(spec_path: str) -> None:
     """Inside the child: run each case through the CLI's ``main`` and its API call; record how each ended."""
-    import contextlib
-    import traceback
-
-    from modscope.cli import main
-
     spec = json.loads(Path(spec_path).read_text())
     sys.path.insert(0, spec["module_dir"])
+    from onnx_hostile import run_cli_captured
     results = {}
     for case in spec["cases"]:
         saved = {k: os.environ.get(k) for k in case["env"]}
         os.environ.update(case["env"])
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = main(case["argv"])
-            except BaseException:  # noqa: BLE001 - recorded: the test fails on it
-                code, err = -1, io.StringIO(traceback.format_exc())
+        code, out, err = run_cli_captured(case["argv"])
         api: list[str] = []
         if case["api"][0] != "none":
             try:
@@ -560,7 +550,9 @@ def run_batch(cases: dict[str, Case], folder: Path, module_dir: Path) -> tuple[d
     """Run every case in one child under an address-space limit: ``{name: result}`` and the child's outcome."""
     here = Path(__file__).parent
     sys.path.insert(0, str(here))
-    from onnx_hostile import _run  # the limited-child runner the ONNX corpus uses (RLIMIT_AS, wait4 peak RSS)
+    from onnx_hostile import (
+        _run,  # the limited-child runner the ONNX corpus uses (RLIMIT_AS, wait4 peak RSS)
+    )
 
     spec, out = folder / "trust-batch.json", folder / "trust-results.json"
     spec.write_text(json.dumps({"cases": [{"name": n, "argv": c.argv, "api": list(c.api), "absent": c.absent, "env": c.env}

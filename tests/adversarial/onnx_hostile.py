@@ -12,12 +12,15 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import resource
 import subprocess
 import sys
 import tempfile
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -374,34 +377,39 @@ def one_sentence(text: str) -> bool:
     return bool(line) and "\n" not in line and "Traceback" not in line and not re.search(r"[.!?]\s+[A-Z]", line)
 
 
+def run_cli_captured(argv: list[str]) -> tuple[int, io.StringIO, io.StringIO]:
+    """The CLI's ``main(argv)`` in this process: its exit code and what it wrote; an escaping exception (a bug the
+    test reports) becomes code -1 with its traceback as stderr."""
+    from modscope.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except BaseException:  # noqa: BLE001 - recorded: the test fails on it
+            code, err = -1, io.StringIO(traceback.format_exc())
+    return code, out, err
+
+
 def _batch_main(spec_path: str) -> None:
     """Inside the limited child: run each case of the spec through the CLI's ``main`` and the API, record how each
     ended (exit code, stdout, stderr, exception class names) into the spec's ``out`` file."""
-    import contextlib
-    import io
     import json
-    import traceback
 
     import modscope
-    from modscope.cli import main
 
     spec = json.loads(Path(spec_path).read_text())
     results = {}
     for case in spec["cases"]:
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = main(case["argv"])
-            except BaseException:  # noqa: BLE001 - recorded: the test fails on it
-                code, err = -1, io.StringIO(traceback.format_exc())
+        code, out, err = run_cli_captured(case["argv"])
         api: list[str] = []
         try:
             model = modscope.load(case["argv"][1])
             if case.get("forward"):
-                from modscope.converters.verify import random_inputs
-
                 import onnx
                 import torch
+
+                from modscope.converters.verify import random_inputs
 
                 feeds = random_inputs(onnx.load(case["argv"][1], load_external_data=False))
                 model.module(*[torch.from_numpy(v) for v in feeds.values()])
