@@ -179,7 +179,9 @@ def _check_unchanged(src: Path, checksum: str) -> None:
 def _export_onnx(model: Model, masks: Mapping[str, torch.Tensor], out: Path, proto: Any, base_dir: Path | None, check: bool) -> None:
     from onnx import TensorProto
 
-    initializers = _weight_tensors(proto.graph)
+    from .onnx.constants import weight_places
+
+    initializers = weight_places(proto.graph)  # initializers and weight-like Constants, by the loader's keys
     data = _ExternalData(f"{out.name}.data")
     edited = set()
     quantized: dict[str, Any] | None = None
@@ -224,14 +226,6 @@ def _ablated_integers(
 
     zero_point = _read_array(initializers[info.zero_point], base_dir) if info is not None and info.zero_point else None
     return ablated_integers(info, array, keep, zero_point)
-
-
-def _weight_tensors(graph: Any) -> dict[str, Any]:
-    """Every TensorProto a weight may have been loaded from, by the key the loader gave it (``onnx/constants.py``):
-    initializers and weight-like Constant nodes of the graph and its sub-graphs. Editing one edits the proto."""
-    from .onnx.constants import weight_places
-
-    return weight_places(graph)
 
 
 def _read_array(init: Any, base_dir: Path | None) -> np.ndarray:

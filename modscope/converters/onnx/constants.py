@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import onnx
 
+from .roles import subgraphs
+
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 
 
@@ -36,27 +38,21 @@ def constant_weight(node: onnx.NodeProto) -> onnx.TensorProto | None:
     attr = node.attribute[0]
     if attr.name != "value" or attr.type != onnx.AttributeProto.TENSOR or attr.t.data_type not in _FLOAT_TYPES:
         return None
-    n = 1
-    for d in attr.t.dims:
-        n *= d
-    return attr.t if n >= 2 else None
+    return attr.t if math.prod(attr.t.dims) >= 2 else None
 
 
 def graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     """``graph`` and every sub-graph in it (If/Loop/Scan bodies, at any depth)."""
     yield graph
     for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from graphs(sub)
+        for sub in subgraphs(node):
+            yield from graphs(sub)
 
 
-def has_constant_weights(graph: onnx.GraphProto) -> bool:
-    """Whether any graph in ``graph`` keeps a possible weight in a Constant node."""
-    return any(constant_weight(node) is not None for g in graphs(graph) for node in g.node)
+def needs_rewrite(graph: onnx.GraphProto) -> bool:
+    """Whether the loader must rewrite its copy of ``graph``: a weight kept in a Constant node, or a name that two
+    scopes give an initializer (`lift_constant_weights`, `make_names_unique`)."""
+    return any(not is_initializer or key != name for key, _, name, _, is_initializer in _keyed_places(graph))
 
 
 def lift_constant_weights(graph: onnx.GraphProto) -> list[str]:
@@ -94,35 +90,30 @@ def lift_constant_weights(graph: onnx.GraphProto) -> list[str]:
     return lifted
 
 
-def _places(graph: onnx.GraphProto) -> Iterator[tuple[onnx.GraphProto, str, onnx.TensorProto, bool]]:
-    """(graph, name in the file, tensor, whether an initializer) of every initializer and weight-like Constant, graph
-    by graph, initializers first: the order the loader's lifting leaves them in."""
+def _keyed_places(graph: onnx.GraphProto) -> Iterator[tuple[str, onnx.GraphProto, str, onnx.TensorProto, bool]]:
+    """(key, graph, name in the file, tensor, whether an initializer) of every initializer and weight-like Constant,
+    graph by graph, initializers first (the order the loader's lifting leaves them in). The key is the name, or
+    ``name@N`` for the N-th later place with a name an earlier one already has."""
+    taken: set[str] = set()
     for g in graphs(graph):
-        for init in g.initializer:
-            yield g, init.name, init, True
-        for node in g.node:
-            tensor = constant_weight(node)
-            if tensor is not None:
-                yield g, node.output[0], tensor, False
+        found = [(init.name, init, True) for init in g.initializer]
+        found += [(node.output[0], t, False) for node in g.node if (t := constant_weight(node)) is not None]
+        for name, tensor, is_initializer in found:
+            key = _unique(name, taken)
+            taken.add(key)
+            yield key, g, name, tensor, is_initializer
 
 
 def weight_places(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
-    """Every tensor a weight may be loaded from, by a key unique in the model: its name, or ``name@N`` for the N-th
-    later place in another sub-graph with the same name. Editing a tensor edits the proto."""
-    places: dict[str, onnx.TensorProto] = {}
-    for _, name, tensor, _ in _places(graph):
-        places[_unique(name, places)] = tensor
-    return places
+    """Every tensor a weight may be loaded from, by its key (`_keyed_places`). Editing a tensor edits the proto."""
+    return {key: tensor for key, _, _, tensor, _ in _keyed_places(graph)}
 
 
 def make_names_unique(graph: onnx.GraphProto) -> dict[str, str]:
-    """Rename, in place, initializers whose name another scope already uses for an initializer (`weight_places`'
-    keys), and the reads of them in their own graph and its sub-graphs. Returns {new name: name in the file}."""
-    taken: dict[str, None] = {}
+    """Rename, in place, initializers whose name another scope already uses (to their `weight_places` key), and the
+    reads of them in their own graph and its sub-graphs. Returns {new name: name in the file}."""
     renamed = {}
-    for g, name, tensor, is_initializer in list(_places(graph)):
-        key = _unique(name, taken)
-        taken[key] = None
+    for key, g, name, tensor, is_initializer in list(_keyed_places(graph)):
         if key != name and is_initializer:
             tensor.name = key
             _rename_reads(g, name, key)
@@ -130,7 +121,7 @@ def make_names_unique(graph: onnx.GraphProto) -> dict[str, str]:
     return renamed
 
 
-def _unique(name: str, taken: dict) -> str:
+def _unique(name: str, taken: set[str]) -> str:
     key, n = name, 1
     while key in taken:
         key, n = f"{name}@{n}", n + 1
@@ -169,11 +160,5 @@ class Place:
 
 def describe_places(graph: onnx.GraphProto) -> list[Place]:
     """Every initializer and weight-like Constant of the model with where it is stored (no tensor data is read)."""
-    places: dict[str, None] = {}
-    out = []
-    for g, name, tensor, is_initializer in _places(graph):
-        key = _unique(name, places)
-        places[key] = None
-        out.append(Place(key, "initializer" if is_initializer else "Constant node", g is not graph,
-                         tuple(tensor.dims), tensor.data_type in _FLOAT_TYPES))
-    return out
+    return [Place(key, "initializer" if is_initializer else "Constant node", g is not graph, tuple(tensor.dims),
+                  tensor.data_type in _FLOAT_TYPES) for key, g, _, tensor, is_initializer in _keyed_places(graph)]

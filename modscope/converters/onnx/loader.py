@@ -20,10 +20,10 @@ from google.protobuf.message import DecodeError
 from ...errors import ModelLoadError
 from ...model import Model, Source, WeightInfo
 from . import make_table
+from .constants import lift_constant_weights, make_names_unique, needs_rewrite
 from .graph import OnnxGraphModule
 from .quantized import find_quantized_weights
 from .registry import Handler, OpKey
-from .constants import has_constant_weights, lift_constant_weights, make_names_unique, weight_places
 from .roles import find_weights
 
 
@@ -77,8 +77,7 @@ def load_onnx(
         checksum = hashlib.sha256(data).hexdigest()
         base_dir = str(path.resolve().parent)
     lifted: list[str] = []
-    places = weight_places(proto.graph)
-    if has_constant_weights(proto.graph) or any("@" in key for key in places):  # see constants.py
+    if needs_rewrite(proto.graph):  # weights in Constant nodes, or one name in two sub-graphs: see constants.py
         if isinstance(source, onnx.ModelProto):
             proto = onnx.ModelProto()
             proto.CopyFrom(source)  # the caller's proto is never modified
