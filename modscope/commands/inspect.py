@@ -74,15 +74,24 @@ def _fx_io_and_ops(module: Any) -> tuple[list[dict[str, Any]], list[dict[str, An
     return inputs, outputs, ops
 
 
-def io_and_operators(model: Any) -> tuple[list[dict[str, Any]] | None, list[dict[str, Any]] | None, dict[str, int]]:
-    """The model's inputs and outputs (None where the file does not record them) and its operator counts."""
+def _onnx_file(model: Any) -> Any | None:
+    """The ONNX file the model was read from, without its external data (None for other sources)."""
+    if model.source.format != "onnx" or not model.source.path:
+        return None
+    import onnx
+
+    return onnx.load(model.source.path, load_external_data=False)
+
+
+def io_and_operators(model: Any, proto: Any | None = None) -> tuple[list[dict[str, Any]] | None,
+                                                                     list[dict[str, Any]] | None, dict[str, int]]:
+    """The model's inputs and outputs (None where the file does not record them) and its operator counts; ``proto``
+    is the model's ONNX file when the caller has read it already."""
     import torch
 
     src = model.source
-    if src.format == "onnx" and src.path:
-        import onnx
-
-        proto = onnx.load(src.path, load_external_data=False)
+    proto = proto if proto is not None else _onnx_file(model)
+    if proto is not None:
         inputs, outputs = _onnx_io(proto)
         return inputs, outputs, dict(_onnx_operators(proto.graph).most_common())
     if isinstance(model.module, torch.fx.GraphModule):
@@ -119,17 +128,15 @@ def layers(model: Any) -> list[dict[str, Any]]:
     return list(out.values())
 
 
-def weight_storage(model: Any) -> dict[str, Any] | None:
-    """For ONNX files: where the maskable weights are stored, how much of the file's float tensors of rank >= 2 they
-    cover, and the float tensors of rank >= 2 that are not weights (none for other formats)."""
-    src = model.source
-    if src.format != "onnx" or not src.path:
+def weight_storage(model: Any, proto: Any | None) -> dict[str, Any] | None:
+    """For an ONNX file (``proto``, the model's file): where the maskable weights are stored, how much of the file's
+    float tensors of rank >= 2 they cover, and the float tensors of rank >= 2 that are not weights (None without a
+    file)."""
+    if proto is None:
         return None
-    import onnx
-
     from ..converters.onnx.constants import describe_places
 
-    places = describe_places(onnx.load(src.path, load_external_data=False).graph)
+    places = describe_places(proto.graph)
     maskable = {w.source_name for w in model.weights}
     found = Counter(f"{'sub-graph ' if p.in_subgraph else ''}{p.where}s" for p in places if p.key in maskable)
     matrices = [p for p in places if p.float and len(p.shape) >= 2]
@@ -150,7 +157,8 @@ def describe(model: Any) -> dict[str, Any]:
     from ..converters.files import FORMAT_NAMES
 
     src = model.source
-    inputs, outputs, ops = io_and_operators(model)
+    proto = _onnx_file(model)  # read once for the inputs, operators and weight storage
+    inputs, outputs, ops = io_and_operators(model, proto)
     by_layer = layers(model)
     return {
         "path": src.path,
@@ -165,7 +173,7 @@ def describe(model: Any) -> dict[str, Any]:
         "n_weights": sum(layer["n_weights"] for layer in by_layer),
         "n_masked_by_default": sum(layer["n_masked"] for layer in by_layer),
         "layers": by_layer,
-        "storage": weight_storage(model),
+        "storage": weight_storage(model, proto),
     }
 
 
