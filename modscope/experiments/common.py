@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ import numpy as np
 import torch
 
 from ..masks.progress import Progress
+from ..runs import atomic_write
 from ..tasks import Task
 
 
@@ -143,9 +143,8 @@ def claims_table(claims: Sequence[Claim]) -> str:
 def write_json(path: Path, data: dict[str, Any]) -> Path:
     """Write JSON atomically (temporary file in the same folder, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=_jsonable))
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1, default=_jsonable))
     return path
 
 
@@ -172,9 +171,8 @@ def write_html(path: Path, title: str, sections: Sequence[tuple[str, str]],
         f"pre{{background:#f6f8fa;padding:1em;overflow-x:auto}}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>"
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(page)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(page)
     return path
 
 
