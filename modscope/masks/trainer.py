@@ -42,6 +42,7 @@ from .memory import (
     plan_run,
     probe_activations,
     retained_heap,
+    strict_heap,
 )
 from .progress import Progress
 from .sampling import SamplerKernels, StepBuffers, draw_uniforms
@@ -372,8 +373,8 @@ class MaskTrainer:
         xs = tuple(x[: self.config.batch_size // self.config.n_samples] for x in xs)
         self._plan = plan_run(len(self.tasks), self.config, self.layout.total, self._probe_activations(xs), self.device,
                               prefer=self._preferred_replicas(), ahead=self._draw_pool is not None)
-        if self.device.type == "cpu" and self._plan.estimate * HEAP_HEADROOM <= self._plan.limit:
-            self._heap = retained_heap()
+        if self.device.type == "cpu":  # keep freed memory when there is room, else return it at once (see memory)
+            self._heap = retained_heap() if self._plan.estimate * HEAP_HEADROOM <= self._plan.limit else strict_heap()
             self._heap.__enter__()
         most_tasks = max(len(p.tasks) for p in self._plan.passes)
         whole = all(p.samples == (0, self.config.n_samples) for p in self._plan.passes)
