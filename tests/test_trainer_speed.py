@@ -95,6 +95,10 @@ def test_the_plan_splits_a_step_to_fit_max_memory_and_keeps_the_masks(monkeypatc
                                  progress=False, notes=notes.append)
     assert "passes of up to 3" in notes[0], notes
     assert heaps == ["strict_heap"] and not memory._HEAP_MODES
+    tight = MaskTrainer(model, model.module_on("cpu"), tasks, modscope.MaskConfig(**{**CONFIG, "max_memory": limit}),
+                        torch.device("cpu"))
+    assert tight.plan.parts["optimizer"] == 0 and tight.optimizer.param_groups[0]["fused"] is True  # no Adam temporaries
+    assert whole.parts["optimizer"] > 0
     for task, (bits, _) in REFERENCE.items():
         assert fingerprint(masks, task)[0] == bits
 

@@ -11,7 +11,8 @@ exp(-logits) per task of a pass: 4 bytes per masked weight).
 On a CPU the peak that counts is the process's resident memory, not the live tensors: glibc keeps freed blocks for
 reuse. With room to spare the trainer keeps them on purpose (`retained_heap`: no page faults per step); when the
 plan splits the step to fit ``max_memory`` it asks glibc to return every large block as soon as it is freed
-(`strict_heap`), so that the resident peak is the live peak that the plan estimates.
+(`strict_heap`), so that the resident peak is the live peak that the plan estimates, and steps Adam with torch's fused
+kernel, which needs none of the default kernel's temporaries (8 bytes per masked weight and task).
 
 When all K x S replicas do not fit in ``MaskConfig.max_memory``, the step runs them in passes: several whole tasks
 per pass, or one task in chunks of samples. Every task draws its noise from its own generator in the same order
@@ -240,9 +241,11 @@ def plan_passes(tasks: int, samples: int, per_replica: int, per_task: int, base:
 
 
 def plan_run(tasks: int, config: MaskConfig, n_masked: int, activations: int, device: torch.device,
-             prefer: int | None = None, ahead: bool = False) -> MemoryPlan:
+             prefer: int | None = None, ahead: bool = False, fused_optimizer: bool = False) -> MemoryPlan:
     """The plan of a run of ``config`` over ``tasks`` tasks: ``n_masked`` masked weights, ``activations`` bytes saved
-    by one (task, sample) pass (`probe_activations`), the memory now held and free on ``device``."""
+    by one (task, sample) pass (`probe_activations`), the memory now held and free on ``device``; with
+    ``fused_optimizer`` Adam's step needs no temporaries (torch's fused kernel, which the trainer switches to when
+    the plan is bound by memory: same masks, logits equal to float noise)."""
     held, free = process_memory(device)
     limit = parse_bytes(config.max_memory) or held + int(DEFAULT_SHARE * free)
     per_weight = REPLICA_BYTES_PER_WEIGHT + (AHEAD_BYTES_PER_WEIGHT if ahead else 0)
@@ -250,10 +253,19 @@ def plan_run(tasks: int, config: MaskConfig, n_masked: int, activations: int, de
     # the logits and their gradient (8 of the 20 bytes per task) exist already: they are part of ``held``
     plan = plan_passes(tasks, config.n_samples, per_replica, (TASK_BYTES_PER_WEIGHT - 8) * n_masked, held, limit,
                        config.pass_size, prefer, kept_per_replica=(per_weight - 4) * n_masked,
-                       optimizer=OPTIMIZER_TEMP_BYTES_PER_WEIGHT * tasks * n_masked,
+                       optimizer=0 if fused_optimizer else OPTIMIZER_TEMP_BYTES_PER_WEIGHT * tasks * n_masked,
                        per_pass_task=ROW_BYTES_PER_WEIGHT * n_masked)
     plan.parts["activations"] = activations
     return plan
+
+
+def fused_adam_supported(device: torch.device) -> bool:
+    """Whether torch has a fused Adam kernel for ``device`` (CPU and CUDA since torch 2.4)."""
+    try:
+        torch.optim.Adam([torch.zeros(1, device=device, requires_grad=True)], fused=True)
+    except (RuntimeError, ValueError, TypeError):
+        return False
+    return True
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3

@@ -30,7 +30,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .. import threads
-from ..errors import InvalidParameterError, ModscopeWarning, ShapeError
+from ..errors import InvalidParameterError, ModscopeWarning, OutOfMemoryPlanError, ShapeError
 from ..model import Model, WeightInfo
 from ..tasks import Task
 from .checkpoint import TrainingState, load_checkpoint, save_checkpoint
@@ -39,6 +39,7 @@ from .maskset import MaskSet
 from .memory import (
     HEAP_HEADROOM,
     MemoryPlan,
+    fused_adam_supported,
     plan_run,
     probe_activations,
     retained_heap,
@@ -371,8 +372,25 @@ class MaskTrainer:
     def _make_plan(self, xs: tuple[torch.Tensor, ...]) -> None:
         """Plan the passes from one probe pass on the first task's examples ``xs`` and allocate the step buffers."""
         xs = tuple(x[: self.config.batch_size // self.config.n_samples] for x in xs)
-        self._plan = plan_run(len(self.tasks), self.config, self.layout.total, self._probe_activations(xs), self.device,
-                              prefer=self._preferred_replicas(), ahead=self._draw_pool is not None)
+        activations = self._probe_activations(xs)
+
+        def plan(fused: bool) -> MemoryPlan:
+            return plan_run(len(self.tasks), self.config, self.layout.total, activations, self.device,
+                            prefer=self._preferred_replicas(), ahead=self._draw_pool is not None, fused_optimizer=fused)
+
+        # bound by memory: Adam's fused kernel needs no temporaries (float-noise differences in the logits only)
+        fusable = fused_adam_supported(self.device)
+        try:
+            self._plan = plan(False)
+        except OutOfMemoryPlanError:
+            if not fusable:
+                raise
+            self._plan = plan(True)
+        fused = fusable and self._plan.unchunked > self._plan.limit
+        if fused:
+            self._plan = plan(True)
+        for group in self.optimizer.param_groups:  # also overrides what a resumed checkpoint's optimizer state says
+            group["fused"] = True if fused else None
         if self.device.type == "cpu":  # keep freed memory when there is room, else return it at once (see memory)
             self._heap = retained_heap() if self._plan.estimate * HEAP_HEADROOM <= self._plan.limit else strict_heap()
             self._heap.__enter__()
