@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..experiments import EXPERIMENTS
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..experiments.common import ExperimentOptions
 
 HELP = "run one of the paper's experiments end to end and compare with the paper's figures"
 DESCRIPTION = f"""\
@@ -40,5 +46,26 @@ def run(args: argparse.Namespace) -> int:
     given = {"seeds": args.seeds, "device": args.device,
              "out": Path(args.out) if args.out else None, "data": Path(args.data) if args.data else None}
     options = ExperimentOptions(quick=args.quick, medium=args.medium, progress=not args.quiet, **{k: v for k, v in given.items() if v is not None})
-    get_experiment(args.name).run(options)
+    with _rank_output(options) as options:
+        get_experiment(args.name).run(options)
     return 0
+
+
+@contextlib.contextmanager
+def _rank_output(options: ExperimentOptions) -> Iterator[ExperimentOptions]:
+    """Under torchrun, every rank runs the experiment (its mask training is shared out over the ranks) and rank 0
+    alone writes the reports and progress: the other ranks write into a temporary folder, removed at the end, and
+    print nothing."""
+    import dataclasses
+    import os
+    import tempfile
+
+    from ..masks.distributed import Ranks
+
+    ranks = Ranks.current()
+    if ranks is None or ranks.leader:
+        yield options
+        return
+    with tempfile.TemporaryDirectory(prefix="modscope-rank") as tmp, open(os.devnull, "w") as null, \
+            contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+        yield dataclasses.replace(options, out=Path(tmp), progress=False)
