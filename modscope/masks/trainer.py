@@ -401,7 +401,7 @@ class MaskTrainer:
                             prefer=self._preferred_replicas(), ahead=self._draw_pool is not None, fused_optimizer=fused)
 
         # bound by memory: Adam's fused kernel needs no temporaries (float-noise differences in the logits only)
-        fusable = fused_adam_supported(self.device)
+        fusable = self.distributed is None and fused_adam_supported(self.device)  # sharded Adam: its own kernel
         try:
             self._plan = plan(False)
         except OutOfMemoryPlanError:
@@ -411,8 +411,9 @@ class MaskTrainer:
         fused = fusable and self._plan.unchunked > self._plan.limit
         if fused:
             self._plan = plan(True)
-        for group in self.optimizer.param_groups:  # also overrides what a resumed checkpoint's optimizer state says
-            group["fused"] = True if fused else None
+        if self.distributed is None:
+            for group in self.optimizer.param_groups:  # also overrides what a resumed checkpoint's state says
+                group["fused"] = True if fused else None
         if self.device.type == "cpu":  # keep freed memory when there is room, else return it at once (see memory)
             self._heap = retained_heap() if self._plan.estimate * HEAP_HEADROOM <= self._plan.limit else strict_heap()
             self._heap.__enter__()
