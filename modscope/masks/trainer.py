@@ -30,6 +30,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .. import threads
+from ..devices import resolve_device
 from ..errors import InvalidParameterError, ModscopeWarning, OutOfMemoryPlanError, ShapeError
 from ..model import Model, WeightInfo
 from ..tasks import Task
@@ -58,19 +59,6 @@ from .sampling import SamplerKernels, StepBuffers, draw_uniforms
 from .selection import frozen_weights, select_weights
 
 _NO_BATCHING_RULE = "not yet implemented the batching rule"
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``device``, or cuda when present, else cpu."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise InvalidParameterError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidParameterError("device 'cuda' was asked for but CUDA is not available; use device='cpu'")
-    return dev
 
 
 @dataclass
@@ -282,9 +270,7 @@ def train_masks(
         >>> masks.tasks
         ('sign',)
     """
-    from ..converters import load
-
-    model = load(model)
+    model = Model.of(model)
     tasks = [tasks] if isinstance(tasks, Task) else list(tasks)
     config = config or MaskConfig()
     _check_tasks(tasks)
