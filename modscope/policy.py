@@ -183,7 +183,7 @@ def _parse_rule(raw: Any, where: str) -> Rule:
     required, optional = _KEYS[metric]
     unknown = sorted(set(raw) - set(_COMMON) - set(required) - set(optional))
     if unknown:
-        raise PolicyError(f"{where} ({metric}): unknown keys {unknown}; it takes {', '.join(required + optional)}")
+        raise PolicyError(f"{where} ({metric}): unknown keys {unknown}; it takes {', '.join((*_COMMON, *required, *optional))}")
     missing = [k for k in required if k not in raw]
     if missing:
         raise PolicyError(f"{where} ({metric}) needs {', '.join(missing)}")

@@ -83,7 +83,7 @@ def test_a_missing_value_violates_its_rule() -> None:
     ({"rule": [{"metric": "iou", "tasks": ["a"], "max": 1}]}, "two tasks"),
     ({"rule": [{"metric": "drop", "task": "a", "max": 1}]}, "needs removed"),
     ({"rule": [{"metric": "density", "task": "a", "max": "low"}]}, "must be a number"),
-    ({"rule": [{"metric": "density", "task": "a", "max": 1, "treshold": 2}]}, "unknown keys ['treshold']"),
+    ({"rule": [{"metric": "density", "task": "a", "max": 1, "treshold": 2}]}, "unknown keys ['treshold']; it takes metric, min, max, name, task"),
     ({"rule": [{"metric": "sharing", "task": 3, "max": 1}]}, "must be a string"),
 ])
 def test_malformed_rules(data: dict, message: str) -> None:

@@ -30,7 +30,8 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .. import threads
-from ..errors import InvalidParameterError, ModscopeWarning, ShapeError
+from ..devices import resolve_device
+from ..errors import InvalidParameterError, ModscopeWarning, OutOfMemoryPlanError, ShapeError
 from ..model import Model, WeightInfo
 from ..tasks import Task
 from .checkpoint import TrainingState, load_checkpoint, save_checkpoint
@@ -46,28 +47,17 @@ from .maskset import MaskSet
 from .memory import (
     HEAP_HEADROOM,
     MemoryPlan,
+    fused_adam_supported,
     plan_run,
     probe_activations,
     retained_heap,
+    strict_heap,
 )
 from .progress import Progress
 from .sampling import SamplerKernels, StepBuffers, draw_uniforms
 from .selection import frozen_weights, select_weights
 
 _NO_BATCHING_RULE = "not yet implemented the batching rule"
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``device``, or cuda when present, else cpu."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise InvalidParameterError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidParameterError("device 'cuda' was asked for but CUDA is not available; use device='cpu'")
-    return dev
 
 
 @dataclass
@@ -279,9 +269,7 @@ def train_masks(
         >>> masks.tasks
         ('sign',)
     """
-    from ..converters import load
-
-    model = load(model)
+    model = Model.of(model)
     tasks = [tasks] if isinstance(tasks, Task) else list(tasks)
     config = config or MaskConfig()
     _check_tasks(tasks)
@@ -392,10 +380,28 @@ class MaskTrainer:
     def _make_plan(self, xs: tuple[torch.Tensor, ...]) -> None:
         """Plan the passes from one probe pass on the first task's examples ``xs`` and allocate the step buffers."""
         xs = tuple(x[: self.config.batch_size // self.config.n_samples] for x in xs)
-        self._plan = plan_run(len(self.tasks), self.config, self.layout.total, self._probe_activations(xs), self.device,
-                              prefer=self._preferred_replicas(), ahead=self._draw_pool is not None)
-        if self.device.type == "cpu" and self._plan.estimate * HEAP_HEADROOM <= self._plan.limit:
-            self._heap = retained_heap()
+        activations = self._probe_activations(xs)
+
+        def plan(fused: bool) -> MemoryPlan:
+            return plan_run(len(self.tasks), self.config, self.layout.total, activations, self.device,
+                            prefer=self._preferred_replicas(), ahead=self._draw_pool is not None, fused_optimizer=fused)
+
+        # bound by memory: Adam's fused kernel needs no temporaries (float-noise differences in the logits only)
+        fusable = self.distributed is None and fused_adam_supported(self.device)  # sharded Adam: its own kernel
+        try:
+            self._plan = plan(False)
+        except OutOfMemoryPlanError:
+            if not fusable:
+                raise
+            self._plan = plan(True)
+        fused = fusable and self._plan.unchunked > self._plan.limit
+        if fused:
+            self._plan = plan(True)
+        if self.distributed is None:
+            for group in self.optimizer.param_groups:  # also overrides what a resumed checkpoint's state says
+                group["fused"] = True if fused else None
+        if self.device.type == "cpu":  # keep freed memory when there is room, else return it at once (see memory)
+            self._heap = retained_heap() if self._plan.estimate * HEAP_HEADROOM <= self._plan.limit else strict_heap()
             self._heap.__enter__()
         most_tasks = max(len(p.tasks) for p in self._plan.passes)
         whole = all(p.samples == (0, self.config.n_samples) for p in self._plan.passes)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidParameterError
-from ..runs import SCHEMA_VERSION, dumps, jsonable, read_json, write_text
+from ..fileio import SCHEMA_VERSION, dumps, jsonable, read_json, write_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..masks.maskset import MaskSet
@@ -75,14 +75,14 @@ class Report:
         Raises:
             InvalidParameterError: a mask has no task of the same name.
         """
-        from ..converters import load
+        from ..model import Model
         from .compute import compute
 
         by_name = {t.name: t for t in tasks}
         missing = [m for m in masks.tasks if m not in by_name]
         if missing:
             raise InvalidParameterError(f"no task for the masks {missing}; pass one Task per mask, with the same names")
-        return cls(compute(masks, load(model), [by_name[m] for m in masks.tasks], n_clusters=n_clusters, device=device))
+        return cls(compute(masks, Model.of(model), [by_name[m] for m in masks.tasks], n_clusters=n_clusters, device=device))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Report:

@@ -34,10 +34,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checksums import file_sha256
 from ..errors import InvalidParameterError, ModelLoadError, ModscopeWarning, UntrustedFileError
 from ..model import Model, Source, WeightInfo, WeightKind, weights_checksum
 from .archives import check_zip
-from .files import check_options, file_sha256
+from .options import check_options
 
 Factory = str | Callable[[], nn.Module]
 
