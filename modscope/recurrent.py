@@ -1,7 +1,7 @@
 """Recurrent layers: LSTM, GRU, RNN in ONNX's formulation, written with plain tensor ops so they run under
 torch.func.vmap.
 
-Two callers share them: the ONNX converter's LSTM/GRU/RNN handlers (`modscope.converters.onnx.ops_recurrent`) and
+Two callers share them: the ONNX converter's LSTM/GRU/RNN handlers (`modscope.converters.onnx.ops.recurrent`) and
 the batchable stand-ins for torch's own ``nn.LSTM``/``nn.GRU`` (`modscope.batchable`). A leaf module (torch and
 `modscope.errors` only), so the mask learner can run recurrent layers without the ONNX converter. A layer reads its
 attributes (direction, layout, activations, clip, ...) from a `RecurrentNode`: the converter's ``NodeContext`` or a

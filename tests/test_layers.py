@@ -130,7 +130,7 @@ def test_the_checker_sees_circles_and_relative_imports() -> None:
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert circles({"a": {"b"}, "b": set()}) == []
     assert "modscope.model" in imported_names("modscope.masks.trainer", deferred=False)
-    assert "modscope.converters.onnx.registry" in imported_names("modscope.converters.onnx.ops_recurrent", deferred=False)
+    assert "modscope.converters.onnx.registry" in imported_names("modscope.converters.onnx.ops.recurrent", deferred=False)
     assert "modscope.converters.files" in imported_names("modscope.converters", deferred=True)
 
 
@@ -179,3 +179,29 @@ def test_training_on_a_torch_module_loads_no_converter() -> None:
                          cwd=PACKAGE.parent, check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_private_modules_are_used_only_inside_their_package() -> None:
+    """A ``_name`` module is its package's helper: no module of another package imports it."""
+    graph = import_graph(deferred=True)
+    outside = {
+        user: sorted(t for t in targets if t.rpartition(".")[2].startswith("_") and t.rpartition(".")[0] != user.rpartition(".")[0]
+                     and not (MODULES[user].name == "__init__.py" and t.rpartition(".")[0] == user))
+        for user, targets in graph.items()
+    }
+    assert {u: t for u, t in outside.items() if t} == {}
+
+
+def test_op_handlers_live_in_the_ops_package() -> None:
+    """The ONNX folder holds the compiler, ``converters/onnx/ops/`` every op family; a handler uses of the compiler
+    only the registry (`NodeContext`, `OpSet`), the size limits and the tensor decoding, never the compiler itself."""
+    from modscope.converters.onnx.ops import FAMILY_MODULES
+
+    onnx_dir = PACKAGE / "converters" / "onnx"
+    assert sorted(p.name for p in onnx_dir.glob("ops_*.py")) == []
+    assert all((onnx_dir / "ops" / f"{name}.py").is_file() for name in FAMILY_MODULES)
+    allowed = {f"modscope.converters.onnx.{n}" for n in ("registry", "limits", "tensors")}
+    compiler = {n for n in MODULES if n.startswith("modscope.converters.onnx.") and ".ops" not in n} - allowed
+    graph = import_graph(deferred=True)
+    handlers = [n for n in MODULES if n.startswith("modscope.converters.onnx.ops.")]
+    assert {h: sorted(graph[h] & compiler) for h in handlers if graph[h] & compiler} == {}

@@ -36,6 +36,7 @@ from ..model import Model, WeightInfo
 from ..tasks import Task
 from .checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from .config import MaskConfig
+from .convergence import warn_if_unconverged
 from .distributed import (
     DistributedError,
     DistributedStep,
@@ -318,6 +319,7 @@ def train_masks(
             trainer.close()
     if notes and trainer.runner.kernels.compiled:
         notes(f"compiling the mask sampler took {trainer.runner.kernels.compile_seconds:.1f} s")
+    warn_if_unconverged(state.curves)
     return trainer.result(state.curves)
 
 

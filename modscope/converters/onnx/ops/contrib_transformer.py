@@ -17,9 +17,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ...errors import InvalidParameterError, ShapeError, UnsupportedOperatorError
-from ._nn_sequence import rotary_embedding
-from .ops_contrib import (
+from ....errors import InvalidParameterError, ShapeError, UnsupportedOperatorError
+from .nn_sequence import rotary_embedding
+from .contrib import (
     MS_DOMAIN,
     attend,
     declared_outputs,
@@ -27,8 +27,8 @@ from .ops_contrib import (
     merge_heads,
     split_heads,
 )
-from .oputil import as_int
-from .registry import NodeContext, OpSet
+from .util import as_int
+from ..registry import NodeContext, OpSet
 
 ops = OpSet()
 

@@ -13,8 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ...errors import ShapeError
-from ._window_geometry import (
+from ....errors import ShapeError
+from .window_geometry import (
     Pads,
     Window,
     explicit_pads,
@@ -25,7 +25,7 @@ from ._window_geometry import (
     symmetric,
     window_from_attrs,
 )
-from .registry import NodeContext, OpSet
+from ..registry import NodeContext, OpSet
 
 ops = OpSet()
 

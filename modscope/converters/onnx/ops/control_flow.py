@@ -16,9 +16,9 @@ import numpy as np
 import onnx
 import torch
 
-from ...errors import InvalidParameterError, ShapeError
-from .limits import loop_too_large
-from .registry import NodeContext, OpSet
+from ....errors import InvalidParameterError, ShapeError
+from ..limits import loop_too_large
+from ..registry import NodeContext, OpSet
 
 ops = OpSet()
 
@@ -45,7 +45,7 @@ def _graph_attr(ctx: NodeContext, name: str) -> onnx.GraphProto:
 
 def _empty_scan_output(graph: onnx.GraphProto, index: int) -> torch.Tensor:
     """A zero-length scan output for a loop that ran no iteration, typed (and shaped if known) from the body."""
-    from .oputil import torch_dtype  # the shared ONNX -> torch dtype table
+    from .util import torch_dtype  # the shared ONNX -> torch dtype table
 
     tensor_type = graph.output[index].type.tensor_type
     dtype = torch_dtype(tensor_type.elem_type) if tensor_type.elem_type else torch.float32

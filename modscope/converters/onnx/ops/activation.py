@@ -14,8 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .oputil import normalize_axis
-from .registry import NodeContext, OpSet
+from .util import normalize_axis
+from ..registry import NodeContext, OpSet
 
 ops = OpSet()
 

@@ -11,8 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ...errors import InvalidParameterError, ShapeError
-from .registry import NodeContext, OpSet
+from ....errors import InvalidParameterError, ShapeError
+from ..registry import NodeContext, OpSet
 
 ops = OpSet()
 

@@ -1,5 +1,5 @@
 """Linear algebra and convolution: MatMul, Gemm, Einsum, Det, Conv, ConvTranspose (DeformConv and Col2Im live in
-`_deform_col2im` and are merged into this family's `ops`).
+`deform_col2im` and are merged into this family's `ops`).
 
 Conv, ConvTranspose and Gemm map to one torch call in the common case (symmetric padding, 1-D/2-D/3-D), so a
 converted CNN runs at native speed, stays differentiable in its weights and batches under ``torch.func.vmap``.
@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...errors import InvalidParameterError
-from . import _deform_col2im
-from ._window_geometry import (
+from ....errors import InvalidParameterError
+from . import deform_col2im
+from .window_geometry import (
     Pads,
     functional,
     pad_spatial,
@@ -21,9 +21,9 @@ from ._window_geometry import (
     symmetric,
     window_from_attrs,
 )
-from .registry import NodeContext, OpSet
+from ..registry import NodeContext, OpSet
 
-ops = OpSet(entries=list(_deform_col2im.ops.entries))
+ops = OpSet(entries=list(deform_col2im.ops.entries))
 
 _CONV = (F.conv1d, F.conv2d, F.conv3d)
 _CONV_T = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)

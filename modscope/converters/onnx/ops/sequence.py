@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
-from ...errors import DataError, InvalidParameterError, ShapeError
-from .ops_shape import split_sizes, split_tensor
-from .oputil import as_int, as_ints, as_tensor, normalize_axis
-from .registry import NodeContext, OpSet
+from ....errors import DataError, InvalidParameterError, ShapeError
+from .shape import split_sizes, split_tensor
+from .util import as_int, as_ints, as_tensor, normalize_axis
+from ..registry import NodeContext, OpSet
 
 ops = OpSet()
 

@@ -13,9 +13,9 @@ import math
 import onnx
 import torch
 
-from ...errors import InvalidParameterError, ShapeError
-from .oputil import torch_dtype
-from .registry import NodeContext, OpSet
+from ....errors import InvalidParameterError, ShapeError
+from .util import torch_dtype
+from ..registry import NodeContext, OpSet
 
 ops = OpSet()
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ...errors import InvalidParameterError, UnsupportedOperatorError
-from .registry import NodeContext
+from ....errors import InvalidParameterError, UnsupportedOperatorError
+from ..registry import NodeContext
 
 Pads = list[tuple[int, int]]
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...errors import InvalidParameterError, UnsupportedOperatorError
-from .oputil import as_ints
-from .registry import NodeContext, OpSet
+from ....errors import InvalidParameterError, UnsupportedOperatorError
+from .util import as_ints
+from ..registry import NodeContext, OpSet
 
 ops = OpSet()
 

@@ -12,7 +12,7 @@ from typing import Any
 import onnx
 import torch
 
-from ...errors import InvalidParameterError, ShapeError
+from ....errors import InvalidParameterError, ShapeError
 
 #: ONNX TensorProto element types -> torch dtypes (unsigned types torch barely supports are widened, as on load).
 _ONNX_TO_TORCH = {

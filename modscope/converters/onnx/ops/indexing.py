@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from ...errors import InvalidParameterError, ShapeError
-from .oputil import (
+from ....errors import InvalidParameterError, ShapeError
+from .util import (
     as_int,
     as_ints,
     as_tensor,
@@ -25,7 +25,7 @@ from .oputil import (
     take,
     widen,
 )
-from .registry import NodeContext, OpSet
+from ..registry import NodeContext, OpSet
 
 ops = OpSet()
 

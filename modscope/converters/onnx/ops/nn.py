@@ -1,22 +1,22 @@
 """Composite neural-network ops: losses here; Attention, RotaryEmbedding, LinearAttention, FlexAttention and
-CausalConvWithState in `_nn_attention`/`_nn_sequence`; GridSample and AffineGrid in `_nn_sampling`; Resize and
-Upsample in `_nn_resize`. This module's ``ops`` holds all of them.
+CausalConvWithState in `nn_attention`/`nn_sequence`; GridSample and AffineGrid in `nn_sampling`; Resize and
+Upsample in `nn_resize`. This module's ``ops`` holds all of them.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ...errors import InvalidParameterError
-from . import _nn_attention, _nn_resize, _nn_sampling, _nn_sequence
-from .registry import NodeContext, OpSet
+from ....errors import InvalidParameterError
+from . import nn_attention, nn_resize, nn_sampling, nn_sequence
+from ..registry import NodeContext, OpSet
 
 ops = OpSet(
     entries=[
-        *_nn_attention.ops.entries,
-        *_nn_sequence.ops.entries,
-        *_nn_sampling.ops.entries,
-        *_nn_resize.ops.entries,
+        *nn_attention.ops.entries,
+        *nn_sequence.ops.entries,
+        *nn_sampling.ops.entries,
+        *nn_resize.ops.entries,
     ]
 )
 

@@ -1,6 +1,6 @@
 """DeformConv and Col2Im for any number of spatial axes, written with gathers and ``index_add``.
 
-Part of the linalg family: `ops_linalg` merges this module's ``ops`` into its own.
+Part of the linalg family: `linalg` merges this module's ``ops`` into its own.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import math
 
 import torch
 
-from ...errors import ShapeError
-from ._window_geometry import Window, explicit_pads, window_from_attrs
-from .registry import NodeContext, OpSet
+from ....errors import ShapeError
+from .window_geometry import Window, explicit_pads, window_from_attrs
+from ..registry import NodeContext, OpSet
 
 ops = OpSet()
 

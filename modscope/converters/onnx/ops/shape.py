@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from ...errors import InvalidParameterError, ShapeError
-from .oputil import as_int, as_ints, normalize_axes, normalize_axis, take, torch_dtype
-from .registry import NodeContext, OpSet
+from ....errors import InvalidParameterError, ShapeError
+from .util import as_int, as_ints, normalize_axes, normalize_axis, take, torch_dtype
+from ..registry import NodeContext, OpSet
 
 ops = OpSet()
 

@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import torch
 
-from ... import recurrent
-from .registry import NodeContext, OpSet
+from .... import recurrent
+from ..registry import NodeContext, OpSet
 
 ops = OpSet()
 

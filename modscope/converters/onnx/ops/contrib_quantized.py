@@ -32,12 +32,12 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from ...errors import InvalidParameterError, UnsupportedOperatorError
-from .ops_contrib import MS_DOMAIN
-from .ops_contrib_transformer import embed_layer_normalization, packed_attention
-from .ops_quantization import dynamic_quantize_linear
-from .ops_recurrent import lstm
-from .registry import NodeContext, OpSet
+from ....errors import InvalidParameterError, UnsupportedOperatorError
+from .contrib import MS_DOMAIN
+from .contrib_transformer import embed_layer_normalization, packed_attention
+from .quantization import dynamic_quantize_linear
+from .recurrent import lstm
+from ..registry import NodeContext, OpSet
 
 ops = OpSet()
 

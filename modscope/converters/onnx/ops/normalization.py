@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...errors import InvalidParameterError, ShapeError
-from .registry import NodeContext, OpSet
+from ....errors import InvalidParameterError, ShapeError
+from ..registry import NodeContext, OpSet
 
 ops = OpSet()
 

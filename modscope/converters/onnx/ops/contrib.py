@@ -2,8 +2,8 @@
 and the scaled dot-product attention that Attention, MultiHeadAttention, GroupQueryAttention and QAttention run.
 
 Files fused by ``onnxruntime.transformers.optimizer`` (or optimum) and files quantized by
-``onnxruntime.quantization`` use these operators; their handlers live in ``ops_contrib_transformer.py`` (float
-fusions) and ``ops_contrib_quantized.py`` (integer and 4-bit weights). onnxruntime's contrib-op documentation
+``onnxruntime.quantization`` use these operators; their handlers live in ``contrib_transformer.py`` (float
+fusions) and ``contrib_quantized.py`` (integer and 4-bit weights). onnxruntime's contrib-op documentation
 (``docs/ContribOperators.md`` in its repository) and onnxruntime's own results are the reference for their meaning.
 
 `CONTRIB_INPUT_ROLES` tells ``roles.py`` which inputs of these operators carry trained weights:
@@ -33,9 +33,9 @@ from types import MappingProxyType
 
 import torch
 
-from ...errors import ShapeError
-from ...model import WeightKind
-from .registry import NodeContext
+from ....errors import ShapeError
+from ....model import WeightKind
+from ..registry import NodeContext
 
 #: the domain of onnxruntime's contrib operators.
 MS_DOMAIN = "com.microsoft"

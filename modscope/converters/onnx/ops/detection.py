@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from ...errors import InvalidParameterError, ShapeError
-from .oputil import as_tensor
-from .registry import NodeContext, OpSet
+from ....errors import InvalidParameterError, ShapeError
+from .util import as_tensor
+from ..registry import NodeContext, OpSet
 
 ops = OpSet()
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from .oputil import as_int, as_ints, from_order_key, normalize_axes, normalize_axis, order_key, widen
-from .registry import NodeContext, OpSet
+from .util import as_int, as_ints, from_order_key, normalize_axes, normalize_axis, order_key, widen
+from ..registry import NodeContext, OpSet
 
 ops = OpSet()
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from .ops_contrib import MS_DOMAIN
-from .ops_quantization import dynamic_quantize_linear
+from .ops.contrib import MS_DOMAIN
+from .ops.quantization import dynamic_quantize_linear
 from .plan import Entry
 
 #: (domain, op_type) -> the input index at which the product reads its quantized activation.

@@ -10,9 +10,9 @@ import math
 
 import torch
 
-from ...errors import InvalidParameterError, ShapeError
-from .oputil import as_int, normalize_axis, torch_dtype
-from .registry import NodeContext, OpSet
+from ....errors import InvalidParameterError, ShapeError
+from .util import as_int, normalize_axis, torch_dtype
+from ..registry import NodeContext, OpSet
 
 ops = OpSet()
 

@@ -9,8 +9,8 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from ...errors import ModelLoadError
-from .registry import NodeContext, OpSet, tensor_from_proto
+from ....errors import ModelLoadError
+from ..registry import NodeContext, OpSet, tensor_from_proto
 
 ops = OpSet()
 

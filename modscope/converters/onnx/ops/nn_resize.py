@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ...errors import InvalidParameterError, ShapeError
-from .oputil import normalize_axes
-from .registry import NodeContext, OpSet
+from ....errors import InvalidParameterError, ShapeError
+from .util import normalize_axes
+from ..registry import NodeContext, OpSet
 
 ops = OpSet()
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from ...errors import InvalidParameterError, UnsupportedOperatorError
-from .oputil import as_tensor
-from .registry import NodeContext, OpSet
+from ....errors import InvalidParameterError, UnsupportedOperatorError
+from .util import as_tensor
+from ..registry import NodeContext, OpSet
 
 ops = OpSet()
 

@@ -26,10 +26,10 @@ from typing import Any
 import onnx
 import torch
 
-from ...errors import ShapeError, UnsupportedOperatorError
-from .ops_linalg import conv
-from .oputil import as_tensor, normalize_axis
-from .registry import NodeContext, OpSet
+from ....errors import ShapeError, UnsupportedOperatorError
+from .linalg import conv
+from .util import as_tensor, normalize_axis
+from ..registry import NodeContext, OpSet
 
 ops = OpSet()
 
