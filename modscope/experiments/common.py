@@ -42,6 +42,16 @@ class ExperimentOptions:
     overrides: dict[str, Any] = field(default_factory=dict)
 
 
+def run_seeds(run_seed: Callable[[dict[str, Any], int, ExperimentOptions], dict[str, Any]], settings: dict[str, Any],
+              options: ExperimentOptions) -> list[dict[str, Any]]:
+    """``run_seed(settings, seed, options)`` for each of ``options.seeds`` seeds, in order. Under torchrun the seeds
+    run in parallel as independent runs, seed i on rank i mod N (`masks.distributed.spread`); one seed shares its mask
+    training over the ranks instead."""
+    from ..masks.distributed import spread
+
+    return spread(lambda seed: run_seed(settings, seed, options), range(options.seeds))
+
+
 def log(message: str) -> None:
     """Progress and log lines go to stderr."""
     print(message, file=sys.stderr, flush=True)
