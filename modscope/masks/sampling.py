@@ -252,6 +252,7 @@ class StepBuffers:
         self._b = torch.empty(scratch, device=device, dtype=dtype)
         self._sum = torch.empty(scratch, device=device, dtype=dtype)
         self._zero = torch.zeros((), device=device, dtype=dtype)
+        self._one = torch.ones((), device=device, dtype=dtype)
 
     def nbytes(self) -> int:
         """Bytes held by the buffers."""
@@ -322,7 +323,7 @@ class StepBuffers:
         size = u.numel()
         a, b = self._a[:size].view(shape), self._b[:size].view(shape)
         if tau == 1.0:
-            torch.neg(u, out=a).add_(1).mul_(e)  # other = (1 − u) · e
+            torch.sub(self._one, u, out=a).mul_(e)  # other = (1 − u) · e
             torch.add(a, u, out=b)  # denom = other + u
             b.mul_(b)
             a.mul_(u).div_(b)  # local = other · u / denom²
@@ -331,6 +332,9 @@ class StepBuffers:
             torch.neg(a, out=b).add_(1)
             a.mul_(b).div_(tau)  # local = soft (1 − soft) / τ
         a.mul_(g).mul_(w)
+        if not accumulate:  # straight into the gradient
+            torch.sum(a, dim=1, out=target)
+            return
         total = self._sum[: size // shape[1]].view(shape[0], *shape[2:])
         torch.sum(a, dim=1, out=total)
-        target.add_(total) if accumulate else target.copy_(total)
+        target.add_(total)
