@@ -6,9 +6,9 @@ dispatch to fused kernels without a batching rule, which would force the slow lo
 - ``nn.MultiheadAttention`` (also inside ``nn.TransformerEncoderLayer``/``DecoderLayer``) with
   ``need_weights=False`` calls ``scaled_dot_product_attention``, whose CPU kernel has no batching rule. The stand-in
   asks for the weights, which takes torch's own matmul + softmax path, and drops them when they were not asked for.
-- ``nn.LSTM`` and ``nn.GRU`` call ``aten::lstm``/``aten::gru``. The stand-in runs the ONNX converter's recurrent
-  layers (`modscope.converters.onnx.ops_recurrent`), written with plain tensor ops, on the module's own weights,
-  reordered from torch's gate order to ONNX's.
+- ``nn.LSTM`` and ``nn.GRU`` call ``aten::lstm``/``aten::gru``. The stand-in runs the recurrent layers the ONNX
+  converter uses too (`modscope.recurrent`), written with plain tensor ops, on the module's own weights, reordered
+  from torch's gate order to ONNX's.
 
 `batchable_layers` installs the stand-ins as instance ``forward`` attributes and removes them on exit (also after an
 error), so the user's module is as it was. Both are the same functions as the originals up to float rounding; layers
@@ -82,7 +82,7 @@ def _attention(m: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor,
 def _recurrent(m: nn.LSTM | nn.GRU, x: Any, hx: Any = None) -> Any:
     if not isinstance(x, torch.Tensor):  # a PackedSequence: torch's own kernel
         return type(m).forward(m, x, hx)
-    from .converters.onnx import ops_recurrent
+    from . import recurrent
 
     kind = "LSTM" if isinstance(m, nn.LSTM) else "GRU"
     unbatched = x.dim() == 2
@@ -98,9 +98,9 @@ def _recurrent(m: nn.LSTM | nn.GRU, x: Any, hx: Any = None) -> Any:
         w, r, b = _onnx_weights(m, kind, layer, n_dirs)
         initial = [s[layer * n_dirs:(layer + 1) * n_dirs] if s is not None else None for s in (h0, c0)]
         if kind == "LSTM":
-            y, *states = ops_recurrent.lstm(node, seq, w, r, b, None, *initial)
+            y, *states = recurrent.lstm(node, seq, w, r, b, None, *initial)
         else:
-            y, *states = ops_recurrent.gru(node, seq, w, r, b, None, initial[0])
+            y, *states = recurrent.gru(node, seq, w, r, b, None, initial[0])
         seq = y.permute(0, 2, 1, 3).flatten(2)  # (T, D, B, H) -> (T, B, D*H)
         if m.training and m.dropout and layer < m.num_layers - 1:
             seq = nn.functional.dropout(seq, m.dropout, training=True)
@@ -133,14 +133,11 @@ def _onnx_weights(m: nn.Module, kind: str, layer: int, n_dirs: int) -> tuple[tor
 
 @functools.lru_cache(maxsize=16)
 def _node(kind: str, n_dirs: int, batch_first: bool) -> Any:
-    """The ONNX node a torch layer of this shape corresponds to (the recurrent ops read their attributes from it)."""
-    import onnx
-
-    from .converters.onnx.registry import NodeContext
+    """The ONNX attributes of the node a torch layer of this shape corresponds to (the layers read them from it)."""
+    from .recurrent import RecurrentSpec
 
     attrs = {"direction": "bidirectional" if n_dirs == 2 else "forward"}
     if kind == "GRU":
         attrs["linear_before_reset"] = 1  # torch's GRU applies the reset gate after the recurrent product
-    outputs = ["y", "y_h", "y_c"] if kind == "LSTM" else ["y", "y_h"]
-    node = onnx.helper.make_node(kind, ["x", "w", "r", "b"], outputs, name=f"torch {kind}", **attrs)
-    return NodeContext(node=node, opset=14, attrs=attrs, run_graph=lambda *a: [])
+    outputs = ("y", "y_h", "y_c") if kind == "LSTM" else ("y", "y_h")
+    return RecurrentSpec(kind, attrs, outputs, name=f"torch {kind}")

@@ -121,6 +121,15 @@ def _threads_for(args: argparse.Namespace) -> contextlib.AbstractContextManager:
     return threads.limited(getattr(args, "threads", None), announce=not getattr(args, "quiet", False))
 
 
+def _launched(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    """fit and reproduce under torchrun join its process group for the command's duration (`masks.distributed`)."""
+    if args.command not in ("fit", "reproduce"):
+        return contextlib.nullcontext()
+    from .masks import distributed
+
+    return distributed.launched()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``modscope`` command.
 
@@ -152,12 +161,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     with warnings.catch_warnings(), _sigterm_as_interrupt():
         warnings.showwarning = _show_warning
         try:
-            with _threads_for(args):
+            with _threads_for(args), _launched(args):
                 return int(args.command_function(args))
         except ModscopeError as exc:
             if debug:
                 raise
-            _say(prog, str(exc))
+            if not getattr(exc, "quiet", False):  # rank 0's error mirrored on another rank: rank 0 prints it
+                _say(prog, str(exc))
         except BrokenPipeError:  # stdout was closed early (`modscope ... | head`): stop quietly, as `cat` does
             _silence_stdout()
             return 141

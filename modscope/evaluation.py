@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from .devices import resolve_device
 from .errors import InvalidParameterError
 from .model import Model
 from .tasks import Task
@@ -45,10 +46,7 @@ def predict(
     device: str | torch.device | None = None,
 ) -> torch.Tensor:
     """The model's selected outputs on all of the task's examples, with ``mask`` applied as in `evaluate`."""
-    from .converters import load
-    from .masks.trainer import resolve_device
-
-    model = load(model)
+    model = Model.of(model)
     dev = resolve_device(device)
     params = masked_parameters(model, mask, invert=invert, device=dev)
     chunks = []

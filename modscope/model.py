@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import inspect
 import re
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -156,6 +158,40 @@ class Model:
         self._by_name = {w.name: w for w in self.weights}
         self._copies: dict[str, nn.Module] = {}
 
+    @classmethod
+    def of(cls, source: Model | nn.Module) -> Model:
+        """``source`` as a `Model`: a `Model` unchanged, a torch module wrapped (never modified).
+
+        This is how the learner, `evaluate`, the metrics and the report accept either; it reads no files, so it
+        needs none of the converters (files are read with `modscope.load`). A ``transformers.PreTrainedModel``
+        becomes a `TransformersModel` (calls without cache, tensor outputs by name), as with `modscope.load`.
+
+        Args:
+            source: a `Model`, or a ``torch.nn.Module``.
+
+        Returns:
+            The `Model`.
+
+        Raises:
+            InvalidParameterError: ``source`` is neither (a path or an ONNX model: load it with `modscope.load`).
+
+        Example:
+            >>> import torch
+            >>> model = Model.of(torch.nn.Linear(2, 3))
+            >>> Model.of(model) is model, len(model.weights)
+            (True, 2)
+        """
+        if isinstance(source, Model):
+            return source
+        if is_transformers_model(source):
+            return load_transformers(source)
+        if isinstance(source, nn.Module):
+            return Model(source)
+        raise InvalidParameterError(
+            f"expected a modscope Model or a torch.nn.Module, got {type(source).__name__}; "
+            "read model files (and ONNX models, .pt2 programs) with modscope.load first"
+        )
+
     # -- registry -------------------------------------------------------------------------------------------------
     def weight(self, name: str) -> WeightInfo:
         """The `WeightInfo` of a weight by its torch name or its source name."""
@@ -261,3 +297,86 @@ def _set_mha_fastpath(enabled: bool) -> None:
     setter = getattr(torch.backends.mha, "set_fastpath_enabled", None)
     if setter:
         setter(enabled)
+
+
+# -- transformers models ----------------------------------------------------------------------------------------
+def is_transformers_model(obj: Any) -> bool:
+    """Whether ``obj`` is a ``transformers.PreTrainedModel`` (without importing transformers)."""
+    module = sys.modules.get("transformers")
+    cls = getattr(module, "PreTrainedModel", None) if module is not None else None
+    return cls is not None and isinstance(obj, cls)
+
+
+class TransformersModel(Model):
+    """A `Model` over a ``transformers.PreTrainedModel``: calls without cache, tensor outputs, batchable attention."""
+
+    def call_options(self, module: nn.Module) -> dict[str, Any]:
+        params = inspect.signature(module.forward).parameters
+        return {k: v for k, v in (("use_cache", False), ("return_dict", True)) if k in params}
+
+    def reduce_output(self, output: Any) -> Any:
+        if isinstance(output, dict):  # a ModelOutput: keep its tensors (and tuples of them); drop caches
+            return {k: v for k, v in output.items() if _is_tensors(v)}
+        return output
+
+    @contextlib.contextmanager
+    def frozen(self, device: torch.device | str | None = None, *, train: bool = False) -> Iterator[nn.Module]:
+        with super().frozen(device, train=train) as module, batchable_attention(module):
+            yield module
+
+
+def _is_tensors(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    return isinstance(value, tuple | list) and all(_is_tensors(v) for v in value)
+
+
+@contextlib.contextmanager
+def batchable_attention(module: nn.Module) -> Iterator[None]:
+    """Run ``module``'s attention on its eager implementation with masks built without data-dependent shortcuts.
+
+    transformers' default (``sdpa``) and its mask builders skip the mask when no token is padded, a test on the
+    data that ``torch.func.vmap`` cannot batch; the eager path computes the same attention with plain tensor ops.
+    The module's implementation setting and transformers' eager mask builder are restored on exit.
+    """
+    from transformers import masking_utils
+
+    previous = getattr(module.config, "_attn_implementation", None)
+    masks = masking_utils.ALL_MASK_ATTENTION_FUNCTIONS
+    had_local = "eager" in masks._local_mapping
+    old_local = masks._local_mapping.get("eager")
+    eager_mask = masks["eager"]
+
+    def eager_mask_always(*args: Any, **kwargs: Any) -> Any:
+        kwargs["allow_is_bidirectional_skip"] = False
+        return eager_mask(*args, **kwargs)
+
+    try:
+        if previous not in (None, "eager"):
+            module.set_attn_implementation("eager")
+        masks["eager"] = eager_mask_always
+        yield
+    finally:
+        if had_local:
+            masks["eager"] = old_local
+        else:
+            masks._local_mapping.pop("eager", None)
+        if previous not in (None, "eager"):
+            module.set_attn_implementation(previous)
+
+
+def load_transformers(model: nn.Module, *, path: str | None = None, checksum: str | None = None) -> TransformersModel:
+    """Wrap a ``transformers.PreTrainedModel`` (never modified) as a `Model`.
+
+    Args:
+        model: the model.
+        path: the folder it was read from, if any.
+        checksum: the weights' checksum (computed from the weights when omitted).
+
+    Returns:
+        A `TransformersModel`; a tied LM head and input embedding are one weight.
+    """
+    params = dict(model.named_parameters())
+    details = {"architecture": type(model).__name__, "model_type": getattr(model.config, "model_type", "")}
+    source = Source("transformers", path=path, checksum=checksum or weights_checksum(params), details=details)
+    return TransformersModel(model, source=source)

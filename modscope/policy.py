@@ -32,6 +32,8 @@ drop          task, removed        relative drop of ``task``'s metric when ``rem
                                    (full − ablated) / full (for error metrics such as mse: (ablated − full) / full)
 performance   task, mask           ``task``'s metric with only ``mask``'s weights kept (``mask`` defaults to ``task``)
 accuracy      task, mask           the same, for tasks whose metric is accuracy
+converged     task (optional)      1 when the task's mask (every mask without ``task``) had stopped shrinking at the end
+                                   of training, else 0 (``modscope.masks.convergence``); gate with ``min = 1``
 ============  ===================  ====================================================================================
 """
 
@@ -56,6 +58,7 @@ _KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "drop": (("task", "removed"), ()),
     "performance": (("task",), ("mask",)),
     "accuracy": (("task",), ("mask",)),
+    "converged": ((), ("task",)),
 }
 _COMMON = ("metric", "min", "max", "name")
 
@@ -88,6 +91,7 @@ class Rule:
             "drop": lambda: f"drop of {s['task']} without {s['removed']}",
             "performance": lambda: f"{s['task']} with only {s.get('mask') or s['task']}",
             "accuracy": lambda: f"accuracy of {s['task']} with only {s.get('mask') or s['task']}",
+            "converged": lambda: f"masks converged{' for ' + s['task'] if 'task' in s else ''}",
         }.get(self.metric, lambda: f"{self.metric} {'/'.join(s['tasks']) if 'tasks' in s else s['task']}")()
         return what + (f" in {self.layer}" if self.layer else "")
 
@@ -183,7 +187,7 @@ def _parse_rule(raw: Any, where: str) -> Rule:
     required, optional = _KEYS[metric]
     unknown = sorted(set(raw) - set(_COMMON) - set(required) - set(optional))
     if unknown:
-        raise PolicyError(f"{where} ({metric}): unknown keys {unknown}; it takes {', '.join(required + optional)}")
+        raise PolicyError(f"{where} ({metric}): unknown keys {unknown}; it takes {', '.join((*_COMMON, *required, *optional))}")
     missing = [k for k in required if k not in raw]
     if missing:
         raise PolicyError(f"{where} ({metric}) needs {', '.join(missing)}")
@@ -231,6 +235,8 @@ def measure(rule: Rule, report: Mapping[str, Any]) -> float | None:
         return (sh["total"] if rule.layer is None else sh["per_layer"][rule.layer])[s["task"]]
     if rule.metric == "density":
         return report["density"][s["task"]] if rule.layer is None else report["density_per_layer"][s["task"]].get(rule.layer)
+    if rule.metric == "converged":
+        return _converged(report, s.get("task"))
     info = report["task_info"][s["task"]]
     if rule.metric == "drop":
         full = report["ablation"]["full"][report["ablation"]["tasks"].index(s["task"])]
@@ -239,6 +245,15 @@ def measure(rule: Rule, report: Mapping[str, Any]) -> float | None:
         raise PolicyError(f"rule '{rule.label}': task {s['task']!r} is measured by {info['metric']}, not accuracy; "
                           "use metric = \"performance\"")
     return ablation_value(report, "kept", s.get("mask") or s["task"], s["task"])
+
+
+def _converged(report: Mapping[str, Any], task: str | None) -> float:
+    """1.0 when ``task`` (every task when None) had converged by the report's convergence check, else 0.0."""
+    from .masks.convergence import check_convergence
+
+    conv = report.get("convergence") or check_convergence(report.get("curves") or {}).to_dict()
+    flagged = set(conv["not_converged"])
+    return float(not (flagged if task is None else flagged & {task}))
 
 
 def check(report: Mapping[str, Any], rules: Sequence[Rule]) -> CheckResult:

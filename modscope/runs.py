@@ -9,29 +9,33 @@ A run folder holds::
       report.json         the metrics (`modscope.Report`)
       checkpoint.pt       the training state while a run is unfinished; removed when it completes
 
-Every file is written to a temporary name in the folder and then renamed into place (`atomic_write`), so a run
-folder never holds a half-written file, whatever stops the process.
+Every file is written to a temporary name in the folder and then renamed into place (`modscope.fileio.atomic_write`),
+so a run folder never holds a half-written file, whatever stops the process.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import json
-import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidParameterError, ModelLoadError
+from .fileio import (  # noqa: F401 - re-exported: run folders are written and read with these
+    SCHEMA_VERSION,
+    atomic_write,
+    dumps,
+    jsonable,
+    read_json,
+    write_json,
+    write_text,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .masks.maskset import MaskSet
     from .model import Model
-
-#: version of the JSON files modscope writes (config.json, report.json, --json outputs).
-SCHEMA_VERSION = 1
 
 MASKS = "masks.safetensors"
 CONFIG = "config.json"
@@ -103,85 +107,6 @@ def _lock_holder(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it is renamed to ``path``, on failure removed.
-
-    Example:
-        >>> from pathlib import Path
-        >>> with atomic_write("/tmp/doc_atomic.txt") as tmp:
-        ...     _ = tmp.write_text("done")
-        >>> Path("/tmp/doc_atomic.txt").read_text()
-        'done'
-    """
-    final = Path(path)
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def jsonable(value: Any) -> Any:
-    """``value`` with numpy/torch values made plain and non-finite floats made ``None`` (JSON has no NaN)."""
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Path):
-        return str(value)
-    tolist = getattr(value, "tolist", None)  # numpy arrays and scalars, torch tensors
-    if callable(tolist):
-        return jsonable(tolist())
-    return value
-
-
-def dumps(data: Mapping[str, Any]) -> str:
-    """JSON text with ``schema_version`` first (added when missing)."""
-    body = {"schema_version": SCHEMA_VERSION, **jsonable(data)}
-    return json.dumps(body, indent=1, allow_nan=False) + "\n"
-
-
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically."""
-    with atomic_write(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return Path(path)
-
-
-def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> Path:
-    """Write ``data`` (with ``schema_version``) as JSON to ``path`` atomically."""
-    return write_text(path, dumps(data))
-
-
-def read_json(path: str | os.PathLike, what: str) -> dict[str, Any]:
-    """Read a JSON object written by modscope.
-
-    Raises:
-        InvalidParameterError: the file is missing, unreadable, not JSON, or of a newer schema.
-    """
-    p = Path(path)
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InvalidParameterError(f"{what} {p} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidParameterError(f"{what} {p} cannot be read ({_reason(exc)}); make it again with `modscope fit`") from exc
-    except RecursionError:
-        raise InvalidParameterError(f"{what} {p} cannot be read (it is nested too deeply to be modscope's); make it again with `modscope fit`") from None
-    if not isinstance(data, dict):
-        raise InvalidParameterError(f"{what} {p} is not a JSON object; make it again with `modscope fit`")
-    version = data.get("schema_version")
-    if not isinstance(version, int) or version > SCHEMA_VERSION:
-        raise InvalidParameterError(
-            f"{what} {p} has schema_version {version!r}, this modscope reads up to {SCHEMA_VERSION}; upgrade modscope"
-        )
-    return data
-
-
-@contextlib.contextmanager
 def malformed_report(path: str | os.PathLike) -> Iterator[None]:
     """Turn the errors a report.json of the wrong shape causes while it is read into one `InvalidParameterError`."""
     from .errors import ModscopeError
@@ -196,19 +121,11 @@ def malformed_report(path: str | os.PathLike) -> Iterator[None]:
         ) from exc
 
 
-def _reason(exc: BaseException) -> str:
-    return getattr(exc, "strerror", None) or str(exc).splitlines()[0]
-
-
 def file_checksum(path: str | os.PathLike) -> str:
-    """sha256 of a file (the checksum `modscope.load` records for model files)."""
-    from .converters.files import file_sha256
+    """sha256 of a file, or of a transformers model folder (the checksum `modscope.load` records)."""
+    from .checksums import path_checksum
 
-    if Path(path).is_dir():  # a transformers model folder
-        from .converters.hf import folder_checksum
-
-        return folder_checksum(Path(path))
-    return file_sha256(Path(path))
+    return path_checksum(path)
 
 
 class RunFolder:

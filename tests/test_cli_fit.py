@@ -59,6 +59,8 @@ def test_fit_prints_a_summary_and_logs_to_stderr(toy: Toy, tmp_path: Path, capsy
     assert out.splitlines()[0].split()[:3] == ["task", "metric", "full"]
     assert "training 1 mask(s)" in err and "run written to" in err and "memory plan: about" in err
     assert "task" not in err.splitlines()[0]
+    # 30 steps do not converge: one warning line that names the task and suggests more steps
+    assert "modscope: warning: the masks of 'a'" in err and "--n-steps 60" in err
 
 
 def test_fit_a_state_dict_with_a_factory(toy: Toy, tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ TARGET = 0.97
 EXPECTED_FAILURES: dict[str, str] = {
     "test_maxunpool_export_with_output_shape": (
         "MaxUnpool with an explicit output_shape: the handler reads the indices as positions in output_shape, the "
-        "ONNX reference reads them in the default unpooled shape and pads (ops_pooling)"
+        "ONNX reference reads them in the default unpooled shape and pads (ops/pooling.py)"
     ),
 }
 

@@ -17,7 +17,7 @@ pytest.importorskip("onnxruntime")
 
 from contrib_cases import Case, check, floats, rng
 
-from modscope.converters.onnx.ops_contrib_quantized import (
+from modscope.converters.onnx.ops.contrib_quantized import (
     nbits_ablated,
     nbits_dequantize,
 )

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 
 import modscope
-from modscope.converters.onnx import ops_activation, ops_elementwise
+from modscope.converters.onnx.ops import activation as ops_activation, elementwise as ops_elementwise
 from modscope.errors import InvalidParameterError, UnsupportedOperatorError
 
 ort = pytest.importorskip("onnxruntime")

@@ -207,7 +207,7 @@ def test_gradients_reach_w_r_b(op: str) -> None:
 
 
 def test_lstm_gradient_matches_finite_differences() -> None:
-    from modscope.converters.onnx.ops_recurrent import lstm
+    from modscope.converters.onnx.ops.recurrent import lstm
     from modscope.converters.onnx.registry import NodeContext
 
     node = helper.make_node("LSTM", ["X", "W", "R", "B", "L"], ["Y", "Y_h"], direction="bidirectional", hidden_size=2)
@@ -376,7 +376,7 @@ def test_quantized_matmul_graph_matches_onnxruntime() -> None:
 
 
 def test_dequantize_linear_is_differentiable_in_its_scale() -> None:
-    from modscope.converters.onnx.ops_quantization import dequantize_linear
+    from modscope.converters.onnx.ops.quantization import dequantize_linear
     from modscope.converters.onnx.registry import NodeContext
 
     node = helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["y"], axis=1)
@@ -513,7 +513,7 @@ def test_roi_align_matches_onnxruntime_and_is_differentiable(mode: str, ctm: str
 
 
 def test_roi_align_in_chunks_equals_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
-    from modscope.converters.onnx import ops_detection
+    from modscope.converters.onnx.ops import detection as ops_detection
 
     rng = np.random.default_rng(6)
     x = torch.from_numpy(rng.normal(size=(1, 2, 8, 8)).astype(np.float32))

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 
 import modscope
-from modscope.converters.onnx import ops_indexing, ops_misc, ops_reduction, ops_sequence, ops_shape
+from modscope.converters.onnx.ops import indexing as ops_indexing, misc as ops_misc, reduction as ops_reduction, sequence as ops_sequence, shape as ops_shape
 from modscope.errors import DataError, ShapeError
 
 ort = pytest.importorskip("onnxruntime")

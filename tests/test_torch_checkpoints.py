@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 import modscope
 from modscope.converters.files import file_sha256
-from modscope.converters.torch import load_exported_program
+from modscope.converters.pytorch import load_exported_program
 from modscope.errors import InvalidParameterError, ModelLoadError, UntrustedFileError
 
 # float32 round-off from the different op order of a converted graph; weights are identical.

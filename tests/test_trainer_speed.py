@@ -12,6 +12,7 @@ from torch import nn
 import modscope
 from modscope.errors import OutOfMemoryPlanError
 from modscope.masks.memory import parse_bytes, plan_passes
+from modscope.masks import trainer as trainer_module
 from modscope.masks.trainer import MaskTrainer
 
 # Recorded on CPU with the learner as it was before the buffer-reusing step and the memory plan (commit c338bc8):
@@ -87,9 +88,17 @@ def test_the_plan_splits_a_step_to_fit_max_memory_and_keeps_the_masks(monkeypatc
     # room for the fixed part and three replicas: passes of three samples of one task
     limit = held + whole.parts["tasks"] + 3 * per_replica + per_replica // 2
     notes: list[str] = []
+    heaps: list[str] = []
+    for name in ("retained_heap", "strict_heap"):  # the tight plan returns freed memory at once instead of keeping it
+        monkeypatch.setattr(trainer_module, name, lambda *a, _f=getattr(memory, name), _n=name: heaps.append(_n) or _f(*a))
     masks = modscope.train_masks(net, tasks, modscope.MaskConfig(**{**CONFIG, "compile": False, "max_memory": limit}),
                                  progress=False, notes=notes.append)
     assert "passes of up to 3" in notes[0], notes
+    assert heaps == ["strict_heap"] and not memory._HEAP_MODES
+    tight = MaskTrainer(model, model.module_on("cpu"), tasks, modscope.MaskConfig(**{**CONFIG, "max_memory": limit}),
+                        torch.device("cpu"))
+    assert tight.plan.parts["optimizer"] == 0 and tight.optimizer.param_groups[0]["fused"] is True  # no Adam temporaries
+    assert whole.parts["optimizer"] > 0
     for task, (bits, _) in REFERENCE.items():
         assert fingerprint(masks, task)[0] == bits
 
@@ -108,6 +117,10 @@ def test_plan_arithmetic():
     plan = plan_passes(tasks=10, samples=4, per_replica=100, per_task=10, base=1000, limit=1000 + 100 + 8 * 100)
     assert plan.replicas == 8 and [p.tasks for p in plan.passes] == [range(k, k + 2) for k in range(0, 10, 2)]
     assert plan.estimate == 1000 + 100 + 800 and plan.unchunked == 1000 + 100 + 4000
+    # each task of the largest pass keeps a row of the pass buffers: 2 tasks of 4 samples no longer fit that limit
+    rows = plan_passes(tasks=10, samples=4, per_replica=100, per_task=10, base=1000, limit=1000 + 100 + 8 * 100,
+                       per_pass_task=50)
+    assert rows.replicas == 4 and rows.estimate == 1000 + 100 + 50 + 400
     split = plan_passes(tasks=2, samples=4, per_replica=100, per_task=10, base=0, limit=20 + 300)
     assert [(p.tasks, p.samples) for p in split.passes] == [(range(1), (0, 3)), (range(1), (3, 4)),
                                                            (range(1, 2), (0, 3)), (range(1, 2), (3, 4))]

@@ -14,7 +14,8 @@ DESCRIPTION = """\
 Check a run's measurements against a policy: a TOML file of [[rule]] tables, each bounding one measurement with
 min and/or max. Metrics: iou / iomin (tasks = [A, B]), sharing (task), density (task), drop (task, removed: the
 relative drop of task's metric when removed's mask is removed), performance / accuracy (task, and optionally mask:
-the task's metric with only that mask kept). iou, iomin, sharing and density take an optional layer.
+the task's metric with only that mask kept), converged (optional task: 1 when the masks had stopped shrinking
+at the end of training, else 0; gate with min = 1). iou, iomin, sharing and density take an optional layer.
 
   [[rule]]
   metric = "iou"
@@ -26,6 +27,10 @@ the task's metric with only that mask kept). iou, iomin, sharing and density tak
   removed = "add"
   task = "mul"
   max = 0.1
+
+  [[rule]]
+  metric = "converged"
+  min = 1
 
 Prints a table of rule, measured value, bound and verdict. Exit codes: 0 every rule holds, 1 a rule is violated,
 2 the policy or the run cannot be read. --junit writes one test case per rule for CI systems."""
@@ -47,12 +52,14 @@ def run(args: argparse.Namespace) -> int:
     report = read_report(args.run)
     rules = load_policy(args.policy)
     result = check(report.to_dict(), rules)
+    if not report.convergence.converged:
+        print(f"modscope: warning: {report.convergence.message()}", file=sys.stderr)
     if args.junit:
         if not Path(args.junit).parent.is_dir():
             raise InvalidParameterError(f"the folder of --junit {args.junit} does not exist; create it first")
         write_text(args.junit, junit_xml(result, suite=f"modscope check {run_name(args.run)}"))
     if args.json:
-        print_json({"run": args.run, "policy": args.policy, **result.to_dict()})
+        print_json({"run": args.run, "policy": args.policy, **result.to_dict(), "convergence": report["convergence"]})
     else:
         rows = [[v.rule.label, v.value, v.rule.bound, "ok" if v.ok else "VIOLATED"] for v in result.verdicts]
         print(text_table(["rule", "measured", "bound", "verdict"], rows))

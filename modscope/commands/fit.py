@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -140,6 +141,58 @@ def _prepare_folder(run: RunFolder, args: argparse.Namespace, created: bool) -> 
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..masks.distributed import Ranks
+
+    ranks = Ranks.current()  # under torchrun: rank 0 checks, trains its share and writes; the others train theirs
+    if ranks is not None and not ranks.leader:
+        return _follow(args, ranks)
+    told = _Told(ranks)
+    try:
+        return _lead(args, told)
+    except BaseException as exc:
+        told.send(exc)
+        raise
+
+
+class _Told:
+    """Tells the other ranks of a distributed run, once, whether rank 0's checks passed and whether to train."""
+
+    def __init__(self, ranks: Any):
+        self.ranks, self.done = ranks, False
+
+    def send(self, error: BaseException | None, train: bool = True) -> None:
+        if self.ranks is None or self.done:
+            return
+        self.done = True
+        if error is None:
+            self.ranks.share(train)
+            return
+        with contextlib.suppress(Exception):  # rank 0 raises its own error itself
+            self.ranks.share(train, error)
+
+
+def _follow(args: argparse.Namespace, ranks: Any) -> int:
+    """A rank other than 0: once rank 0 has checked the command and the run folder, train this rank's share of the
+    masks (reading the checkpoint to resume, writing nothing)."""
+    from ..masks.trainer import train_masks
+    from ..runs import RunFolder
+
+    if not ranks.share(True):
+        return 0
+    args = argparse.Namespace(**{**vars(args), "quiet": True})
+    config = MaskConfig(**dataclass_values(args, MaskConfig))
+    names = _check_names(args.task, args.eval)
+    model, tasks, _ = _load_inputs(args, names, _task_options(args, names))
+    extra = {"checkpoint_every": args.checkpoint_every} if args.checkpoint_every else {}
+    try:
+        train_masks(model, tasks, config, progress=False, checkpoint=RunFolder(args.out).checkpoint_path,
+                    resume=args.resume, **extra)
+    except KeyboardInterrupt:  # rank 0 says what was saved
+        return 130
+    return 0
+
+
+def _lead(args: argparse.Namespace, told: _Told) -> int:
     import shutil
 
     from ..runs import RunFolder, locked
@@ -152,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
     with locked(folder.path):  # a second fit on this folder stops here, touching nothing
         try:
             _prepare_folder(folder, args, created)
-            return _fit(args, config, names, options, folder)
+            return _fit(args, config, names, options, folder, told)
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the command line turns it into KeyboardInterrupt)
             if folder.checkpoint_path.exists():
                 print(f"modscope fit: interrupted; the training state is saved in {folder.checkpoint_path}: "
@@ -162,14 +215,21 @@ def run(args: argparse.Namespace) -> int:
                 if created:
                     shutil.rmtree(folder.path, ignore_errors=True)
             return 130
-        except BaseException:
-            if created:  # no partial run folder is left behind (removed while still holding its lock)
+        except BaseException as exc:
+            if created and not _lost_rank(exc, folder):  # no partial run folder is left behind (removed under its lock)
                 shutil.rmtree(folder.path, ignore_errors=True)
             raise
 
 
+def _lost_rank(exc: BaseException, folder: RunFolder) -> bool:
+    """A distributed run that lost a rank after a checkpoint: the folder stays, for --resume."""
+    from ..masks.distributed import DistributedError, MirroredError
+
+    return isinstance(exc, DistributedError) and not isinstance(exc, MirroredError) and folder.checkpoint_path.exists()
+
+
 def _fit(args: argparse.Namespace, config: MaskConfig, names: list[str], options: dict[str, dict[str, Any]],
-         folder: RunFolder) -> int:
+         folder: RunFolder, told: _Told) -> int:
     from ..masks.selection import select_weights
     from ..masks.trainer import train_masks
     from ..report import Report
@@ -184,6 +244,7 @@ def _fit(args: argparse.Namespace, config: MaskConfig, names: list[str], options
             (folder.path / name).unlink(missing_ok=True)
 
     masks = _reuse_masks(folder, model, names, config) if args.resume else None
+    told.send(None, train=masks is None)
     if masks is None:
         resuming = args.resume and folder.checkpoint_path.exists()
         log(args, f"{'resuming' if resuming else 'training'} {len(tasks)} mask(s) over {n_masked:,} weights, "

@@ -49,7 +49,7 @@ def load(source: Any, **options: Any) -> Model:
 
     if isinstance(source, Model):
         return source
-    from .hf import is_transformers_model, load_transformers
+    from ..model import is_transformers_model, load_transformers
 
     if is_transformers_model(source):
         if options:
@@ -71,7 +71,7 @@ def load(source: Any, **options: Any) -> Model:
         return load_file(source, **options)
     export_cls = getattr(getattr(torch, "export", None), "ExportedProgram", None)
     if export_cls is not None and isinstance(source, export_cls):
-        from .torch import load_exported_program
+        from .pytorch import load_exported_program
 
         return load_exported_program(source, **options)
     raise InvalidParameterError(

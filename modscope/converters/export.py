@@ -168,7 +168,7 @@ def _onnx_source(model: Model, source: Any) -> tuple[Any, Path | None]:
 
 
 def _check_unchanged(src: Path, checksum: str) -> None:
-    from .files import file_sha256
+    from ..checksums import file_sha256
 
     if not src.is_file():
         raise ModelLoadError(f"the ONNX source {src} no longer exists; pass source= with its new location")

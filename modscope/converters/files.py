@@ -23,19 +23,19 @@ can pass its flags through unchanged.
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import json
 import os
 import struct
 import zipfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from ..errors import InvalidParameterError, ModelLoadError
-from .archives import check_zip
+from ..errors import ModelLoadError
+from ..checksums import file_sha256  # noqa: F401 - re-exported: the checksum every loader records
 from ..model import Model
+from .archives import check_zip
+from .options import accepted_options, check_options
 
 FileFormat = Literal["onnx", "export", "torchscript", "torch_zip", "safetensors", "pickle"]
 
@@ -144,43 +144,13 @@ def detect_format(path: str | os.PathLike) -> FileFormat:
     )
 
 
-def accepted_options(loader: Callable[..., Any]) -> set[str]:
-    """The keyword-only parameters of a loader: the options a user may pass for its format."""
-    return {
-        name for name, prm in inspect.signature(loader).parameters.items() if prm.kind is inspect.Parameter.KEYWORD_ONLY
-    }
-
-
-def check_options(what: str, options: Mapping[str, Any], accepted: Iterable[str]) -> dict[str, Any]:
-    """The options that were given (values other than None/False), after checking ``accepted`` has them all.
-
-    Raises:
-        InvalidParameterError: an option is not accepted; the message names it and the accepted ones.
-    """
-    given = {k: v for k, v in options.items() if v is not None and v is not False}
-    unknown = sorted(set(given) - set(accepted))
-    if unknown:
-        ok = ", ".join(sorted(accepted)) or "none"
-        raise InvalidParameterError(f"option(s) {', '.join(unknown)} do not apply to {what} (accepted: {ok})")
-    return given
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # -- detection helpers --------------------------------------------------------------------------------------------
 def _loader(fmt: FileFormat) -> Callable[..., Model]:
     if fmt == "onnx":
         from .onnx.loader import load_onnx
 
         return load_onnx
-    from . import torch as torch_loaders
+    from . import pytorch as torch_loaders
     from .torchscript import load_torchscript
 
     return {

@@ -23,111 +23,25 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import json
 import os
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
+from ..checksums import folder_checksum
 from ..errors import InvalidParameterError, ModelLoadError, UntrustedFileError
 from ..filemodes import match_umask
-from ..model import Model, Source, weights_checksum
+from ..model import Model, TransformersModel, batchable_attention, is_transformers_model, load_transformers  # noqa: F401 - re-exported
 
 _INSTALL = 'transformers is not installed; install the extra: pip install "modscope[hf]" (from a clone: pip install -e ".[hf]")'
-
-
-def is_transformers_model(obj: Any) -> bool:
-    """Whether ``obj`` is a ``transformers.PreTrainedModel`` (without importing transformers)."""
-    module = sys.modules.get("transformers")
-    cls = getattr(module, "PreTrainedModel", None) if module is not None else None
-    return cls is not None and isinstance(obj, cls)
 
 
 def is_model_folder(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a folder holding ``config.json`` and safetensors weights (``save_pretrained``'s layout)."""
     p = Path(path)
     return p.is_dir() and (p / "config.json").is_file() and any(p.glob("*.safetensors"))
-
-
-class TransformersModel(Model):
-    """A `Model` over a ``transformers.PreTrainedModel``: calls without cache, tensor outputs, batchable attention."""
-
-    def call_options(self, module: nn.Module) -> dict[str, Any]:
-        params = inspect.signature(module.forward).parameters
-        return {k: v for k, v in (("use_cache", False), ("return_dict", True)) if k in params}
-
-    def reduce_output(self, output: Any) -> Any:
-        if isinstance(output, dict):  # a ModelOutput: keep its tensors (and tuples of them); drop caches
-            return {k: v for k, v in output.items() if _is_tensors(v)}
-        return output
-
-    @contextlib.contextmanager
-    def frozen(self, device: torch.device | str | None = None, *, train: bool = False) -> Iterator[nn.Module]:
-        with super().frozen(device, train=train) as module, batchable_attention(module):
-            yield module
-
-
-def _is_tensors(value: Any) -> bool:
-    if isinstance(value, torch.Tensor):
-        return True
-    return isinstance(value, tuple | list) and all(_is_tensors(v) for v in value)
-
-
-@contextlib.contextmanager
-def batchable_attention(module: nn.Module) -> Iterator[None]:
-    """Run ``module``'s attention on its eager implementation with masks built without data-dependent shortcuts.
-
-    transformers' default (``sdpa``) and its mask builders skip the mask when no token is padded, a test on the
-    data that ``torch.func.vmap`` cannot batch; the eager path computes the same attention with plain tensor ops.
-    The module's implementation setting and transformers' eager mask builder are restored on exit.
-    """
-    from transformers import masking_utils
-
-    previous = getattr(module.config, "_attn_implementation", None)
-    masks = masking_utils.ALL_MASK_ATTENTION_FUNCTIONS
-    had_local = "eager" in masks._local_mapping
-    old_local = masks._local_mapping.get("eager")
-    eager_mask = masks["eager"]
-
-    def eager_mask_always(*args: Any, **kwargs: Any) -> Any:
-        kwargs["allow_is_bidirectional_skip"] = False
-        return eager_mask(*args, **kwargs)
-
-    try:
-        if previous not in (None, "eager"):
-            module.set_attn_implementation("eager")
-        masks["eager"] = eager_mask_always
-        yield
-    finally:
-        if had_local:
-            masks["eager"] = old_local
-        else:
-            masks._local_mapping.pop("eager", None)
-        if previous not in (None, "eager"):
-            module.set_attn_implementation(previous)
-
-
-def load_transformers(model: nn.Module, *, path: str | None = None, checksum: str | None = None) -> TransformersModel:
-    """Wrap a ``transformers.PreTrainedModel`` (never modified) as a `Model`.
-
-    Args:
-        model: the model.
-        path: the folder it was read from, if any.
-        checksum: the weights' checksum (computed from the weights when omitted).
-
-    Returns:
-        A `TransformersModel`; a tied LM head and input embedding are one weight.
-    """
-    params = dict(model.named_parameters())
-    details = {"architecture": type(model).__name__, "model_type": getattr(model.config, "model_type", "")}
-    source = Source("transformers", path=path, checksum=checksum or weights_checksum(params), details=details)
-    return TransformersModel(model, source=source)
 
 
 def load_folder(path: str | os.PathLike, *, trust: bool = False) -> TransformersModel:
@@ -162,19 +76,6 @@ def load_folder(path: str | os.PathLike, *, trust: bool = False) -> Transformers
         raise ModelLoadError(f"transformers cannot load the model folder {p}: {str(exc).splitlines()[0][:200]}") from exc
     model.eval()
     return load_transformers(model, path=str(p), checksum=folder_checksum(p))
-
-
-def folder_checksum(p: Path) -> str:
-    """sha256 over a model folder's config.json and safetensors files (names and contents)."""
-    import hashlib
-
-    from .files import file_sha256
-
-    h = hashlib.sha256()
-    for f in sorted([p / "config.json", *p.glob("*.safetensors")]):
-        h.update(f.name.encode())
-        h.update(file_sha256(f).encode())
-    return h.hexdigest()
 
 
 def _require() -> Any:

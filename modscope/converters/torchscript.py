@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
+from ..checksums import file_sha256
 from ..errors import InvalidParameterError, ModelLoadError
 from ..model import Model, Source, WeightInfo
-from .files import file_sha256
-from .torch import first_line, weight_kind
+from .pytorch import first_line, weight_kind
 
 
 def load_torchscript(

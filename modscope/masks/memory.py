@@ -5,7 +5,14 @@ replica it holds, for the N masked elements: the uniform noise (4 bytes each, an
 when a second thread draws it ahead), the effective weights (4) and their gradient (4): 12 (16) bytes per masked weight, plus the replica's activations kept for the backward
 pass (measured once on a probe pass of one replica, see `probe_activations`). Per task the run holds the logits,
 their gradient, Adam's two moments and a row of thresholds: 20 bytes per masked weight. On top come the process's
-memory before training (weights, data, the framework) and the pass buffers of `sampling.StepBuffers`.
+memory before training (weights, data, the framework) and the pass buffers of `sampling.StepBuffers` (a row of
+exp(-logits) per task of a pass: 4 bytes per masked weight).
+
+On a CPU the peak that counts is the process's resident memory, not the live tensors: glibc keeps freed blocks for
+reuse. With room to spare the trainer keeps them on purpose (`retained_heap`: no page faults per step); when the
+plan splits the step to fit ``max_memory`` it asks glibc to return every large block as soon as it is freed
+(`strict_heap`), so that the resident peak is the live peak that the plan estimates, and steps Adam with torch's fused
+kernel, which needs none of the default kernel's temporaries (8 bytes per masked weight and task).
 
 When all K x S replicas do not fit in ``MaskConfig.max_memory``, the step runs them in passes: several whole tasks
 per pass, or one task in chunks of samples. Every task draws its noise from its own generator in the same order
@@ -23,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +47,8 @@ noise is drawn ahead (`AHEAD_BYTES_PER_WEIGHT`)."""
 AHEAD_BYTES_PER_WEIGHT = 4
 TASK_BYTES_PER_WEIGHT = 20
 """Logits, their gradient, Adam's two moments and a row of thresholds (float32), per masked weight and task."""
+ROW_BYTES_PER_WEIGHT = 4
+"""exp(-logits) of each task of a pass, kept by the pass buffers for the gradient (float32), per masked weight."""
 OPTIMIZER_TEMP_BYTES_PER_WEIGHT = 8
 """Adam's temporaries during its step (the square root of the second moment, then its quotient), per task."""
 ACTIVATION_FACTOR = 2.0
@@ -182,11 +191,12 @@ def probe_activations(run: Callable[[], torch.Tensor], exclude: list[torch.Tenso
 
 def plan_passes(tasks: int, samples: int, per_replica: int, per_task: int, base: int, limit: int,
                 replicas: int | None = None, prefer: int | None = None, kept_per_replica: int = 0,
-                optimizer: int = 0) -> MemoryPlan:
+                optimizer: int = 0, per_pass_task: int = 0) -> MemoryPlan:
     """Choose the passes of a step.
 
     The peak is the larger of a pass's (everything of its replicas alive) and the optimizer step's (the replicas'
-    reused buffers, ``kept_per_replica`` each, and the optimizer's temporaries, ``optimizer`` bytes).
+    reused buffers, ``kept_per_replica`` each, and the optimizer's temporaries, ``optimizer`` bytes), plus the
+    buffers kept for each task of the largest pass (``per_pass_task`` each).
 
     Args:
         tasks, samples: K and S.
@@ -198,6 +208,7 @@ def plan_passes(tasks: int, samples: int, per_replica: int, per_task: int, base:
         prefer: the most replicas per pass that the step's speed favours (when memory allows more).
         kept_per_replica: bytes of a replica still held during the optimizer step.
         optimizer: bytes of the optimizer step's temporaries.
+        per_pass_task: bytes kept for each task of a pass (its row of the pass buffers).
 
     Raises:
         OutOfMemoryPlanError: not even one replica fits.
@@ -206,7 +217,7 @@ def plan_passes(tasks: int, samples: int, per_replica: int, per_task: int, base:
     fixed = base + tasks * per_task
 
     def peak(c: int) -> int:
-        return fixed + max(c * per_replica, c * kept_per_replica + optimizer)
+        return fixed + max(1, c // samples) * per_pass_task + max(c * per_replica, c * kept_per_replica + optimizer)
 
     unchunked = peak(total)
     if replicas is None:
@@ -230,9 +241,11 @@ def plan_passes(tasks: int, samples: int, per_replica: int, per_task: int, base:
 
 
 def plan_run(tasks: int, config: MaskConfig, n_masked: int, activations: int, device: torch.device,
-             prefer: int | None = None, ahead: bool = False) -> MemoryPlan:
+             prefer: int | None = None, ahead: bool = False, fused_optimizer: bool = False) -> MemoryPlan:
     """The plan of a run of ``config`` over ``tasks`` tasks: ``n_masked`` masked weights, ``activations`` bytes saved
-    by one (task, sample) pass (`probe_activations`), the memory now held and free on ``device``."""
+    by one (task, sample) pass (`probe_activations`), the memory now held and free on ``device``; with
+    ``fused_optimizer`` Adam's step needs no temporaries (torch's fused kernel, which the trainer switches to when
+    the plan is bound by memory: same masks, logits equal to float noise)."""
     held, free = process_memory(device)
     limit = parse_bytes(config.max_memory) or held + int(DEFAULT_SHARE * free)
     per_weight = REPLICA_BYTES_PER_WEIGHT + (AHEAD_BYTES_PER_WEIGHT if ahead else 0)
@@ -240,22 +253,53 @@ def plan_run(tasks: int, config: MaskConfig, n_masked: int, activations: int, de
     # the logits and their gradient (8 of the 20 bytes per task) exist already: they are part of ``held``
     plan = plan_passes(tasks, config.n_samples, per_replica, (TASK_BYTES_PER_WEIGHT - 8) * n_masked, held, limit,
                        config.pass_size, prefer, kept_per_replica=(per_weight - 4) * n_masked,
-                       optimizer=OPTIMIZER_TEMP_BYTES_PER_WEIGHT * tasks * n_masked)
+                       optimizer=0 if fused_optimizer else OPTIMIZER_TEMP_BYTES_PER_WEIGHT * tasks * n_masked,
+                       per_pass_task=ROW_BYTES_PER_WEIGHT * n_masked)
     plan.parts["activations"] = activations
     return plan
+
+
+def fused_adam_supported(device: torch.device) -> bool:
+    """Whether torch has a fused Adam kernel for ``device`` (CPU and CUDA since torch 2.4)."""
+    try:
+        torch.optim.Adam([torch.zeros(1, device=device, requires_grad=True)], fused=True)
+    except (RuntimeError, ValueError, TypeError):
+        return False
+    return True
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _GLIBC_DEFAULT = 128 * 1024  # glibc's initial trim and mmap thresholds
 _MMAP_THRESHOLDS = (1 << 30, 32 << 20)  # 1 GiB where glibc accepts it, else its usual maximum on 64-bit systems
 _TRIM_RETAINED = 2**31 - 1  # the largest value mallopt takes (an int)
+_STRICT_MMAP = _GLIBC_DEFAULT  # fixed (glibc stops raising it): blocks over 128 KiB go back to the system when freed
 
 
-_RETAINING = [0]  # open retained_heap blocks (nested trainers share one setting)
+_HEAP_MODES: list[str] = []  # open heap blocks, outermost first (nested trainers share the outermost's setting)
 
 
 @contextlib.contextmanager
-def retained_heap(enabled: bool = True) -> Iterator[None]:
+def _heap_thresholds(mode: str, mmap: Sequence[int], trim: int) -> Iterator[None]:
+    """Set glibc's mmap and trim thresholds while the outermost such block is open; then back to glibc's defaults."""
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    if not _HEAP_MODES:
+        any(libc.mallopt(_M_MMAP_THRESHOLD, size) for size in mmap)
+        libc.mallopt(_M_TRIM_THRESHOLD, trim)
+    _HEAP_MODES.append(mode)
+    try:
+        yield
+    finally:
+        _HEAP_MODES.pop()
+        if not _HEAP_MODES:
+            libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT)
+            libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT)
+            libc.malloc_trim(0)
+
+
+def retained_heap(enabled: bool = True) -> contextlib.AbstractContextManager[None]:
     """Keep freed memory in the process (glibc) while training, so the step's arrays are reused, not re-faulted.
 
     By default glibc returns freed blocks of the heap top to the system and serves blocks over its mmap threshold
@@ -270,22 +314,20 @@ def retained_heap(enabled: bool = True) -> Iterator[None]:
         >>> with retained_heap():
         ...     x = sum(torch.ones(1000) for _ in range(3))
     """
-    libc = _glibc() if enabled else None
-    if libc is None:
-        yield
-        return
-    if _RETAINING[0] == 0:
-        any(libc.mallopt(_M_MMAP_THRESHOLD, size) for size in _MMAP_THRESHOLDS)
-        libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_RETAINED)
-    _RETAINING[0] += 1
-    try:
-        yield
-    finally:
-        _RETAINING[0] -= 1
-        if _RETAINING[0] == 0:
-            libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT)
-            libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT)
-            libc.malloc_trim(0)
+    return _heap_thresholds("retain", _MMAP_THRESHOLDS, _TRIM_RETAINED) if enabled else contextlib.nullcontext()
+
+
+def strict_heap() -> contextlib.AbstractContextManager[None]:
+    """Return every freed block over 128 KiB to the system at once (glibc), so that resident memory follows the live
+    tensors: without it glibc raises its mmap threshold as large blocks are freed and keeps later ones on the heap,
+    and a run split into passes to fit ``max_memory`` held up to 10% more than its live peak (measured on a
+    ResNet-50 layout). The price is page faults on every step; the trainer uses it only when the plan is tight.
+
+    Example:
+        >>> with strict_heap():
+        ...     x = sum(torch.ones(100_000) for _ in range(3))
+    """
+    return _heap_thresholds("strict", (_STRICT_MMAP,), _GLIBC_DEFAULT)
 
 
 HEAP_HEADROOM = 1.5

@@ -30,37 +30,35 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .. import threads
-from ..errors import InvalidParameterError, ModscopeWarning, ShapeError
+from ..devices import resolve_device
+from ..errors import InvalidParameterError, ModscopeWarning, OutOfMemoryPlanError, ShapeError
 from ..model import Model, WeightInfo
 from ..tasks import Task
 from .checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from .config import MaskConfig
+from .convergence import warn_if_unconverged
+from .distributed import (
+    DistributedError,
+    DistributedStep,
+    Ranks,
+    ShardedAdam,
+    lost_rank_message,
+)
 from .maskset import MaskSet
 from .memory import (
     HEAP_HEADROOM,
     MemoryPlan,
+    fused_adam_supported,
     plan_run,
     probe_activations,
     retained_heap,
+    strict_heap,
 )
 from .progress import Progress
 from .sampling import SamplerKernels, StepBuffers, draw_uniforms
 from .selection import frozen_weights, select_weights
 
 _NO_BATCHING_RULE = "not yet implemented the batching rule"
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``device``, or cuda when present, else cpu."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise InvalidParameterError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidParameterError("device 'cuda' was asked for but CUDA is not available; use device='cpu'")
-    return dev
 
 
 @dataclass
@@ -272,26 +270,32 @@ def train_masks(
         >>> masks.tasks
         ('sign',)
     """
-    from ..converters import load
-
-    model = load(model)
+    model = Model.of(model)
     tasks = [tasks] if isinstance(tasks, Task) else list(tasks)
     config = config or MaskConfig()
     _check_tasks(tasks)
     device = resolve_device(config.device)
+    ranks = Ranks.current()  # a torch.distributed run: rank 0 alone shows progress and writes (masks.distributed)
+    if ranks is not None and not ranks.leader:
+        progress, notes = False, None
     bar = Progress(config.n_steps, enabled=progress)
     ckpt_path = Path(checkpoint) if checkpoint else None
     with threads.limited(config.threads, announce=progress is not False), model.frozen(device, train=config.train_mode) as module:
         trainer = MaskTrainer(model, module, tasks, config, device, initial_logits=initial_logits)
         state = TrainingState(0, {t.name: {"step": [], "loss": [], "density": []} for t in tasks}, [0.0] * len(tasks))
-        if resume and ckpt_path and ckpt_path.exists():
+        resuming = bool(resume and ckpt_path and ckpt_path.exists())
+        if ranks is not None:  # rank 0's view of the run folder decides (a rank that cannot read it stops the run)
+            resuming = ranks.share(resuming)
+        if resuming and ckpt_path:
             state = load_checkpoint(ckpt_path, trainer.identity, trainer.logits, trainer.optimizer, trainer.gens.all())
         if notes:
-            notes(trainer.plan.summary())
+            notes(trainer.distributed.summary() if trainer.distributed else trainer.plan.summary())
         bar.start(state.step)
+        saved = state.step if resuming else None
+        stop = (lambda flag: ranks.any(flag)) if ranks is not None else (lambda flag: flag)
         try:
             with _deferred_interrupts() as interrupted:
-                while state.step < config.n_steps and not interrupted():
+                while state.step < config.n_steps and not stop(interrupted()):
                     losses = trainer.step().tolist()
                     state.window = [a + b for a, b in zip(state.window, losses)]
                     state.window_steps += 1
@@ -301,17 +305,21 @@ def train_masks(
                         bar.update(state.step, *_last_point(state))
                     if ckpt_path and state.step % checkpoint_every == 0 and state.step < config.n_steps:
                         trainer.save(ckpt_path, state)
+                        saved = state.step
             if state.step < config.n_steps:  # stopped by Ctrl-C or SIGTERM at a step boundary
                 raise KeyboardInterrupt
         except KeyboardInterrupt:
             if ckpt_path:
                 trainer.save(ckpt_path, state)
             raise
+        except DistributedError as exc:  # a rank stopped: the last checkpoint stays as it is
+            raise DistributedError(lost_rank_message(exc, ckpt_path, saved)) from exc
         finally:
             bar.close()
             trainer.close()
     if notes and trainer.runner.kernels.compiled:
         notes(f"compiling the mask sampler took {trainer.runner.kernels.compile_seconds:.1f} s")
+    warn_if_unconverged(state.curves)
     return trainer.result(state.curves)
 
 
@@ -358,6 +366,10 @@ class MaskTrainer:
         self._drawn = 0  # passes drawn so far (their slot alternates)
         self.logits.grad = torch.zeros_like(self.logits)
         self.identity = {"tasks": [t.name for t in self.tasks], "config": _identity_config(config), "model": model.checksum, "n_masked": N}
+        ranks = Ranks.current()
+        self.distributed = DistributedStep(self, ranks) if ranks is not None else None
+        if ranks is not None:
+            self.optimizer = ShardedAdam(self.logits, config.lr, ranks)  # type: ignore[assignment]
 
     @property
     def plan(self) -> MemoryPlan:
@@ -370,10 +382,28 @@ class MaskTrainer:
     def _make_plan(self, xs: tuple[torch.Tensor, ...]) -> None:
         """Plan the passes from one probe pass on the first task's examples ``xs`` and allocate the step buffers."""
         xs = tuple(x[: self.config.batch_size // self.config.n_samples] for x in xs)
-        self._plan = plan_run(len(self.tasks), self.config, self.layout.total, self._probe_activations(xs), self.device,
-                              prefer=self._preferred_replicas(), ahead=self._draw_pool is not None)
-        if self.device.type == "cpu" and self._plan.estimate * HEAP_HEADROOM <= self._plan.limit:
-            self._heap = retained_heap()
+        activations = self._probe_activations(xs)
+
+        def plan(fused: bool) -> MemoryPlan:
+            return plan_run(len(self.tasks), self.config, self.layout.total, activations, self.device,
+                            prefer=self._preferred_replicas(), ahead=self._draw_pool is not None, fused_optimizer=fused)
+
+        # bound by memory: Adam's fused kernel needs no temporaries (float-noise differences in the logits only)
+        fusable = self.distributed is None and fused_adam_supported(self.device)  # sharded Adam: its own kernel
+        try:
+            self._plan = plan(False)
+        except OutOfMemoryPlanError:
+            if not fusable:
+                raise
+            self._plan = plan(True)
+        fused = fusable and self._plan.unchunked > self._plan.limit
+        if fused:
+            self._plan = plan(True)
+        if self.distributed is None:
+            for group in self.optimizer.param_groups:  # also overrides what a resumed checkpoint's state says
+                group["fused"] = True if fused else None
+        if self.device.type == "cpu":  # keep freed memory when there is room, else return it at once (see memory)
+            self._heap = retained_heap() if self._plan.estimate * HEAP_HEADROOM <= self._plan.limit else strict_heap()
             self._heap.__enter__()
         most_tasks = max(len(p.tasks) for p in self._plan.passes)
         whole = all(p.samples == (0, self.config.n_samples) for p in self._plan.passes)
@@ -415,6 +445,8 @@ class MaskTrainer:
         The K tasks x S samples run in the passes of the memory plan (`plan`); their logit gradients are written
         straight into ``logits.grad`` by `sampling.StepBuffers` (no autograd graph through the sampler).
         """
+        if self.distributed is not None:
+            return self.distributed.step()
         config, S = self.config, self.config.n_samples
         batches = [t.batch(torch.randint(len(t), (config.batch_size,), generator=g), self.device) for t, g in zip(self.tasks, self.gens.data)]
         if self._plan is None:
@@ -432,12 +464,18 @@ class MaskTrainer:
                 ranges = [p.samples for p in passes[i:] if p.tasks == tasks]
                 losses[tasks.start] = self._split_task(tasks, ranges, batches, grad)
                 i += len(ranges)
+        self._update(grad)
+        return losses
+
+    def _update(self, grad: torch.Tensor) -> None:
+        """The penalty's gradient, the frozen weights, the per-task clipping and the Adam step, on the summed loss
+        gradient ``grad`` (K, N)."""
+        config = self.config
         grad.add_(config.alpha)  # the gradient of the penalty (β/b)·Σ l
         grad.mul_(self.trainable)
         if config.grad_clip is not None:
             _clip_per_task(grad, config.grad_clip)
         self.optimizer.step()
-        return losses
 
     def _sample(self, tasks: range, samples: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """Draw the pass's noise (each task from its own stream, in sample order) and its effective weights."""
@@ -547,7 +585,11 @@ class MaskTrainer:
             self._heap = None
 
     def save(self, path: Path, state: TrainingState) -> None:
-        """Save the run; noise drawn ahead for the next step is not part of it (its streams are saved before it)."""
+        """Save the run; noise drawn ahead for the next step is not part of it (its streams are saved before it).
+        In a distributed run every rank calls it and rank 0 writes."""
+        if self.distributed is not None:
+            self.distributed.save(path, state)
+            return
         ahead: dict[int, torch.Tensor] = {}
         if self._next is not None:
             self._next[0].result()

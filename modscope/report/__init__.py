@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidParameterError
-from ..runs import SCHEMA_VERSION, dumps, jsonable, read_json, write_text
+from ..fileio import SCHEMA_VERSION, dumps, jsonable, read_json, write_text
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..masks.convergence import ConvergenceCheck
     from ..masks.maskset import MaskSet
     from ..model import Model
     from ..tasks import Task
@@ -52,6 +53,10 @@ class Report:
         if missing:
             raise InvalidParameterError(f"report data lacks {missing}; make the report with Report.from_masks or `modscope fit`")
         self._data = {k: v for k, v in jsonable(data).items() if k != "schema_version"}
+        if not self._data.get("convergence"):  # reports written before the check: judge the recorded curves
+            from ..masks.convergence import check_convergence
+
+            self._data["convergence"] = check_convergence(self._data["curves"] or {}).to_dict()
 
     @classmethod
     def from_masks(
@@ -75,14 +80,14 @@ class Report:
         Raises:
             InvalidParameterError: a mask has no task of the same name.
         """
-        from ..converters import load
+        from ..model import Model
         from .compute import compute
 
         by_name = {t.name: t for t in tasks}
         missing = [m for m in masks.tasks if m not in by_name]
         if missing:
             raise InvalidParameterError(f"no task for the masks {missing}; pass one Task per mask, with the same names")
-        return cls(compute(masks, load(model), [by_name[m] for m in masks.tasks], n_clusters=n_clusters, device=device))
+        return cls(compute(masks, Model.of(model), [by_name[m] for m in masks.tasks], n_clusters=n_clusters, device=device))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Report:
@@ -101,6 +106,13 @@ class Report:
     @property
     def tasks(self) -> list[str]:
         return list(self._data["tasks"])
+
+    @property
+    def convergence(self) -> ConvergenceCheck:
+        """Whether each task's mask density had stopped falling at the end of training (`masks.convergence`)."""
+        from ..masks.convergence import ConvergenceCheck
+
+        return ConvergenceCheck.from_dict(self._data["convergence"])
 
     def __getitem__(self, section: str) -> Any:
         return self._data[section]

@@ -57,9 +57,10 @@ def compute(masks: MaskSet, model: Model, tasks: Sequence[Task], *, n_clusters: 
 
     Returns:
         A dict with ``tasks``, ``task_info``, ``model``, ``config``, ``layers``, ``density``, ``density_per_layer``,
-        ``sharing``, ``iou``, ``iomin``, ``ablation``, ``clustering`` (None for one task) and ``curves``.
+        ``sharing``, ``iou``, ``iomin``, ``ablation``, ``clustering`` (None for one task), ``curves`` and ``convergence`` (`ConvergenceCheck.to_dict`).
     """
     from .. import metrics
+    from ..masks.convergence import check_convergence
 
     names = list(masks.tasks)
     return {
@@ -76,4 +77,5 @@ def compute(masks: MaskSet, model: Model, tasks: Sequence[Task], *, n_clusters: 
         "ablation": metrics.ablation(model, masks, tasks, device=device).to_dict(),
         "clustering": metrics.cluster(masks, n_clusters=n_clusters).to_dict() if len(names) >= 2 else None,
         "curves": masks.curves,
+        "convergence": check_convergence(masks.curves).to_dict(),
     }

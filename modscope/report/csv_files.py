@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..runs import write_text
+from ..fileio import write_text
 from .tables import Table, build_tables
 
 

@@ -10,7 +10,7 @@ import base64
 from html import escape
 from typing import Any
 
-from .markdown import header_lines
+from .markdown import convergence_note, header_lines
 from .plots import PLOTS
 from .tables import SECTIONS, Table, build_tables, cell
 
@@ -25,6 +25,7 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}
 img{max-width:100%;height:auto;display:block;margin:.6em 0}
 details summary{cursor:pointer;color:#0969da}
 div.scroll{overflow-x:auto;max-width:100%}
+p.warn{background:#fff8c5;border:1px solid #d4a72c;border-radius:6px;padding:.6em .9em}
 """
 
 
@@ -76,11 +77,17 @@ def to_html(data: dict[str, Any], *, title: str = "modscope report", plots: bool
             parts.append(rendered)
         parts.append("</section>")
         sections.append("\n".join(parts))
-    meta = "".join(f"<li>{escape(line[2:]).replace('`', '')}</li>" for line in header_lines(data))
+    lines = header_lines(data)
+    warn = ""
+    if not (data.get("convergence") or {}).get("converged", True):
+        note = convergence_note(data).removeprefix("NOT CONVERGED: ")
+        warn = f'<p class="warn" id="not-converged"><strong>Masks not converged:</strong> {escape(note)}.</p>'
+        lines = [line for line in lines if not line.startswith("- convergence:")]
+    meta = "".join(f"<li>{escape(line[2:]).replace('`', '')}</li>" for line in lines)
     return (
         f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
         f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{_STYLE}</style></head>\n'
-        f"<body><h1>{escape(title)}</h1><ul class=\"meta\">{meta}</ul><nav>{' '.join(nav)}</nav>\n"
+        f"<body><h1>{escape(title)}</h1><ul class=\"meta\">{meta}</ul>{warn}<nav>{' '.join(nav)}</nav>\n"
         + "\n".join(sections)
         + "\n</body></html>\n"
     )

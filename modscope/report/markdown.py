@@ -30,7 +30,24 @@ def header_lines(data: dict[str, Any]) -> list[str]:
     config = data.get("config") or {}
     if config:
         lines.append(f"- mask training: {config.get('n_steps')} steps, batch {config.get('batch_size')}, seed {config.get('seed')}")
+    lines.append(f"- convergence: {convergence_note(data)}")
     return lines
+
+
+def convergence_note(data: dict[str, Any]) -> str:
+    """One sentence on whether the masks had converged (``data["convergence"]``), starting "NOT CONVERGED" if not."""
+    conv = data.get("convergence")
+    if not conv:
+        return "not judged (no training curves)"
+    from ..masks.convergence import ConvergenceCheck
+
+    check = ConvergenceCheck.from_dict(conv)
+    if not check.converged:
+        return f"NOT CONVERGED: {check.message()}"
+    if all(v is None for v in check.tail_fall.values()):
+        return "not judged (too few points on the training curves)"
+    return (f"converged (every task's density fell by less than {check.threshold:.0%} over the last "
+            f"{check.tail_fraction:.0%} of the steps)")
 
 
 def to_markdown(data: dict[str, Any], *, title: str = "modscope report", skip: tuple[str, ...] = ("curves",)) -> str:

@@ -17,7 +17,7 @@ import hostile  # noqa: E402
 
 import modscope  # noqa: E402
 from modscope.converters.archives import check_zip  # noqa: E402
-from modscope.converters.torch import load_torch_file  # noqa: E402
+from modscope.converters.pytorch import load_torch_file  # noqa: E402
 from modscope.errors import DataError, InvalidParameterError, ModelLoadError  # noqa: E402
 from modscope.taskdata import load_task  # noqa: E402
 

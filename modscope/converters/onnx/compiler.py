@@ -19,7 +19,7 @@ import torch
 from ...errors import UnsupportedOperatorError
 from .fusion import fuse_linear
 from .limits import DEFAULT_MAX_TENSOR_BYTES, FOLD_BUDGET_BYTES, too_large
-from .ops_contrib_gradients import straighten
+from .quantized_gradients import straighten
 from .plan import Entry, Plan, build_plan, free_names, live_nodes, order_nodes
 from .quantized import gathered_rows
 from .registry import NONDETERMINISTIC_OPS, Handler, NodeContext, OpTable, _norm_domain, decode_attribute

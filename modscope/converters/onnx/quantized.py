@@ -18,7 +18,7 @@ QLinearConv (B, int32 bias)           ``B`` (zero point 0, integer units)   unch
 Gather (data), when every reader of   ``(x - zero_point) * scale``          rows gathered from the parameter; the
 its rows (after data-movement nodes)                                        DequantizeLinear nodes pass them on
 is a per-tensor DequantizeLinear                                            (``gathered_rows``)
-com.microsoft DynamicQuantizeMatMul,  ``(w - zero_point) * scale``          see ``ops_contrib_quantized.py``
+com.microsoft DynamicQuantizeMatMul,  ``(w - zero_point) * scale``          see ``ops/contrib_quantized.py``
 MatMulIntegerToFloat, QAttention,     (MatMulNBits: unpacked to (K, N);
 QEmbedLayerNormalization,             DynamicQuantizeLSTM: per direction
 MatMulNBits, DynamicQuantizeLSTM      or per direction and column)
@@ -40,9 +40,9 @@ import onnx
 import torch
 
 from ...errors import ModscopeError, ShapeError
-from .ops_contrib import MS_DOMAIN
-from .ops_contrib_quantized import lstm_dequantize, nbits_ablated, nbits_dequantize
-from .ops_quantization import dequantize_linear
+from .ops.contrib import MS_DOMAIN
+from .ops.contrib_quantized import lstm_dequantize, nbits_ablated, nbits_dequantize
+from .ops.quantization import dequantize_linear
 from .registry import NodeContext
 from .roles import all_initializers, walk_nodes
 

@@ -138,6 +138,11 @@ class NodeContext:
     def n_outputs(self) -> int:
         return len(self.node.output)
 
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The node's output names; an empty name is an optional output that is not wanted."""
+        return tuple(self.node.output)
+
     def attr(self, name: str, default: Any = None) -> Any:
         return self.attrs.get(name, default)
 

@@ -39,7 +39,7 @@ from typing import Any
 import onnx
 
 from ...model import WeightKind
-from .ops_contrib import contrib_input_roles
+from .ops.contrib import contrib_input_roles
 
 _FLOAT_TYPES = {
     onnx.TensorProto.FLOAT,

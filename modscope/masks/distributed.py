@@ -1,0 +1,394 @@
+"""Mask training on several processes with `torch.distributed` (data parallel, sharded Adam state).
+
+Inside an initialised process group of more than one rank (``torchrun --nproc-per-node N -m modscope fit ...``, or
+``torch.distributed.init_process_group`` before `modscope.train_masks`), each step's K tasks x S mask samples are
+shared out over the ranks (`share_work`); every rank runs its (task, sample) pairs, the logit gradients are summed
+with one all-reduce, and every rank applies the same clipped gradient. Adam's two moments (8 of the 16 bytes per
+masked weight per task) are sharded with `torch.distributed.optim.ZeroRedundancyOptimizer`: each rank updates its
+1/N of the logits and broadcasts them (`ShardedAdam`). Rank 0 alone writes the checkpoint, which holds the full,
+unsharded state in the single-process format, so a run can be resumed on any number of ranks.
+
+The result does not depend on the number of ranks: a task's noise and data come from its own generators (keyed by the
+seed and the task's name, see `trainer._TaskGenerators`), and a rank that runs some of a task's samples draws the
+task's whole noise of the step and uses its rows, so the streams advance as in one process. A task whose samples are
+split over ranks gets the gradient of its whole-batch loss: the ranks exchange that task's outputs (a few numbers per
+example) and each back-propagates through its own rows.
+
+Example (two processes on one machine)::
+
+    torchrun --nproc-per-node 2 -m modscope fit model.onnx --task a=a.npz --task b=b.npz --out runs/ab
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+
+from ..errors import InvalidParameterError, ModscopeError
+from .sampling import StepBuffers, draw_uniforms
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pathlib import Path
+
+    from .checkpoint import TrainingState
+    from .trainer import MaskTrainer
+
+T = TypeVar("T")
+
+#: seconds a collective waits for the other ranks before the run stops (``$MODSCOPE_DIST_TIMEOUT``), when modscope
+#: starts the process group itself (under torchrun).
+DEFAULT_TIMEOUT = 300.0
+
+
+class DistributedError(ModscopeError, RuntimeError):
+    """A distributed run cannot go on (a rank stopped or stopped answering) or cannot start as launched."""
+
+
+def _dist() -> Any:
+    import torch.distributed as dist
+
+    return dist
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Samples ``s0..s1`` of task ``task``: one rank's share of one task in a step."""
+
+    task: int
+    s0: int
+    s1: int
+
+
+def share_work(n_tasks: int, n_samples: int, world: int) -> list[list[Unit]]:
+    """Share the K x S (task, sample) pairs of a step out over ``world`` ranks, in contiguous runs of equal size.
+
+    Example:
+        >>> [[(u.task, u.s0, u.s1) for u in units] for units in share_work(3, 4, 2)]
+        [[(0, 0, 4), (1, 0, 2)], [(1, 2, 4), (2, 0, 4)]]
+    """
+    pairs = n_tasks * n_samples
+    if world > pairs:
+        raise InvalidParameterError(
+            f"{world} ranks but only {n_tasks} task(s) x {n_samples} sample(s) = {pairs} (task, sample) pairs to share "
+            f"out; launch at most {pairs} ranks, or train more samples (n_samples)")
+    shares = []
+    for r in range(world):
+        lo, hi = r * pairs // world, (r + 1) * pairs // world
+        units = []
+        for k in range(lo // n_samples, (hi - 1) // n_samples + 1):
+            s0, s1 = max(lo - k * n_samples, 0), min(hi - k * n_samples, n_samples)
+            units.append(Unit(k, s0, s1))
+        shares.append(units)
+    return shares
+
+
+def _timeout() -> datetime.timedelta:
+    text = os.environ.get("MODSCOPE_DIST_TIMEOUT", "")
+    try:
+        seconds = float(text) if text else DEFAULT_TIMEOUT
+    except ValueError:
+        raise InvalidParameterError(f"$MODSCOPE_DIST_TIMEOUT must be a number of seconds, got {text!r}") from None
+    return datetime.timedelta(seconds=seconds)
+
+
+def launched_world() -> int:
+    """The number of processes torchrun started (``$WORLD_SIZE``), 1 when not launched by it."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+@contextlib.contextmanager
+def launched() -> Iterator[Ranks | None]:
+    """Join the process group torchrun describes in the environment (gloo on CPU, nccl when CUDA is present), and
+    leave it at the end; nothing when not launched by torchrun with more than one process or when a group exists.
+
+    The collectives of the group time out after ``$MODSCOPE_DIST_TIMEOUT`` seconds (default 300), so a rank that
+    stops answering ends the run instead of hanging it.
+    """
+    dist = _dist()
+    if launched_world() <= 1 or not dist.is_available() or dist.is_initialized():
+        yield Ranks.current()
+        return
+    cuda = torch.cuda.is_available()
+    backend = os.environ.get("MODSCOPE_DIST_BACKEND") or ("nccl" if cuda else "gloo")
+    if backend == "nccl":
+        if not cuda:
+            raise DistributedError("the nccl backend needs CUDA, which this machine does not have; use gloo "
+                                   "($MODSCOPE_DIST_BACKEND=gloo)")
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    try:
+        dist.init_process_group(backend=backend, timeout=_timeout())
+    except (RuntimeError, ValueError) as exc:
+        raise DistributedError(f"cannot join the torch.distributed process group ({_first_line(exc)}); check "
+                               "torchrun's --rdzv-endpoint / --master-addr and that every machine can reach it") from exc
+    try:
+        yield Ranks.current()
+    finally:
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+
+
+def _first_line(exc: BaseException) -> str:
+    """The gist of a backend's error: its last line, without the source location and the advice after it."""
+    lines = str(exc).strip().splitlines()
+    text = re.sub(r"^\[[^\]]*\.(cc|cpp|h|py):\d+\]\s*", "", lines[-1] if lines else "") or type(exc).__name__
+    return text.split(". ")[0].rstrip(".")[:160]
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the process group: its rank and the number of ranks."""
+
+    rank: int
+    size: int
+
+    @classmethod
+    def current(cls) -> Ranks | None:
+        """The group's ranks when a process group of more than one rank is initialised, else None."""
+        dist = _dist()
+        if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() <= 1:
+            return None
+        return cls(dist.get_rank(), dist.get_world_size())
+
+    @property
+    def leader(self) -> bool:
+        """Rank 0: the one that writes files and shows progress."""
+        return self.rank == 0
+
+    def collective(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a collective; a rank that stopped or timed out becomes one `DistributedError`."""
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as exc:
+            raise DistributedError(f"rank {self.rank} of {self.size} lost the other ranks during {what} "
+                                   f"({_first_line(exc)})") from exc
+
+    def any(self, flag: bool) -> bool:
+        """Whether any rank's ``flag`` is set (an interrupt seen by one rank stops all at the same step)."""
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist = _dist()
+        self.collective("the step agreement", dist.all_reduce, t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def share(self, value: T, error: BaseException | None = None) -> T:
+        """Rank 0's ``value`` on every rank, or rank 0's ``error``: raised there as it is, on the other ranks as a
+        `MirroredError` with its message (so every rank stops, and the command line prints it once)."""
+        box = [None if error is None else (str(error) or type(error).__name__), value]
+        self.collective("rank 0's checks", _dist().broadcast_object_list, box, src=0)
+        if error is not None:
+            raise error
+        if box[0] is not None:
+            raise MirroredError(box[0])
+        return box[1]  # type: ignore[return-value]
+
+    @property
+    def device(self) -> torch.device:
+        dist = _dist()
+        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+class MirroredError(DistributedError):
+    """The error rank 0 met, raised on the other ranks so that they stop too (the command line prints it once)."""
+
+    quiet = True
+
+
+def check_launch(ranks: Ranks, device: torch.device, config: Any) -> None:
+    """Refuse the combinations a distributed run does not support, with one sentence."""
+    backend = _dist().get_backend()
+    if backend == "nccl" and device.type != "cuda":
+        raise DistributedError(f"the process group uses nccl, which needs device 'cuda', but the masks train on {device}; "
+                               "pass --device cuda, or launch with the gloo backend for CPU training")
+    if backend != "nccl" and device.type == "cuda":
+        raise DistributedError(f"the masks train on {device} but the process group uses {backend}; launch with the nccl "
+                               "backend for GPUs (torchrun picks it when CUDA is present)")
+    if config.pass_size is not None:
+        raise DistributedError("pass_size cannot be combined with torch.distributed: each rank runs its share of a "
+                               "step in one pass per task; leave pass_size unset or run on one process")
+
+
+class ShardedAdam:
+    """Adam on the (K, N) logits with its moments sharded over the ranks by `ZeroRedundancyOptimizer`.
+
+    The logits are cut into one contiguous chunk per rank (views of the logits, so the broadcasts after each step
+    land in place); each rank keeps the moments of its chunk only. `state_dict` / `load_state_dict` use the format
+    of `torch.optim.Adam` over the whole (K, N) logits, so checkpoints move between any numbers of ranks;
+    `state_dict` needs `gather` to have run on every rank first.
+    """
+
+    def __init__(self, logits: torch.nn.Parameter, lr: float, ranks: Ranks):
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        assert logits.grad is not None
+        self.ranks, self.shape = ranks, tuple(logits.shape)
+        flat, grads = logits.data.view(-1), logits.grad.view(-1)
+        n = min(ranks.size, flat.numel())
+        self.bounds = [(i * flat.numel() // n, (i + 1) * flat.numel() // n) for i in range(n)]
+        self.chunks = []
+        for a, b in self.bounds:
+            chunk = torch.nn.Parameter(flat[a:b])  # shares the logits' storage
+            chunk.grad = grads[a:b]
+            self.chunks.append(chunk)
+        self.lr = lr
+        self.zero = ZeroRedundancyOptimizer(self.chunks, optimizer_class=torch.optim.Adam, lr=lr)
+        self._gathered: dict[str, Any] | None = None
+
+    def step(self) -> None:
+        self.ranks.collective("the sharded Adam step", self.zero.step)
+
+    def local_state_bytes(self) -> int:
+        """Bytes of the Adam moments this rank holds."""
+        return sum(t.numel() * t.element_size() for s in self.zero.optim.state.values() for t in s.values()
+                   if isinstance(t, torch.Tensor) and t.dim() > 0)
+
+    def gather(self) -> None:
+        """Collect every rank's moments on rank 0 (a collective: call it on all ranks)."""
+        self.ranks.collective("the checkpoint's gathering of the Adam state", self.zero.consolidate_state_dict, to=0)
+        if self.ranks.leader:
+            self._gathered = self.zero.state_dict()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The gathered state as `torch.optim.Adam` over the whole logits would hold it (rank 0, after `gather`)."""
+        if self._gathered is None:
+            raise RuntimeError("ShardedAdam.state_dict needs gather() on every rank first")
+        group = {k: v for k, v in self._gathered["param_groups"][0].items() if k != "params"}
+        template = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=self.lr).state_dict()["param_groups"][0]
+        group = {k: group.get(k, v) for k, v in template.items() if k != "params"}
+        states = [self._gathered["state"].get(i) for i in range(len(self.chunks))]
+        full: dict[int, Any] = {}
+        if all(states):
+            full[0] = {"step": states[0]["step"],
+                       **{m: torch.cat([s[m].reshape(-1) for s in states]).view(self.shape) for m in ("exp_avg", "exp_avg_sq")}}
+        return {"state": full, "param_groups": [{**group, "params": [0]}]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a whole-logits Adam state (from a checkpoint of any number of ranks); each rank keeps its shard."""
+        group = dict(state_dict["param_groups"][0])
+        whole = state_dict["state"].get(0)
+        state: dict[int, Any] = {}
+        if whole:
+            for i, (a, b) in enumerate(self.bounds):
+                state[i] = {"step": whole["step"].clone(),
+                            **{m: whole[m].reshape(-1)[a:b].clone() for m in ("exp_avg", "exp_avg_sq")}}
+        group["params"] = list(range(len(self.chunks)))
+        self.zero.load_state_dict({"state": state, "param_groups": [group]})
+
+
+class DistributedStep:
+    """One rank's part of `MaskTrainer.step` in a distributed run (see the module's docstring)."""
+
+    def __init__(self, trainer: MaskTrainer, ranks: Ranks):
+        self.trainer, self.ranks = trainer, ranks
+        config = trainer.config
+        check_launch(ranks, trainer.device, config)
+        shares = share_work(len(trainer.tasks), config.n_samples, ranks.size)
+        self.units = shares[ranks.rank]
+        self.owner = {u.task: r for r in reversed(range(ranks.size)) for u in shares[r]}  # the rank of sample 0
+        self.split = sorted({u.task for units in shares for u in units if (u.s0, u.s1) != (0, config.n_samples)})
+        self.mine = {u.task for u in self.units}
+        most = max(u.s1 - u.s0 for u in self.units)
+        N = trainer.layout.total
+        self.noise = torch.empty(config.n_samples, N, device=trainer.device, dtype=trainer.logits.dtype)
+        self.buffers = StepBuffers(trainer._masked, trainer.layout.offsets, most, 1)
+        trainer.buffers = self.buffers  # `MaskTrainer._backward` writes the gradients through them
+
+    def summary(self) -> str:
+        """One line: how the ranks share a step and what this rank runs."""
+        trainer = self.trainer
+        parts = ", ".join(f"{trainer.tasks[u.task].name} samples {u.s0}-{u.s1 - 1}" for u in self.units)
+        return (f"torch.distributed: {self.ranks.size} ranks share each step's {len(trainer.tasks)} task(s) x "
+                f"{trainer.config.n_samples} samples; rank {self.ranks.rank} runs {parts}")
+
+    def step(self) -> torch.Tensor:
+        """This rank's share of a step, the all-reduce of the gradients and the losses, and the common update."""
+        trainer, config = self.trainer, self.trainer.config
+        batches: list[Any] = []
+        for k, (task, g) in enumerate(zip(trainer.tasks, trainer.gens.data)):  # every data stream moves every step
+            rows = torch.randint(len(task), (config.batch_size,), generator=g)
+            batches.append(task.batch(rows, trainer.device) if k in self.mine else None)
+        grad = trainer.logits.grad
+        assert grad is not None
+        grad.zero_()
+        losses = torch.zeros(len(trainer.tasks) + 1, device=trainer.device)
+        pending = []
+        for u in self.units:
+            draw_uniforms((config.n_samples, trainer.layout.total), trainer.gens.noise[u.task], trainer.device, out=self.noise)
+            rows = trainer.logits.detach()[u.task : u.task + 1]
+            uniforms = self.noise[None, u.s0 : u.s1]
+            effective = self.buffers.effective(rows, uniforms, trainer._masked, trainer.runner.kernels)
+            if u.task in self.split:  # back-propagated after the next units reuse the buffers: keep copies
+                uniforms, effective = uniforms.clone(), [e.clone() for e in effective]
+            leaves = [e.detach().requires_grad_() for e in effective]
+            (out,) = trainer._outputs(leaves, batches, range(u.task, u.task + 1), (u.s0, u.s1))
+            if u.task in self.split:
+                pending.append((u, rows, uniforms, leaves, out))
+                continue
+            loss = trainer.tasks[u.task].loss_fn()(out, batches[u.task][1])
+            self._backward(u, rows, uniforms, leaves, loss, losses)
+        if self.split:
+            self._split_tasks(pending, batches, losses)
+        dist = _dist()
+        self.ranks.collective("the all-reduce of the mask gradients", dist.all_reduce, grad)
+        self.ranks.collective("the all-reduce of the losses", dist.all_reduce, losses)
+        trainer._update(grad)
+        return losses[:-1].cpu()
+
+    def _backward(self, u: Unit, rows: torch.Tensor, uniforms: torch.Tensor, leaves: list[torch.Tensor],
+                  loss: torch.Tensor, losses: torch.Tensor) -> None:
+        trainer = self.trainer
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        trainer._backward(rows, uniforms, leaves, grads, trainer.logits.grad[u.task : u.task + 1], accumulate=False)
+        if self.owner[u.task] == self.ranks.rank:
+            losses[u.task] = loss.detach()
+
+    def _split_tasks(self, pending: list, batches: list, losses: torch.Tensor) -> None:
+        """Tasks whose samples several ranks share: exchange their outputs, then each rank back-propagates the
+        whole-batch loss through its own rows."""
+        mine = {(u.task, u.s0): out.detach().cpu() for u, *_, out in pending}
+        gathered: list[Any] = [None] * self.ranks.size
+        self.ranks.collective("the exchange of outputs", _dist().all_gather_object, gathered, mine)
+        pieces = {key: out for part in gathered for key, out in part.items()}
+        for u, rows, uniforms, leaves, out in pending:
+            parts = [out if s0 == u.s0 else piece.to(out.device) for (k, s0), piece in sorted(pieces.items()) if k == u.task]
+            loss = self.trainer.tasks[u.task].loss_fn()(torch.cat(parts), batches[u.task][1])
+            self._backward(u, rows, uniforms, leaves, loss, losses)
+
+    def save(self, path: Path, state: TrainingState) -> None:
+        """Write the full state (rank 0); every rank must call it: the Adam moments and the noise streams are
+        gathered from the ranks that hold them."""
+        from .checkpoint import save_checkpoint
+
+        trainer = self.trainer
+        optimizer = trainer.optimizer
+        assert isinstance(optimizer, ShardedAdam)
+        optimizer.gather()
+        streams = {k: trainer.gens.noise[k].get_state() for k in self.mine if self.owner[k] == self.ranks.rank}
+        gathered: list[Any] = [None] * self.ranks.size
+        self.ranks.collective("the checkpoint's gathering of the noise streams", _dist().all_gather_object, gathered, streams)
+        if not self.ranks.leader:
+            return
+        for part in gathered:
+            for k, s in part.items():
+                trainer.gens.noise[k].set_state(s)
+        save_checkpoint(path, trainer.identity, state, trainer.logits, optimizer, trainer.gens.all())  # type: ignore[arg-type]
+
+
+def lost_rank_message(error: DistributedError, checkpoint: Path | None, saved_step: int | None) -> str:
+    """The sentence a run that lost a rank ends with: what happened and what the last checkpoint holds."""
+    if checkpoint is None:
+        where = "no checkpoint was asked for"
+    elif saved_step is None:
+        where = f"no checkpoint was written yet ({checkpoint})"
+    else:
+        where = f"the last checkpoint, {checkpoint} at step {saved_step}, is intact: run again with --resume"
+    return f"{error}; {where}"
+
