@@ -19,7 +19,8 @@ from ..devices import resolve_device
 from .addmul import SETTINGS as ADDMUL_SETTINGS
 from .addmul import AddMulNet, make_tasks
 from .common import (
-    PAPER, Claim, ExperimentOptions, fit_masks, fmt, format_table, mask_config, mean_std, run_experiment, train_base
+    PAPER, Claim, ExperimentOptions, fit_masks, fmt, format_table, mask_config, mean_std, run_experiment,
+    train_base
 )
 
 DESCRIPTION = "share of the + mask used by the × mask for three network sizes (paper 8.1)"
@@ -82,9 +83,5 @@ def claims(by_size: list[list[dict[str, Any]]]) -> list[Claim]:
 
 def run(options: ExperimentOptions) -> dict[str, Any]:
     """Run the experiment for ``options.seeds`` seeds, print the table and write the report."""
-    return run_experiment("addmul-sizes", options, paper=SETTINGS, quick=QUICK, run_all=_by_size, claims=claims,
+    return run_experiment("addmul-sizes", options, paper=SETTINGS, quick=QUICK, run_size=run_size, claims=claims,
                           tables=lambda by_size: [("Sharing of the + mask with the × mask per network size", _table(by_size))])
-
-
-def _by_size(settings: dict[str, Any], options: ExperimentOptions) -> list[list[dict[str, Any]]]:
-    return [[run_size(settings, tuple(h), seed, options) for seed in range(options.seeds)] for h in settings["sizes"]]

@@ -21,7 +21,8 @@ from ..devices import resolve_device
 from ..masks.trainer import train_masks
 from . import addmul
 from .common import (
-    MODSCOPE, Claim, ExperimentOptions, format_table, log, mask_config, run_experiment, setting_text, train_base
+    MODSCOPE, Claim, ExperimentOptions, format_table, log, mask_config, run_experiment, setting_text,
+    train_base
 )
 from .figures import Point, scatter_svg
 
@@ -127,13 +128,9 @@ def claims(by_size: list[list[dict[str, Any]]]) -> list[Claim]:
 def run(options: ExperimentOptions) -> dict[str, Any]:
     """Run the sweep for every network size and ``options.seeds`` seeds; print the table, write report and plot."""
     return run_experiment(
-        "beta-sweep", options, paper=SETTINGS, quick=QUICK, run_all=_by_size, claims=claims,
+        "beta-sweep", options, paper=SETTINGS, quick=QUICK, run_size=run_size, claims=claims,
         tables=lambda by_size: [("Control mask over β (means over seeds; * = on the density-accuracy Pareto front)",
                                  _table(by_size))],
         figures=lambda by_size: [("Control mask accuracy vs density (colour: + shared with ×; ringed: β = 1e-4)",
                                   _figure(by_size))],
     )
-
-
-def _by_size(settings: dict[str, Any], options: ExperimentOptions) -> list[list[dict[str, Any]]]:
-    return [[run_size(settings, tuple(hidden), seed, options) for seed in range(options.seeds)] for hidden in settings["sizes"]]

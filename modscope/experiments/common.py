@@ -57,6 +57,18 @@ def run_seeds(run_seed: Callable[[dict[str, Any], int, ExperimentOptions], dict[
     return spread(lambda seed: run_seed(settings, seed, options), range(options.seeds))
 
 
+def run_sizes(run_size: Callable[[dict[str, Any], tuple[int, ...], int, ExperimentOptions], dict[str, Any]],
+              settings: dict[str, Any], options: ExperimentOptions) -> list[list[dict[str, Any]]]:
+    """``run_size(settings, hidden, seed, options)`` for every network size of ``settings["sizes"]`` and every seed:
+    one list of the seeds' results per size. Under torchrun the (size, seed) runs are spread over the ranks as
+    independent runs (`masks.distributed.spread`)."""
+    from ..masks.distributed import spread
+
+    pairs = [(tuple(hidden), seed) for hidden in settings["sizes"] for seed in range(options.seeds)]
+    flat = spread(lambda pair: run_size(settings, pair[0], pair[1], options), pairs)
+    return [flat[i : i + options.seeds] for i in range(0, len(flat), options.seeds)]
+
+
 def log(message: str) -> None:
     """Progress and log lines go to stderr."""
     print(message, file=sys.stderr, flush=True)
@@ -299,18 +311,19 @@ def run_experiment(
     quick: dict[str, Any],
     medium: dict[str, Any] | None = None,
     run_seed: Callable[[dict[str, Any], int, ExperimentOptions], Any] | None = None,
-    run_all: Callable[[Settings, ExperimentOptions], list[Any]] | None = None,
+    run_size: Callable[[dict[str, Any], tuple[int, ...], int, ExperimentOptions], Any] | None = None,
     claims: Callable[[list[Any]], Sequence[Claim]],
     tables: Callable[[list[Any]], Sequence[tuple[str, str]]],
     figures: Callable[[list[Any]], Sequence[tuple[str, str]]] | None = None,
 ) -> dict[str, Any]:
     """The one path every experiment runs: settings (the paper's, a preset, the overrides), the runs (``run_seed``
-    for each seed, or ``run_all``), the claims, then the tables and figures printed and written (`publish`).
+    for each seed, `run_seeds`, or ``run_size`` for each network size and seed, `run_sizes`), the claims, then the
+    tables and figures printed and written (`publish`).
 
     Returns:
         The report written to ``options.out / NAME.json``.
     """
     settings = resolve_settings(paper, quick, options, medium=medium)
-    runs = run_all(settings, options) if run_all is not None else run_seeds(run_seed, settings, options)
+    runs = run_sizes(run_size, settings, options) if run_size is not None else run_seeds(run_seed, settings, options)
     checks = claims(runs)
     return publish(name, options, settings, runs, checks, tables(runs), figures(runs) if figures is not None else ())
