@@ -13,7 +13,8 @@ import torch
 import modscope
 from modscope import MaskSet, Report
 from modscope.errors import InvalidParameterError
-from modscope.report.tables import SECTIONS, build_tables, drop
+from modscope.metrics.drop import relative_drop as drop
+from modscope.report.tables import SECTIONS, build_tables
 
 
 @pytest.fixture

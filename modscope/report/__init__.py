@@ -18,6 +18,7 @@ from ..fileio import SCHEMA_VERSION, dumps, jsonable, read_json, write_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..masks.convergence import ConvergenceCheck
+    from ..metrics.ablation import AblationResult
     from ..masks.maskset import MaskSet
     from ..model import Model
     from ..tasks import Task
@@ -113,6 +114,21 @@ class Report:
         from ..masks.convergence import ConvergenceCheck
 
         return ConvergenceCheck.from_dict(self._data["convergence"])
+
+    @property
+    def ablation(self) -> AblationResult:
+        """The ablation matrices as a labelled `AblationResult` (``report.ablation.drop["add", "mul"]``)."""
+        from ..metrics.ablation import AblationResult
+
+        info = self._data["task_info"]
+        return AblationResult.from_dict(self._data["ablation"],
+                                        [bool(info.get(t, {}).get("higher_is_better", True)) for t in self._data["ablation"]["tasks"]])
+
+    def drop(self, task: str, removed: str) -> float | None:
+        """The relative drop of ``task``'s metric with ``removed``'s mask removed (`metrics.drop.relative_drop`)."""
+        from .values import drop
+
+        return drop(self._data, task, removed)
 
     def __getitem__(self, section: str) -> Any:
         return self._data[section]

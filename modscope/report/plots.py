@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import ModscopeError
 from ..install import install_hint
-from .tables import drop
+from .values import drop
 
 _DPI = 100
 
@@ -123,10 +123,9 @@ def plot_overlap(data: dict[str, Any]) -> bytes:
 
 def plot_ablation(data: dict[str, Any]) -> bytes:
     """Relative drop of every task (columns) with every mask removed (rows)."""
-    ab, info = data["ablation"], data["task_info"]
+    ab = data["ablation"]
     tasks = ab["tasks"]
-    drops = np.array([[np.nan if (d := drop(ab["full"][j], row[j], info[t]["higher_is_better"])) is None else d
-                       for j, t in enumerate(tasks)] for row in ab["removed"]], dtype=float)
+    drops = np.array([[np.nan if (d := drop(data, t, m)) is None else d for t in tasks] for m in ab["masks"]], dtype=float)
     size = min(12.0, 2.5 + 1.1 * len(tasks))
     fig, (ax,) = _figure(size + 1.5, 0.8 + 0.9 * max(len(ab["masks"]), 2))
     top = max(1.0, float(np.nanmax(drops)) if np.isfinite(drops).any() else 1.0)

@@ -5,10 +5,12 @@ Each `Table` keeps raw values (floats, ints, strings); renderers format them wit
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Any
+
+from ..texttable import cell
+from .values import ablation_value, drop, full_value
 
 #: the report's sections in order: (key, title, what it shows).
 SECTIONS: tuple[tuple[str, str, str], ...] = (
@@ -46,25 +48,6 @@ class Table:
     rows: list[list[Any]] = field(default_factory=list)
 
 
-def cell(value: Any) -> str:
-    """A value as table text: floats with 3 decimals, None as a dash."""
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return str(value)
-
-
-def drop(full: float | None, ablated: float | None, higher_is_better: bool) -> float | None:
-    """Relative performance drop: (full - ablated) / |full| (reversed for error metrics); absolute when full is 0."""
-    if full is None or ablated is None:
-        return None
-    change = full - ablated if higher_is_better else ablated - full
-    return change / abs(full) if full else change
-
-
 def build_tables(data: dict[str, Any]) -> list[Table]:
     """Every table of a report, in section order."""
     tables = [summary(data), sharing(data), *overlap(data), *ablation(data)]
@@ -76,17 +59,9 @@ def build_tables(data: dict[str, Any]) -> list[Table]:
     return tables
 
 
-def ablation_value(data: Mapping[str, Any], matrix: str, mask: str, task: str) -> float | None:
-    """``data["ablation"][matrix]`` ("removed" or "kept") for one mask and one task, None if either is absent."""
-    ab = data["ablation"]
-    if mask not in ab["masks"] or task not in ab["tasks"]:
-        return None
-    return ab[matrix][ab["masks"].index(mask)][ab["tasks"].index(task)]
-
-
 def summary(data: dict[str, Any]) -> Table:
-    ab, info, shared = data["ablation"], data["task_info"], data["sharing"]
-    rows = [[t, info[t]["metric"], ab["full"][ab["tasks"].index(t)], ablation_value(data, "kept", t, t),
+    info, shared = data["task_info"], data["sharing"]
+    rows = [[t, info[t]["metric"], full_value(data, t), ablation_value(data, "kept", t, t),
              ablation_value(data, "removed", t, t), data["density"][t], shared["total"].get(t), shared["chance_total"].get(t)]
             for t in data["tasks"]]
     return Table("summary", "summary", "Tasks",
@@ -120,11 +95,10 @@ def overlap(data: dict[str, Any]) -> list[Table]:
 
 
 def ablation(data: dict[str, Any]) -> list[Table]:
-    ab, info = data["ablation"], data["task_info"]
+    ab = data["ablation"]
     tasks = ab["tasks"]
     raw = [["(none: full model)", *ab["full"]]] + [[f"{m} removed", *row] for m, row in zip(ab["masks"], ab["removed"])]
-    drops = [[f"{m} removed", *(drop(ab["full"][j], row[j], info[t]["higher_is_better"]) for j, t in enumerate(tasks))]
-             for m, row in zip(ab["masks"], ab["removed"])]
+    drops = [[f"{m} removed", *(drop(data, t, m) for t in tasks)] for m in ab["masks"]]
     return [Table("ablation", "ablation", "Metric with a mask removed", ["mask removed", *tasks], raw),
             Table("ablation_drop", "ablation", "Relative drop from the full model", ["mask removed", *tasks], drops)]
 
