@@ -61,5 +61,5 @@ def to_markdown(data: dict[str, Any], *, title: str = "modscope report", skip: t
             continue
         parts += ["", f"## {heading}", "", what]
         for t in mine:
-            parts += ["", f"### {t.title}", "", markdown_table(t)]
+            parts += ["", f"### {t.title}", "", markdown_table(t)] + (["", f"_{t.note}_"] if t.note else [])
     return "\n".join(parts) + "\n"

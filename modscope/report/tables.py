@@ -39,6 +39,7 @@ class Table:
         title: a heading.
         headers: column names.
         rows: raw cell values.
+        note: a sentence shown under the table (e.g. why a column is empty).
     """
 
     key: str
@@ -46,6 +47,7 @@ class Table:
     title: str
     headers: list[str]
     rows: list[list[Any]] = field(default_factory=list)
+    note: str = ""
 
 
 def build_tables(data: dict[str, Any]) -> list[Table]:
@@ -68,12 +70,17 @@ def summary(data: dict[str, Any]) -> Table:
                  ["task", "metric", "full model", "own mask only", "own mask removed", "density", "shared", "shared (chance)"], rows)
 
 
+def layer_module(data: dict[str, Any], layer: str) -> str:
+    """What a layer is ("Linear 32×9"), or "" for reports written before it was recorded."""
+    return (data.get("layer_modules") or {}).get(layer, "")
+
+
 def sharing(data: dict[str, Any]) -> Table:
     sh, tasks = data["sharing"], data["tasks"]
-    headers = ["layer"] + [h for t in tasks for h in (t, f"{t} (chance)")]
-    rows = [[layer] + [v for t in tasks for v in (sh["per_layer"][layer][t], sh["chance_per_layer"][layer][t])]
+    headers = ["layer", "module"] + [h for t in tasks for h in (t, f"{t} (chance)")]
+    rows = [[layer, layer_module(data, layer)] + [v for t in tasks for v in (sh["per_layer"][layer][t], sh["chance_per_layer"][layer][t])]
             for layer in sh["per_layer"]]
-    rows.append(["(whole model)"] + [v for t in tasks for v in (sh["total"][t], sh["chance_total"][t])])
+    rows.append(["(whole model)", ""] + [v for t in tasks for v in (sh["total"][t], sh["chance_total"][t])])
     return Table("sharing", "sharing", "Shared fraction per layer", headers, rows)
 
 
@@ -107,14 +114,22 @@ def clustering(data: dict[str, Any]) -> Table:
     cl = data["clustering"]
     spectral = cl.get("spectral") or {}
     rows = [[t, cl["hierarchical"][t], spectral.get(t)] for t in cl["tasks"]]
-    return Table("clustering", "clustering", "Module assignments", ["task", "hierarchical module", "spectral module"], rows)
+    note = ""
+    if not spectral:
+        note = cl.get("spectral_skipped") or (
+            f"spectral clustering skipped: it needs more tasks than modules, and there are {len(cl['tasks'])} tasks for "
+            f"{max(cl['hierarchical'].values(), default=0)} modules")
+        note = note[0].upper() + note[1:] + "."
+    return Table("clustering", "clustering", "Module assignments", ["task", "hierarchical module", "spectral module"],
+                 rows, note)
 
 
 def density(data: dict[str, Any]) -> Table:
     tasks = data["tasks"]
-    rows = [[layer, n, *(data["density_per_layer"][t].get(layer) for t in tasks)] for layer, n in data["layers"].items()]
-    rows.append(["(whole model)", sum(data["layers"].values()), *(data["density"][t] for t in tasks)])
-    return Table("density", "density", "Density per layer", ["layer", "masked weights", *tasks], rows)
+    rows = [[layer, layer_module(data, layer), n, *(data["density_per_layer"][t].get(layer) for t in tasks)]
+            for layer, n in data["layers"].items()]
+    rows.append(["(whole model)", "", sum(data["layers"].values()), *(data["density"][t] for t in tasks)])
+    return Table("density", "density", "Density per layer", ["layer", "module", "masked weights", *tasks], rows)
 
 
 def curves(data: dict[str, Any]) -> Table:
