@@ -3,7 +3,7 @@ same folder, renamed into place on success, removed on failure), and JSON has on
 first, numpy/torch values made plain, NaN and infinities written as ``null`` since JSON has none) and one reader
 (`read_json`).
 
-A leaf module (standard library and `modscope.errors` only): run folders, reports, experiments, masks and exports
+A leaf module (standard library, `modscope.errors` and `modscope.filemodes` only): run folders, reports, experiments, masks and exports
 share it without importing each other.
 """
 
@@ -13,11 +13,13 @@ import contextlib
 import json
 import math
 import os
+import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from .errors import InvalidParameterError
+from .filemodes import match_umask
 
 #: version of the JSON files modscope writes (config.json, report.json, --json outputs).
 SCHEMA_VERSION = 1
@@ -25,7 +27,12 @@ SCHEMA_VERSION = 1
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it is renamed to ``path``, on failure removed.
+    """Yield a new temporary path next to ``path``; on success it is renamed to ``path``, on failure removed.
+
+    modscope's one atomic writer: run folders, reports, masks, checkpoints, experiment outputs and exported models
+    all go through it, so no reader ever sees a half-written file, whatever stops the process. The temporary name
+    (``.NAME.PID.XXXXXX.tmp``) is unique even between threads and carries the process id; the file gets the mode
+    the umask gives a new file before the rename (``mkstemp`` and writers such as safetensors make files ``0600``).
 
     Example:
         >>> from pathlib import Path
@@ -35,9 +42,12 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         'done'
     """
     final = Path(path)
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
         yield tmp
+        match_umask(tmp)
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)

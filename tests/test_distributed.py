@@ -4,6 +4,7 @@ rank 0 alone writes, a lost rank ends the run with one sentence and leaves the l
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import shutil
 import socket
@@ -23,7 +24,9 @@ from test_trainer_speed import (
 
 import modscope
 from modscope.errors import InvalidParameterError
-from modscope.masks.distributed import DistributedError, share_work
+from modscope.experiments import get_experiment
+from modscope.experiments.common import ExperimentOptions
+from modscope.masks.distributed import DistributedError, Ranks, share_work, spread
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -65,8 +68,21 @@ def _scenarios(rank: int, port: int, folder: Path) -> None:
             _train(config={"pass_size": 2})
         except DistributedError as exc:
             (folder / f"refusal-{rank}.txt").write_text(str(exc))
+        (folder / f"spread-{rank}.json").write_text(json.dumps(spread(_who_runs, [10, 11, 12])))
+        report = _double_add(folder / f"double-add-{rank}")
+        (folder / f"double-add-{rank}.json").write_text(json.dumps(report["runs"], default=str))
     finally:
         dist.destroy_process_group()
+
+
+def _who_runs(item: int) -> list:
+    return [item, dist.get_rank(), Ranks.current() is None]
+
+
+def _double_add(out: Path) -> dict:
+    """`reproduce double-add` with a tiny network and 2 seeds."""
+    tiny = {"hidden": (16, 16, 16), "base_steps": 20, "mask_steps": 4, "n_train": 2000, "n_valid": 200, "batch_size": 32}
+    return get_experiment("double-add").run(ExperimentOptions(out=out, seeds=2, progress=False, overrides=tiny))
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +184,14 @@ def test_a_rank_that_dies_ends_the_run_with_one_sentence_and_keeps_the_last_chec
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 20
     resumed = _train(checkpoint=tmp_path / "ckpt.pt", checkpoint_every=EVERY, resume=True)
     _same_masks(resumed, _train(), atol=0)
+
+
+def test_spread_runs_each_item_once_on_one_rank_alone_and_gives_every_rank_all_results(runs):
+    for rank in (0, 1):
+        assert json.loads((runs / f"spread-{rank}.json").read_text()) == [[10, 0, True], [11, 1, True], [12, 0, True]]
+
+
+def test_reproduce_seeds_spread_over_two_ranks_give_the_runs_of_one_process(runs, tmp_path):
+    alone = json.loads(json.dumps(_double_add(tmp_path)["runs"], default=str))
+    for rank in (0, 1):
+        assert json.loads((runs / f"double-add-{rank}.json").read_text()) == alone

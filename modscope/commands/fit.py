@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -185,8 +186,10 @@ def _follow(args: argparse.Namespace, ranks: Any) -> int:
     model, tasks, _ = _load_inputs(args, names, _task_options(args, names))
     extra = {"checkpoint_every": args.checkpoint_every} if args.checkpoint_every else {}
     try:
-        train_masks(model, tasks, config, progress=False, checkpoint=RunFolder(args.out).checkpoint_path,
-                    resume=args.resume, **extra)
+        with warnings.catch_warnings():  # rank 0 gives the same warnings
+            warnings.simplefilter("ignore")
+            train_masks(model, tasks, config, progress=False, checkpoint=RunFolder(args.out).checkpoint_path,
+                        resume=args.resume, **extra)
     except KeyboardInterrupt:  # rank 0 says what was saved
         return 130
     return 0

@@ -21,9 +21,9 @@ Every file is first written to a temporary file in the destination folder and th
 
 from __future__ import annotations
 
+import contextlib
 import os
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidParameterError, ModelLoadError, ModscopeError, ShapeError
-from ..filemodes import match_umask
+from ..fileio import atomic_write
 from ..model import Model
 
 #: source formats whose module's state_dict keys are the names in the source file.
@@ -135,9 +135,11 @@ def _export_state_dict(model: Model, masks: Mapping[str, torch.Tensor], out: Pat
     if out.suffix.lower() == ".safetensors":
         from safetensors.torch import save_file
 
-        _write_atomically(out, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "modscope"}))
+        with atomic_write(out) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "modscope"})
     else:
-        _write_atomically(out, lambda tmp: torch.save(tensors, tmp))
+        with atomic_write(out) as tmp:
+            torch.save(tensors, tmp)
 
 
 # -- ONNX -----------------------------------------------------------------------------------------------------------
@@ -304,10 +306,11 @@ class _ExternalData:
 
 
 def _write_onnx(proto: Any, out: Path, data: _ExternalData, check: bool) -> None:
-    """Write the data file and the model to temporary files, check the model runs, then move both into place."""
-    data_tmp = _temp_path(out.parent / data.file_name) if data.tensors else None
-    model_tmp = _temp_path(out)
-    try:
+    """Write the data file and the model to temporary files, check the model runs, then move both into place (the
+    data file first)."""
+    with contextlib.ExitStack() as stack:
+        model_tmp = stack.enter_context(atomic_write(out))
+        data_tmp = stack.enter_context(atomic_write(out.parent / data.file_name)) if data.tensors else None
         if data_tmp is not None:
             data_tmp.write_bytes(b"".join(data.chunks))
             data.point_to(data_tmp.name)
@@ -317,12 +320,6 @@ def _write_onnx(proto: Any, out: Path, data: _ExternalData, check: bool) -> None
         if data_tmp is not None:
             data.point_to(data.file_name)
             model_tmp.write_bytes(proto.SerializeToString())
-            os.replace(data_tmp, out.parent / data.file_name)
-        os.replace(model_tmp, out)
-    finally:
-        for tmp in (data_tmp, model_tmp):
-            if tmp is not None and tmp.exists():
-                tmp.unlink()
 
 
 def _check_runs(model_path: Path, proto: Any, out: Path) -> None:
@@ -344,21 +341,3 @@ def _check_runs(model_path: Path, proto: Any, out: Path) -> None:
             f"the ablated ONNX model for {out} does not run in onnxruntime ({str(exc).strip().splitlines()[0]}); "
             "pass check=False to write it anyway"
         ) from exc
-
-
-# -- files ----------------------------------------------------------------------------------------------------------
-def _temp_path(final: Path) -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    return match_umask(name)  # mkstemp makes 0600; outputs follow the umask like every other file
-
-
-def _write_atomically(out: Path, write: Callable[[Path], None]) -> None:
-    tmp = _temp_path(out)
-    try:
-        write(tmp)
-        match_umask(tmp)  # writers such as safetensors may recreate the file 0600
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

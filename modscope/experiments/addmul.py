@@ -36,6 +36,7 @@ from .common import (
     mean_std,
     publish,
     resolve_settings,
+    run_seeds,
     train_network,
 )
 
@@ -308,7 +309,7 @@ def run(options: ExperimentOptions, *, name: str = "addmul", paper: dict[str, An
     """
     settings = resolve_settings(paper or SETTINGS, quick if quick is not None else QUICK, options,
                                 medium=None if paper else MEDIUM)
-    runs = [run_seed(settings, seed, options) for seed in range(options.seeds)]
+    runs = run_seeds(run_seed, settings, options)
     checks = claims(runs)
     tables = [("Accuracy on validation data", _accuracy_table(runs)), ("+ and × masks per layer", _layer_table(runs)),
               ("Op confusion on validation data", _confusion_table(runs)), ("Half-mask test", _half_mask_table(runs))]

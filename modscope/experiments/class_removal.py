@@ -35,6 +35,7 @@ from .common import (
     mean_std,
     publish,
     resolve_settings,
+    run_seeds,
     train_network,
 )
 from .image_data import ImageData, SimpleCNN, load_images
@@ -192,7 +193,7 @@ def claims(runs: list[dict[str, Any]]) -> list[Claim]:
 def run(options: ExperimentOptions) -> dict[str, Any]:
     """Run the experiment for ``options.seeds`` seeds, print the tables and write the report."""
     settings = resolve_settings(SETTINGS, QUICK, options)
-    runs = [run_seed(settings, seed, options) for seed in range(options.seeds)]
+    runs = run_seeds(run_seed, settings, options)
     checks = claims(runs)
     acc = format_table(["weights", "validation accuracy"],
                        [["full net", fmt([r["accuracy"]["full"] for r in runs])], ["control mask", fmt([r["accuracy"]["control"] for r in runs])]])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -13,7 +12,7 @@ import numpy as np
 import torch
 
 from ..masks.progress import Progress
-from ..runs import atomic_write
+from ..fileio import atomic_write, write_json
 from ..tasks import Task
 from ..texttable import render_table
 
@@ -42,6 +41,16 @@ class ExperimentOptions:
     data: Path | None = None
     progress: bool = True
     overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def run_seeds(run_seed: Callable[[dict[str, Any], int, ExperimentOptions], dict[str, Any]], settings: dict[str, Any],
+              options: ExperimentOptions) -> list[dict[str, Any]]:
+    """``run_seed(settings, seed, options)`` for each of ``options.seeds`` seeds, in order. Under torchrun the seeds
+    run in parallel as independent runs, seed i on rank i mod N (`masks.distributed.spread`); one seed shares its mask
+    training over the ranks instead."""
+    from ..masks.distributed import spread
+
+    return spread(lambda seed: run_seed(settings, seed, options), range(options.seeds))
 
 
 def log(message: str) -> None:
@@ -140,24 +149,6 @@ def claims_table(claims: Sequence[Claim]) -> str:
                         [[c.what, c.measured, c.paper, c.criterion, verdict[c.holds]] for c in claims])
 
 
-def write_json(path: Path, data: dict[str, Any]) -> Path:
-    """Write JSON atomically (temporary file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=1, default=_jsonable))
-    return path
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, np.ndarray | torch.Tensor):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
-
-
 def write_html(path: Path, title: str, sections: Sequence[tuple[str, str]],
                figures: Sequence[tuple[str, str]] = ()) -> Path:
     """A self-contained HTML page of preformatted text sections (tables as printed), then inline SVG figures."""
@@ -245,7 +236,8 @@ def publish(
         print(f"\n{title}\n{text}")
     report = {"experiment": name, "settings": settings, "quick": options.quick, "medium": options.medium, "preset": f"{label}: {preset}", "runs": runs,
               "claims": [c.to_dict() for c in checks]}
-    path = write_json(options.out / f"{name}.json", report)
+    options.out.mkdir(parents=True, exist_ok=True)
+    path = write_json(options.out / f"{name}.json", report)  # modscope's JSON: schema_version first, NaN as null
     page = write_html(options.out / f"{name}.html", f"modscope reproduce {name}", tables, figures)
     log(f"report written to {path} and {page}")
     return report

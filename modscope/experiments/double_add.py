@@ -41,6 +41,7 @@ from .common import (
     mean_std,
     publish,
     resolve_settings,
+    run_seeds,
     train_network,
 )
 
@@ -250,7 +251,7 @@ def claims(runs: list[dict[str, Any]]) -> list[Claim]:
 def run(options: ExperimentOptions) -> dict[str, Any]:
     """Run the experiment for ``options.seeds`` seeds, print the tables and write the report."""
     settings = resolve_settings(SETTINGS, QUICK, options)
-    runs = [run_seed(settings, seed, options) for seed in range(options.seeds)]
+    runs = run_seeds(run_seed, settings, options)
     checks = claims(runs)
     tables = [("Accuracy on validation data", _accuracy_table(runs)), ("Pair masks per layer", _layer_table(runs))]
     return publish("double-add", options, settings, runs, checks, tables)

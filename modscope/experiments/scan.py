@@ -38,6 +38,7 @@ from .common import (
     mean_std,
     publish,
     resolve_settings,
+    run_seeds,
     train_network,
 )
 
@@ -208,7 +209,7 @@ def claims(runs: list[dict[str, Any]]) -> list[Claim]:
 def run(options: ExperimentOptions) -> dict[str, Any]:
     """Run the experiment for ``options.seeds`` seeds, print the tables and write the report."""
     settings = resolve_settings(SETTINGS, QUICK, options, medium=MEDIUM)
-    runs = [run_seed(settings, seed, options) for seed in range(options.seeds)]
+    runs = run_seeds(run_seed, settings, options)
     checks = claims(runs)
     tables = [("Test accuracy per split, before and after (paper Fig. 4a)", _split_table(runs)),
               ("Every mask on every test set", _matrix_table(runs))]

@@ -31,6 +31,7 @@ from .common import (
     mean_std,
     publish,
     resolve_settings,
+    run_seeds,
 )
 from .image_data import ImageData, load_images
 
@@ -106,7 +107,7 @@ def claims(runs: list[dict[str, Any]]) -> list[Claim]:
 def run(options: ExperimentOptions) -> dict[str, Any]:
     """Run the experiment for ``options.seeds`` seeds, print the tables and write the report."""
     settings = resolve_settings(SETTINGS, QUICK, options)
-    runs = [run_seed(settings, seed, options) for seed in range(options.seeds)]
+    runs = run_seeds(run_seed, settings, options)
     checks = claims(runs)
     tables = [(f"Mask IoU across seeds per class pair ({runs[0]['dataset']})", _pair_table(runs)),
               ("Per layer", _layer_table(runs))]

@@ -22,10 +22,11 @@ Example (two processes on one machine)::
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -41,6 +42,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .trainer import MaskTrainer
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 #: seconds a collective waits for the other ranks before the run stops (``$MODSCOPE_DIST_TIMEOUT``), when modscope
 #: starts the process group itself (under torchrun).
@@ -144,6 +146,47 @@ def _first_line(exc: BaseException) -> str:
     return text.split(". ")[0].rstrip(".")[:160]
 
 
+_ALONE: contextvars.ContextVar[bool] = contextvars.ContextVar("modscope_alone", default=False)
+
+#: how long `spread`'s ranks wait for each other's share of independent runs (runs are long; a dead rank still ends
+#: the wait at once).
+SPREAD_TIMEOUT = datetime.timedelta(hours=24)
+
+
+@contextlib.contextmanager
+def alone() -> Iterator[None]:
+    """Inside the block this process trains on its own (`Ranks.current` is None), even in a process group."""
+    token = _ALONE.set(True)
+    try:
+        yield
+    finally:
+        _ALONE.reset(token)
+
+
+def spread(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    """``[fn(item) for item in items]``, the items shared out over the ranks of a process group as independent runs.
+
+    Item i runs on rank i mod N alone (its mask training is not shared with the other ranks); every rank gets every
+    result, in order. The results must pickle. Without a process group, or with one item, it is the plain loop (and
+    one item's mask training is then shared over the ranks as usual).
+
+    Example:
+        >>> spread(lambda seed: seed * 10, [0, 1, 2])
+        [0, 10, 20]
+    """
+    ranks = Ranks.current()
+    if ranks is None or len(items) < 2:
+        return [fn(item) for item in items]
+    dist = _dist()
+    group = ranks.collective("making the group for independent runs", dist.new_group, timeout=SPREAD_TIMEOUT)
+    with alone():
+        mine = {i: fn(item) for i, item in enumerate(items) if i % ranks.size == ranks.rank}
+    gathered: list[Any] = [None] * ranks.size
+    ranks.collective("the gathering of independent runs' results", dist.all_gather_object, gathered, mine, group=group)
+    results = {i: r for part in gathered for i, r in part.items()}
+    return [results[i] for i in range(len(items))]
+
+
 @dataclass(frozen=True)
 class Ranks:
     """This process's place in the process group: its rank and the number of ranks."""
@@ -155,7 +198,7 @@ class Ranks:
     def current(cls) -> Ranks | None:
         """The group's ranks when a process group of more than one rank is initialised, else None."""
         dist = _dist()
-        if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() <= 1:
+        if _ALONE.get() or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() <= 1:
             return None
         return cls(dist.get_rank(), dist.get_world_size())
 

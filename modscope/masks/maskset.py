@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidParameterError, ModelLoadError, ModscopeError, UnknownTaskError
-from ..filemodes import match_umask
+from ..fileio import atomic_write
 from ..model import WeightInfo
 from .config import MaskConfig
 
@@ -240,10 +240,8 @@ class MaskSet(Mapping[str, Mask]):
 
         path = Path(path)
         tensors = {f"{i}/{j}": self.logits[t][w.name].contiguous() for i, t in enumerate(self.tasks) for j, w in enumerate(self.weights)}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file(tensors, str(tmp), metadata={"modscope": json.dumps(self.metadata())})
-        match_umask(tmp)  # safetensors creates 0600
-        os.replace(tmp, path)
+        with atomic_write(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"modscope": json.dumps(self.metadata())})
         return path
 
     @classmethod

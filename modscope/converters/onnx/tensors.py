@@ -16,7 +16,9 @@ import math
 import os
 import sys
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import onnx
@@ -27,8 +29,9 @@ from ...errors import ModelLoadError
 
 _T = onnx.TensorProto
 
-#: element types read straight from ``raw_data`` (little-endian bytes in ONNX's layout).
-_RAW_DTYPES: dict[int, torch.dtype] = {
+#: ONNX element type -> torch dtype, for every type torch holds bit for bit: the converter's one dtype table (raw data
+#: is read straight into it; handlers look their ``to``/``dtype`` attributes up in it).
+ONNX_TO_TORCH: Mapping[int, torch.dtype] = MappingProxyType({
     _T.FLOAT: torch.float32,
     _T.DOUBLE: torch.float64,
     _T.FLOAT16: torch.float16,
@@ -48,7 +51,7 @@ _RAW_DTYPES: dict[int, torch.dtype] = {
     _T.FLOAT8E4M3FNUZ: torch.float8_e4m3fnuz,
     _T.FLOAT8E5M2: torch.float8_e5m2,
     _T.FLOAT8E5M2FNUZ: torch.float8_e5m2fnuz,
-}
+})
 
 #: ml_dtypes element types (numpy dtype names) torch has bit-identical types for.
 _ML_DTYPES: dict[str, torch.dtype] = {
@@ -83,7 +86,7 @@ def tensor_from_proto(proto: onnx.TensorProto, base_dir: str | os.PathLike | Non
         [0, 1, 2]
     """
     shape = check_tensor_proto(proto)
-    dtype = _RAW_DTYPES.get(proto.data_type)
+    dtype = ONNX_TO_TORCH.get(proto.data_type)
     if proto.data_location == _T.EXTERNAL:
         raw = read_external_data(proto, base_dir)
     elif proto.HasField("raw_data"):

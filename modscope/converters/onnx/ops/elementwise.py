@@ -25,6 +25,7 @@ from onnx import TensorProto
 from ....errors import InvalidParameterError, UnsupportedOperatorError
 from .util import as_tensor
 from ..registry import NodeContext, OpSet
+from ..tensors import ONNX_TO_TORCH
 
 ops = OpSet()
 
@@ -32,28 +33,8 @@ Tensor = torch.Tensor
 
 _UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)
 
-#: ONNX TensorProto.DataType -> torch dtype, for the types torch can hold.
-ONNX_TO_TORCH_DTYPE = MappingProxyType({
-    TensorProto.FLOAT: torch.float32,
-    TensorProto.DOUBLE: torch.float64,
-    TensorProto.FLOAT16: torch.float16,
-    TensorProto.BFLOAT16: torch.bfloat16,
-    TensorProto.INT8: torch.int8,
-    TensorProto.INT16: torch.int16,
-    TensorProto.INT32: torch.int32,
-    TensorProto.INT64: torch.int64,
-    TensorProto.UINT8: torch.uint8,
-    TensorProto.UINT16: torch.uint16,
-    TensorProto.UINT32: torch.uint32,
-    TensorProto.UINT64: torch.uint64,
-    TensorProto.BOOL: torch.bool,
-    TensorProto.COMPLEX64: torch.complex64,
-    TensorProto.COMPLEX128: torch.complex128,
-    TensorProto.FLOAT8E4M3FN: torch.float8_e4m3fn,
-    TensorProto.FLOAT8E4M3FNUZ: torch.float8_e4m3fnuz,
-    TensorProto.FLOAT8E5M2: torch.float8_e5m2,
-    TensorProto.FLOAT8E5M2FNUZ: torch.float8_e5m2fnuz,
-})
+#: ONNX TensorProto.DataType -> torch dtype, for the types torch can hold (the converter's one table).
+ONNX_TO_TORCH_DTYPE = ONNX_TO_TORCH
 
 # float8 type -> (largest finite value, the halfway point above it, whether that tie rounds up and overflows).
 # Round-to-nearest-even decides the tie: E4M3FN's largest value has an even mantissa, the others an odd one.

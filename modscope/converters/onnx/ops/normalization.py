@@ -12,16 +12,19 @@ import torch
 import torch.nn.functional as F
 
 from ....errors import InvalidParameterError, ShapeError
+from ..tensors import ONNX_TO_TORCH
 from ..registry import NodeContext, OpSet
 
 ops = OpSet()
 
-_STASH_DTYPES = {1: torch.float32, 10: torch.float16, 11: torch.float64, 16: torch.bfloat16}
+#: the ``stash_type`` values allowed (float, float16, double, bfloat16); anything else computes in float32.
+_STASH_TYPES = (1, 10, 11, 16)
 
 
 def _stash_dtype(ctx: NodeContext, x: torch.Tensor) -> torch.dtype:
     """The dtype statistics are computed in: ``stash_type`` for half inputs, never less precise than ``x``."""
-    stash = _STASH_DTYPES.get(int(ctx.attr("stash_type", 1)), torch.float32)
+    code = int(ctx.attr("stash_type", 1))
+    stash = ONNX_TO_TORCH[code] if code in _STASH_TYPES else torch.float32
     return x.dtype if x.dtype == torch.float64 or stash.itemsize <= x.dtype.itemsize else stash
 
 

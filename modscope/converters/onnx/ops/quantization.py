@@ -29,6 +29,7 @@ import torch
 from ....errors import ShapeError, UnsupportedOperatorError
 from .linalg import conv
 from .util import as_tensor, normalize_axis
+from ..tensors import ONNX_TO_TORCH
 from ..registry import NodeContext, OpSet
 
 ops = OpSet()
@@ -139,14 +140,10 @@ def dequantize_linear(ctx: NodeContext, x: Any, x_scale: Any, x_zero_point: Any 
 
 
 def _float_dtype(ctx: NodeContext, code: int) -> torch.dtype:
-    table = {
-        onnx.TensorProto.FLOAT: torch.float32,
-        onnx.TensorProto.FLOAT16: torch.float16,
-        onnx.TensorProto.BFLOAT16: torch.bfloat16,
-    }
-    if code not in table:
+    dtype = ONNX_TO_TORCH.get(code)
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise _unsupported(ctx, f"output_dtype {onnx.TensorProto.DataType.Name(code)}")
-    return table[code]
+    return dtype
 
 
 @ops.register("DynamicQuantizeLinear", since=11)

@@ -13,24 +13,13 @@ import onnx
 import torch
 
 from ....errors import InvalidParameterError, ShapeError
+from ..tensors import ONNX_TO_TORCH
 
-#: ONNX TensorProto element types -> torch dtypes (unsigned types torch barely supports are widened, as on load).
+#: what `torch_dtype` gives: the converter's table (`tensors.ONNX_TO_TORCH`) without the 8-bit float types, with the
+#: unsigned types torch barely supports widened to a signed type that holds every value, as on load.
+_WIDENED = {torch.uint16: torch.int32, torch.uint32: torch.int64}
 _ONNX_TO_TORCH = {
-    onnx.TensorProto.FLOAT: torch.float32,
-    onnx.TensorProto.UINT8: torch.uint8,
-    onnx.TensorProto.INT8: torch.int8,
-    onnx.TensorProto.UINT16: torch.int32,
-    onnx.TensorProto.INT16: torch.int16,
-    onnx.TensorProto.INT32: torch.int32,
-    onnx.TensorProto.INT64: torch.int64,
-    onnx.TensorProto.BOOL: torch.bool,
-    onnx.TensorProto.FLOAT16: torch.float16,
-    onnx.TensorProto.DOUBLE: torch.float64,
-    onnx.TensorProto.UINT32: torch.int64,
-    onnx.TensorProto.UINT64: torch.uint64,
-    onnx.TensorProto.BFLOAT16: torch.bfloat16,
-    onnx.TensorProto.COMPLEX64: torch.complex64,
-    onnx.TensorProto.COMPLEX128: torch.complex128,
+    code: _WIDENED.get(dtype, dtype) for code, dtype in ONNX_TO_TORCH.items() if dtype.itemsize > 1 or not dtype.is_floating_point
 }
 
 #: dtypes for which many torch CPU kernels (flip, gather, amax, cumsum ...) are missing.
