@@ -86,3 +86,14 @@ def test_one_text_table_renderer() -> None:
     assert text_table(["t", "v", "n"], rows) == render_table(["t", "v", "n"], rows)
     assert render_table(["t", "v", "n"], rows).splitlines()[2] == "a   0.500   3"
     assert format_table(["t", "n"], [["a", 3], ["bb", 12]]).splitlines() == ["t   n", "--  --", "a   3", "bb  12"]
+
+
+def test_the_report_holds_the_metrics_result_objects(run) -> None:
+    masks, net, tasks = run
+    report = modscope.Report.from_masks(masks, net, tasks)
+    again = modscope.Report(report.to_dict())  # as read back from report.json
+    assert again.iou.pair("sign", "reg") == modscope.metrics.iou(masks).pair("sign", "reg")
+    assert again.iomin.to_dict() == modscope.metrics.iomin(masks).to_dict()
+    assert again.sharing == modscope.metrics.sharing(masks)
+    assert again.clustering.to_dict() == modscope.metrics.cluster(masks).to_dict()
+    assert again.ablation.removed["reg", "sign"] == report["ablation"]["removed"][1][0]

@@ -22,7 +22,7 @@ from ..model import Model
 from ..tasks import Task
 from ._counts import safe_div
 from .drop import relative_drop
-from .labelled import Labelled
+from .labelled import Labelled, floats
 
 
 @dataclass(frozen=True, eq=False)
@@ -117,16 +117,10 @@ class AblationResult:
         """
         hib = data.get("higher_is_better") or higher_is_better
         layers = data.get("per_layer")
-        return cls(tuple(data["masks"]), tuple(data["tasks"]), _floats(data["full"]), _floats(data["removed"]),
-                   _floats(data["kept"]), data.get("control"),
-                   {k: _floats(v) for k, v in layers.items()} if layers else None,
+        return cls(tuple(data["masks"]), tuple(data["tasks"]), floats(data["full"]), floats(data["removed"]),
+                   floats(data["kept"]), data.get("control"),
+                   {k: floats(v) for k, v in layers.items()} if layers else None,
                    tuple(bool(h) for h in hib) if hib is not None else None)
-
-
-def _floats(values: Any) -> np.ndarray:
-    """JSON lists (None for NaN) as a float array."""
-    return np.array([[np.nan if v is None else v for v in row] if isinstance(row, list) else (np.nan if row is None else row)
-                     for row in values], dtype=float).reshape(np.shape(values) if values else (0,))
 
 
 def ablation(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +10,7 @@ import numpy as np
 
 from ..errors import InvalidParameterError
 from ..masks.maskset import Mask, MaskSet
+from .labelled import floats
 from .overlap import iou
 
 
@@ -47,6 +48,12 @@ class ClusterResult:
             "spectral": self.spectral,
             "spectral_skipped": self.spectral_skipped,
         }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ClusterResult:
+        """The result of `to_dict` (a report's ``clustering`` section)."""
+        return cls(tuple(data["tasks"]), floats(data["distance"]), floats(data["linkage"]), dict(data["hierarchical"]),
+                   dict(data["spectral"]) if data.get("spectral") else None, data.get("spectral_skipped"))
 
 
 def cluster(

@@ -26,6 +26,15 @@ from numpy.lib.mixins import NDArrayOperatorsMixin
 from ..errors import InvalidParameterError
 
 
+def floats(values: Any) -> np.ndarray:
+    """JSON numbers (lists of lists, None for NaN) as a float array: the inverse of ``tolist()`` in a ``to_dict``."""
+    return np.array(values if not isinstance(values, list) else _nan(values), dtype=float)
+
+
+def _nan(values: list[Any]) -> list[Any]:
+    return [_nan(v) if isinstance(v, list) else (np.nan if v is None else v) for v in values]
+
+
 def _unwrap(value: Any) -> Any:
     if isinstance(value, Labelled):
         return value.values
@@ -148,4 +157,4 @@ class Labelled(NDArrayOperatorsMixin):
         return "Labelled(\n" + render_table(["", *self.cols], [[r, *map(float, row)] for r, row in zip(self.rows, self.values)]) + "\n)"
 
 
-__all__ = ["Labelled"]
+__all__ = ["Labelled", "floats"]
