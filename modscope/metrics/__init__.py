@@ -52,4 +52,6 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_WHERE])
 
 
-__all__ = sorted(_WHERE)
+__all__ = ["AblationResult", "ClusterResult", "ConfusionResult", "Labelled", "OverlapResult", "SharingResult",
+           "StabilityResult", "ablation", "cluster", "confusion_diff", "confusion_matrix", "iomin", "iou",
+           "relative_drop", "sharing", "stability"]

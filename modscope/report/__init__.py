@@ -18,11 +18,11 @@ from ..fileio import SCHEMA_VERSION, dumps, jsonable, read_json, write_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..masks.convergence import ConvergenceCheck
+    from ..masks.maskset import MaskSet
     from ..metrics.ablation import AblationResult
     from ..metrics.clustering import ClusterResult
     from ..metrics.overlap import OverlapResult
     from ..metrics.sharing import SharingResult
-    from ..masks.maskset import MaskSet
     from ..model import Model
     from ..tasks import Task
     from .tables import Table

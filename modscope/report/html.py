@@ -10,9 +10,10 @@ import base64
 from html import escape
 from typing import Any
 
+from ..texttable import cell
 from .markdown import convergence_note, header_lines
 from .plots import PLOT_NOTES, PLOTS, Plot
-from .tables import SECTIONS, Table, build_tables, cell
+from .tables import SECTIONS, Table, build_tables
 
 _STYLE = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;color:#1f2328;max-width:1150px;margin:2em auto;padding:0 1.2em;line-height:1.45}

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Any
 
-from ..texttable import cell
 from .values import ablation_value, drop, full_value
 
 #: the report's sections in order: (key, title, what it shows).
