@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from .commands import COMMANDS
-from .errors import ModscopeError
+from .errors import InvalidParameterError, ModscopeError
 
 EXAMPLE = """\
 Example:
@@ -122,8 +122,14 @@ def _threads_for(args: argparse.Namespace) -> contextlib.AbstractContextManager:
 
 
 def _launched(args: argparse.Namespace) -> contextlib.AbstractContextManager:
-    """fit and reproduce under torchrun join its process group for the command's duration (`masks.distributed`)."""
+    """fit and reproduce under torchrun join its process group for the command's duration (`masks.distributed`); the
+    other commands refuse to run in several processes at once (each would write the same files)."""
+    import os
+
     if args.command not in ("fit", "reproduce"):
+        if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+            raise InvalidParameterError(f"modscope {args.command} runs in one process; only fit and reproduce run under "
+                                        "torchrun with several processes: run it without torchrun")
         return contextlib.nullcontext()
     from .masks import distributed
 

@@ -195,3 +195,13 @@ def test_reproduce_seeds_spread_over_two_ranks_give_the_runs_of_one_process(runs
     alone = json.loads(json.dumps(_double_add(tmp_path)["runs"], default=str))
     for rank in (0, 1):
         assert json.loads((runs / f"double-add-{rank}.json").read_text()) == alone
+
+
+def test_commands_other_than_fit_and_reproduce_refuse_to_run_in_several_processes(monkeypatch, capsys):
+    from modscope.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it
+    assert main(["report", "/nonexistent-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    sentence = "runs in one process; only fit and reproduce run under torchrun with several processes: run it without torchrun"
+    assert err == [f"modscope report: error: modscope report {sentence}"]

@@ -30,6 +30,7 @@ from .common import (
     mean_std,
     publish,
     resolve_settings,
+    run_sizes,
     train_network,
 )
 
@@ -99,7 +100,7 @@ def claims(by_size: list[list[dict[str, Any]]]) -> list[Claim]:
 def run(options: ExperimentOptions) -> dict[str, Any]:
     """Run the experiment for ``options.seeds`` seeds, print the table and write the report."""
     settings = resolve_settings(SETTINGS, QUICK, options)
-    by_size = [[run_size(settings, tuple(h), seed, options) for seed in range(options.seeds)] for h in settings["sizes"]]
+    by_size = run_sizes(run_size, settings, options)
     checks = claims(by_size)
     tables = [("Sharing of the + mask with the × mask per network size", _table(by_size))]
     return publish("addmul-sizes", options, settings, by_size, checks, tables)

@@ -29,6 +29,7 @@ from .common import (
     log,
     publish,
     resolve_settings,
+    run_sizes,
     setting_text,
     train_network,
 )
@@ -140,8 +141,7 @@ def claims(by_size: list[list[dict[str, Any]]]) -> list[Claim]:
 def run(options: ExperimentOptions) -> dict[str, Any]:
     """Run the sweep for every network size and ``options.seeds`` seeds; print the table, write report and plot."""
     settings = resolve_settings(SETTINGS, QUICK, options)
-    by_size = [[run_size(settings, tuple(hidden), seed, options) for seed in range(options.seeds)]
-               for hidden in settings["sizes"]]
+    by_size = run_sizes(run_size, settings, options)
     tables = [("Control mask over β (means over seeds; * = on the density-accuracy Pareto front)", _table(by_size))]
     figures = [("Control mask accuracy vs density (colour: + shared with ×; ringed: β = 1e-4)", _figure(by_size))]
     return publish("beta-sweep", options, settings, by_size, claims(by_size), tables, figures)

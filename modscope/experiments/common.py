@@ -53,6 +53,18 @@ def run_seeds(run_seed: Callable[[dict[str, Any], int, ExperimentOptions], dict[
     return spread(lambda seed: run_seed(settings, seed, options), range(options.seeds))
 
 
+def run_sizes(run_size: Callable[[dict[str, Any], tuple[int, ...], int, ExperimentOptions], dict[str, Any]],
+              settings: dict[str, Any], options: ExperimentOptions) -> list[list[dict[str, Any]]]:
+    """``run_size(settings, hidden, seed, options)`` for every network size of ``settings["sizes"]`` and every seed:
+    one list of the seeds' results per size. Under torchrun the (size, seed) runs are spread over the ranks as
+    independent runs (`masks.distributed.spread`)."""
+    from ..masks.distributed import spread
+
+    pairs = [(tuple(hidden), seed) for hidden in settings["sizes"] for seed in range(options.seeds)]
+    flat = spread(lambda pair: run_size(settings, pair[0], pair[1], options), pairs)
+    return [flat[i : i + options.seeds] for i in range(0, len(flat), options.seeds)]
+
+
 def log(message: str) -> None:
     """Progress and log lines go to stderr."""
     print(message, file=sys.stderr, flush=True)

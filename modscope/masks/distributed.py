@@ -250,13 +250,16 @@ def check_launch(ranks: Ranks, device: torch.device, config: Any) -> None:
     backend = _dist().get_backend()
     if backend == "nccl" and device.type != "cuda":
         raise DistributedError(f"the process group uses nccl, which needs device 'cuda', but the masks train on {device}; "
-                               "pass --device cuda, or launch with the gloo backend for CPU training")
+                               "pass --device cuda, or use the gloo backend for CPU training ($MODSCOPE_DIST_BACKEND=gloo "
+                               "under torchrun)")
     if backend != "nccl" and device.type == "cuda":
-        raise DistributedError(f"the masks train on {device} but the process group uses {backend}; launch with the nccl "
-                               "backend for GPUs (torchrun picks it when CUDA is present)")
-    if config.pass_size is not None:
-        raise DistributedError("pass_size cannot be combined with torch.distributed: each rank runs its share of a "
-                               "step in one pass per task; leave pass_size unset or run on one process")
+        raise DistributedError(f"the masks train on {device} but the process group uses {backend}; use the nccl backend "
+                               "for GPUs (torchrun picks it when CUDA is present and $MODSCOPE_DIST_BACKEND is unset)")
+    for field in ("pass_size", "max_memory"):
+        if getattr(config, field) is not None:
+            raise DistributedError(f"{field} cannot be combined with torch.distributed: each rank runs its share of a "
+                                   f"step in one pass per task, without the memory plan; leave {field} unset or run on "
+                                   "one process")
 
 
 class ShardedAdam:
