@@ -12,6 +12,9 @@ The paper's FNN (42 → 800 → 800 → 256 → 20, ReLU), batch 128, 4 mask sam
   (those bytes over the time of the element-wise work alone);
 - K = 1, 4, 10 tasks: one ``train_masks`` call of K tasks against K calls of one task (set-up included).
 
+Every time is given as wall time and, in brackets, as the process's CPU time: on a shared machine the CPU time is the
+steadier figure at one thread (waiting for a core is not in it); at two threads it also counts spin-waiting.
+
 Then the scaling over model size: FNNs of about 0.1M, 1M, 10M and 100M weights (two hidden layers), mask step
 against plain step.
 
@@ -187,9 +190,11 @@ def fnn_section(args: argparse.Namespace, threads: int) -> dict[str, tuple[float
             print(f"  (compiling the sampler: first step {first:.1f} s)")
         if name == "default":
             default = trainer
+        else:
+            trainer.close()
     results["paper-style mask step"] = median_times(paper_style_step(net, x, y, 4), args.steps, args.warmup, device)
 
-    (plain, plain_cpu), (paper, paper_cpu) = results["plain step"], results["paper-style mask step"]
+    (plain, _), (paper, paper_cpu) = results["plain step"], results["paper-style mask step"]
     print(f"FNN {' → '.join(map(str, SIZES))}, batch 128, 4 samples, device {device}, {threads} thread(s), "
           f"median of {args.steps} steps (wall time; CPU time of the process in brackets)")
     for name, (t, c) in results.items():
@@ -206,6 +211,7 @@ def fnn_section(args: argparse.Namespace, threads: int) -> dict[str, tuple[float
     print(f"  default step: system time {system:.1%} of CPU time, {faults:.0f} page faults/step, matmul share "
           f"{share:.0%}; element-wise work {elementwise * 1e3:.1f} ms ({elementwise / step:.0%} of the step) moving "
           f"{moved / 1e6:.0f} MB: {moved / elementwise / 1e9:.1f} GB/s")
+    default.close()
     return results
 
 
@@ -246,12 +252,14 @@ def scaling_section(args: argparse.Namespace) -> None:
         x = torch.nn.functional.one_hot(torch.randint(0, 42, (128,)), 42).float()
         y = torch.randint(0, 20, (128,))
         steps = max(3, args.steps // (1 if n < 5e6 else 5 if n < 5e7 else 10))
-        plain = median_time(plain_step(net, x.to(args.device), y.to(args.device)), steps, 1, args.device)
+        plain, plain_cpu = median_times(plain_step(net, x.to(args.device), y.to(args.device)), steps, 1, args.device)
         net.zero_grad(set_to_none=True)
         trainer = make_trainer(net, [modscope.Task("t", x, y)], args.device)
-        mask = median_time(trainer.step, steps, 1, args.device)
+        mask, mask_cpu = median_times(trainer.step, steps, 1, args.device)
+        trainer.close()
         print(f"  {label:>5s} ({weights / 1e6:7.2f}M weights, h = {sizes[1]:5d}): plain {plain * 1e3:9.1f} ms, mask step "
-              f"{mask * 1e3:9.1f} ms ({mask / plain:4.1f}× plain, {mask / weights * 1e9:6.1f} ns per weight)")
+              f"{mask * 1e3:9.1f} ms ({mask / plain:4.1f}× plain, {mask / weights * 1e9:6.1f} ns per weight) [CPU: plain "
+              f"{plain_cpu * 1e3:9.1f} ms, mask step {mask_cpu * 1e3:9.1f} ms, {mask_cpu / weights * 1e9:6.1f} ns per weight]")
         del trainer, net
 
 

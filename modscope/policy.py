@@ -28,8 +28,9 @@ metric        keys                 value
 iou, iomin    tasks = [A, B]       overlap of the two masks (whole model, or ``layer``)
 sharing       task                 fraction of the task's mask that other masks also use
 density       task                 fraction of the masked weights the task's mask keeps
-drop          task, removed        relative drop of ``task``'s metric when ``removed``'s mask is removed:
-                                   (full − ablated) / full (for error metrics such as mse: (ablated − full) / full)
+drop          task, removed        relative drop of ``task``'s metric when ``removed``'s mask is removed
+                                   (`modscope.metrics.drop.relative_drop`): (full − ablated) / |full| (for error
+                                   metrics such as mse: (ablated − full) / |full|)
 performance   task, mask           ``task``'s metric with only ``mask``'s weights kept (``mask`` defaults to ``task``)
 accuracy      task, mask           the same, for tasks whose metric is accuracy
 converged     task (optional)      1 when the task's mask (every mask without ``task``) had stopped shrinking at the end
@@ -44,10 +45,13 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import PolicyError
-from .report.tables import ablation_value, drop
+from .report.values import ablation_value, drop, pair_value
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .report import Report
 
 #: metric -> the keys a rule for it needs (beyond metric/min/max/name), and those it may have.
 _KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -226,10 +230,7 @@ def measure(rule: Rule, report: Mapping[str, Any]) -> float | None:
         raise PolicyError(f"rule '{rule.label}': layer {rule.layer!r} is not a masked layer of this run "
                           f"(layers: {', '.join(list(report['layers'])[:6])}...)")
     if rule.metric in ("iou", "iomin"):
-        section = report[rule.metric]
-        a, b = (section["tasks"].index(t) for t in s["tasks"])
-        matrix = section["total"] if rule.layer is None else section["per_layer"][rule.layer]
-        return matrix[a][b]
+        return pair_value(report, rule.metric, *s["tasks"], rule.layer)
     if rule.metric == "sharing":
         sh = report["sharing"]
         return (sh["total"] if rule.layer is None else sh["per_layer"][rule.layer])[s["task"]]
@@ -239,8 +240,7 @@ def measure(rule: Rule, report: Mapping[str, Any]) -> float | None:
         return _converged(report, s.get("task"))
     info = report["task_info"][s["task"]]
     if rule.metric == "drop":
-        full = report["ablation"]["full"][report["ablation"]["tasks"].index(s["task"])]
-        return drop(full, ablation_value(report, "removed", s["removed"], s["task"]), info["higher_is_better"])
+        return drop(report, s["task"], s["removed"])
     if rule.metric == "accuracy" and info["metric"] != "accuracy":
         raise PolicyError(f"rule '{rule.label}': task {s['task']!r} is measured by {info['metric']}, not accuracy; "
                           "use metric = \"performance\"")
@@ -256,14 +256,16 @@ def _converged(report: Mapping[str, Any], task: str | None) -> float:
     return float(not (flagged if task is None else flagged & {task}))
 
 
-def check(report: Mapping[str, Any], rules: Sequence[Rule]) -> CheckResult:
-    """Evaluate every rule on a report; a missing or non-finite value violates its rule.
+def check(report: Report | Mapping[str, Any], rules: Sequence[Rule]) -> CheckResult:
+    """Evaluate every rule on a report (a `Report` or its data); a missing or non-finite value violates its rule.
 
     Example:
         >>> report = {"tasks": ["a", "b"], "layers": {"w": 4}, "iou": {"tasks": ["a", "b"], "total": [[1, .2], [.2, 1]]}}
         >>> check(report, parse_policy({"rule": [{"metric": "iou", "tasks": ["a", "b"], "max": 0.5}]})).passed
         True
     """
+    if not isinstance(report, Mapping):
+        report = report.to_dict()
     verdicts = []
     for rule in rules:
         value = measure(rule, report)

@@ -205,3 +205,20 @@ def test_op_handlers_live_in_the_ops_package() -> None:
     graph = import_graph(deferred=True)
     handlers = [n for n in MODULES if n.startswith("modscope.converters.onnx.ops.")]
     assert {h: sorted(graph[h] & compiler) for h in handlers if graph[h] & compiler} == {}
+
+
+#: the report's renderers: a policy reads values through the report (``report.values``), never through these.
+RENDERERS = ("modscope.report.tables", "modscope.report.html", "modscope.report.markdown", "modscope.report.plots",
+             "modscope.report.csv_files", "modscope.texttable")
+
+
+def test_policy_imports_no_renderer() -> None:
+    reached = reachable(import_graph(deferred=True), "modscope.policy")
+    assert "modscope.report.values" in reached and "modscope.metrics.drop" in reached
+    assert sorted(m for m in reached if m in RENDERERS) == []
+
+
+def test_metrics_never_import_the_report() -> None:
+    graph = import_graph(deferred=True)
+    offenders = {n: sorted(t for t in graph[n] if t.startswith("modscope.report")) for n in MODULES if n.startswith("modscope.metrics")}
+    assert {n: t for n, t in offenders.items() if t} == {}

@@ -13,7 +13,8 @@ import torch
 import modscope
 from modscope import MaskSet, Report
 from modscope.errors import InvalidParameterError
-from modscope.report.tables import SECTIONS, build_tables, drop
+from modscope.metrics.drop import relative_drop as drop
+from modscope.report.tables import SECTIONS, build_tables
 
 
 @pytest.fixture
@@ -130,3 +131,33 @@ def test_tables_follow_the_sections(setup) -> None:
     order = [key for key, _, _ in SECTIONS]
     sections = [t.section for t in build_tables(Report.from_masks(*setup).to_dict())]
     assert sections == sorted(sections, key=order.index)
+
+
+def test_html_plots_have_axis_titles_and_real_layer_names() -> None:
+    import re
+    from html import unescape
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    x = torch.randn(64, 4)
+    tasks = [modscope.Task("a", x, (x[:, 0] > 0).long()), modscope.Task("b", x, (x[:, 1] > 0).long())]
+    gen = torch.Generator().manual_seed(1)
+    masks = MaskSet.from_masks({t.name: {n: torch.rand(p.shape, generator=gen) > 0.3 for n, p in net.named_parameters()
+                                         if n.endswith("weight")} for t in tasks}, layers={"0.weight": "0", "2.weight": "2"})
+    report = Report.from_masks(masks, net, tasks)
+    assert report["layer_modules"] == {"0": "Linear 8×4", "2": "Linear 2×8"}
+    page = report.to_html()
+    alts = [unescape(a) for a in re.findall(r'<img alt="([^"]*)"', page)]
+    assert len(alts) == 5
+    for alt in alts:  # every panel of every plot names both axes
+        for panel in alt.split("; "):
+            assert re.search(r"x axis '[^']+'", panel) and re.search(r"y axis '[^']+'", panel), panel
+    by_title = {alt.split(":")[0]: alt for alt in alts}
+    for title in ("Sharing per layer", "Mask density per layer"):
+        assert "(0 Linear 8×4, 2 Linear 2×8)" in by_title[title] and "x axis 'layer" in by_title[title]
+    assert "x axis 'task evaluated'" in by_title["Relative drop of each task"]
+    assert "y axis 'mask removed'" in by_title["Relative drop of each task"]
+    assert "<td>Linear 8×4</td>" in page
+    # two tasks, two modules: the spectral column is empty and the page says why
+    assert "Spectral clustering skipped: it needs more tasks than modules, and there are 2 tasks for 2 modules." in page
+    assert 'title="Each cell: the overlap of two tasks' in page  # chance levels explained in the tooltip

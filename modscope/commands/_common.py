@@ -39,17 +39,10 @@ def print_json(data: dict[str, Any]) -> None:
 
 
 def text_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """An aligned plain-text table (numbers right-aligned), cells formatted like the reports'."""
-    from ..report.tables import cell
+    """An aligned plain-text table (numbers right-aligned), cells formatted like the reports' (`render_table`)."""
+    from ..texttable import render_table
 
-    cells = [list(headers)] + [[cell(v) for v in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    numeric = [all(isinstance(r[i], int | float) for r in rows) and bool(rows) for i in range(len(headers))]
-
-    def line(r: list[str]) -> str:
-        return "  ".join(c.rjust(w) if n else c.ljust(w) for c, w, n in zip(r, widths, numeric)).rstrip()
-
-    return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths), *(line(r) for r in cells[1:])])
+    return render_table(headers, rows)
 
 
 def parse_assignment(text: str, what: str) -> tuple[str | None, str]:

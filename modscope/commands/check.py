@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
     report = read_report(args.run)
     rules = load_policy(args.policy)
-    result = check(report.to_dict(), rules)
+    result = check(report, rules)
     if not report.convergence.converged:
         print(f"modscope: warning: {report.convergence.message()}", file=sys.stderr)
     if args.junit:

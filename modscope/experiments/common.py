@@ -14,6 +14,7 @@ import torch
 from ..masks.progress import Progress
 from ..fileio import atomic_write, write_json
 from ..tasks import Task
+from ..texttable import render_table
 
 
 @dataclass(frozen=True)
@@ -150,12 +151,8 @@ def fmt(values: Sequence[float] | float, percent: bool = True) -> str:
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A plain-text table with aligned columns."""
-    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    """A plain-text table with aligned columns, cells as ``str`` gives them, all left-aligned (`render_table`)."""
+    return render_table(headers, rows, fmt=str, align_numbers=False)
 
 
 def claims_table(claims: Sequence[Claim]) -> str:

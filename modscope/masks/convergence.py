@@ -139,4 +139,4 @@ def warn_if_unconverged(curves: Mapping[str, Mapping[str, Sequence[float]]], *, 
     return result
 
 
-__all__ = ["ConvergenceCheck", "THRESHOLD", "TAIL_FRACTION", "check_convergence", "warn_if_unconverged"]
+__all__ = ["TAIL_FRACTION", "THRESHOLD", "ConvergenceCheck", "check_convergence", "warn_if_unconverged"]

@@ -319,7 +319,8 @@ def train_masks(
             trainer.close()
     if notes and trainer.runner.kernels.compiled:
         notes(f"compiling the mask sampler took {trainer.runner.kernels.compile_seconds:.1f} s")
-    warn_if_unconverged(state.curves)
+    if ranks is None or ranks.leader:  # one warning per run, not per rank
+        warn_if_unconverged(state.curves)
     return trainer.result(state.curves)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +10,7 @@ import numpy as np
 
 from ..errors import InvalidParameterError
 from ..masks.maskset import Mask, MaskSet
+from .labelled import floats
 from .overlap import iou
 
 
@@ -21,6 +22,7 @@ class ClusterResult:
     linkage: scipy linkage matrix ((K−1, 4)) for a dendrogram.
     hierarchical: cluster label per task from cutting the tree into ``n_clusters``.
     spectral: cluster label per task from spectral clustering on IoU (None when K <= n_clusters).
+    spectral_skipped: why ``spectral`` is None, in one sentence (None when it ran).
     """
 
     tasks: tuple[str, ...]
@@ -28,6 +30,7 @@ class ClusterResult:
     linkage: np.ndarray
     hierarchical: dict[str, int]
     spectral: dict[str, int] | None
+    spectral_skipped: str | None = None
 
     def modules(self) -> dict[int, list[str]]:
         """The hierarchical clusters as ``{label: [tasks]}``."""
@@ -43,7 +46,14 @@ class ClusterResult:
             "linkage": self.linkage.tolist(),
             "hierarchical": self.hierarchical,
             "spectral": self.spectral,
+            "spectral_skipped": self.spectral_skipped,
         }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ClusterResult:
+        """The result of `to_dict` (a report's ``clustering`` section)."""
+        return cls(tuple(data["tasks"]), floats(data["distance"]), floats(data["linkage"]), dict(data["hierarchical"]),
+                   dict(data["spectral"]) if data.get("spectral") else None, data.get("spectral_skipped"))
 
 
 def cluster(
@@ -85,11 +95,14 @@ def cluster(
     tree = linkage(squareform(distance, checks=False), method=method)
     labels = fcluster(tree, t=min(n_clusters, k), criterion="maxclust")
     hierarchical = {t: int(label) for t, label in zip(overlap.tasks, labels)}
-    spectral = None
-    if k > n_clusters:
+    spectral, skipped = None, None
+    if k <= n_clusters:
+        skipped = (f"spectral clustering skipped: it needs more tasks than modules, and there are {k} tasks for "
+                   f"{n_clusters} modules")
+    else:
         from sklearn.cluster import SpectralClustering
 
         affinity = np.clip(overlap.total, 0, 1)
         model = SpectralClustering(n_clusters=n_clusters, affinity="precomputed", random_state=seed)
         spectral = {t: int(label) for t, label in zip(overlap.tasks, model.fit_predict(affinity + 1e-9))}
-    return ClusterResult(overlap.tasks, distance, tree, hierarchical, spectral)
+    return ClusterResult(overlap.tasks, distance, tree, hierarchical, spectral, skipped)

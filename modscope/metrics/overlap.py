@@ -10,7 +10,7 @@ densities alone would make them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -18,6 +18,7 @@ import numpy as np
 
 from ..masks.maskset import Mask, MaskSet
 from ._counts import LayerCounts, layer_counts, safe_div, task_masks, total_counts
+from .labelled import floats
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,13 @@ class OverlapResult:
             "chance_total": self.chance_total.tolist(),
             "chance_per_layer": {k: v.tolist() for k, v in self.chance_per_layer.items()},
         }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> OverlapResult:
+        """The result of `to_dict` (a report's ``iou`` or ``iomin`` section)."""
+        return cls(data.get("metric", "iou"), tuple(data["tasks"]), floats(data["total"]),
+                   {k: floats(v) for k, v in data["per_layer"].items()}, floats(data["chance_total"]),
+                   {k: floats(v) for k, v in data["chance_per_layer"].items()})
 
 
 def _ratio(inter: np.ndarray, sizes: np.ndarray, metric: str) -> np.ndarray:

@@ -8,7 +8,7 @@ masks were independent random masks with their per-layer densities: 1 − Π_{j�
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +46,13 @@ class SharingResult:
             "counts": self.counts,
             "union": self.union,
         }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SharingResult:
+        """The result of `to_dict` (a report's ``sharing`` section)."""
+        return cls(tuple(data["tasks"]), dict(data["total"]), {k: dict(v) for k, v in data["per_layer"].items()},
+                   dict(data["chance_total"]), {k: dict(v) for k, v in data["chance_per_layer"].items()},
+                   {k: dict(v) for k, v in (data.get("counts") or {}).items()}, dict(data.get("union") or {}))
 
 
 def sharing(masks: MaskSet | dict[str, Mask], tasks: Sequence[str] | None = None) -> SharingResult:

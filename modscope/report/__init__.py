@@ -19,6 +19,10 @@ from ..fileio import SCHEMA_VERSION, dumps, jsonable, read_json, write_text
 if TYPE_CHECKING:  # pragma: no cover
     from ..masks.convergence import ConvergenceCheck
     from ..masks.maskset import MaskSet
+    from ..metrics.ablation import AblationResult
+    from ..metrics.clustering import ClusterResult
+    from ..metrics.overlap import OverlapResult
+    from ..metrics.sharing import SharingResult
     from ..model import Model
     from ..tasks import Task
     from .tables import Table
@@ -113,6 +117,49 @@ class Report:
         from ..masks.convergence import ConvergenceCheck
 
         return ConvergenceCheck.from_dict(self._data["convergence"])
+
+    @property
+    def ablation(self) -> AblationResult:
+        """The ablation matrices as a labelled `AblationResult` (``report.ablation.drop["add", "mul"]``)."""
+        from ..metrics.ablation import AblationResult
+
+        info = self._data["task_info"]
+        return AblationResult.from_dict(self._data["ablation"],
+                                        [bool(info.get(t, {}).get("higher_is_better", True)) for t in self._data["ablation"]["tasks"]])
+
+    @property
+    def iou(self) -> OverlapResult:
+        """Pairwise IoU as the `OverlapResult` of `metrics.iou` (``report.iou.pair("add", "mul")``)."""
+        from ..metrics.overlap import OverlapResult
+
+        return OverlapResult.from_dict(self._data["iou"])
+
+    @property
+    def iomin(self) -> OverlapResult:
+        """Pairwise IoMin as the `OverlapResult` of `metrics.iomin`."""
+        from ..metrics.overlap import OverlapResult
+
+        return OverlapResult.from_dict(self._data["iomin"])
+
+    @property
+    def sharing(self) -> SharingResult:
+        """The shared fractions as the `SharingResult` of `metrics.sharing`."""
+        from ..metrics.sharing import SharingResult
+
+        return SharingResult.from_dict(self._data["sharing"])
+
+    @property
+    def clustering(self) -> ClusterResult | None:
+        """The modules as the `ClusterResult` of `metrics.cluster`; None for a run of one task."""
+        from ..metrics.clustering import ClusterResult
+
+        return ClusterResult.from_dict(self._data["clustering"]) if self._data.get("clustering") else None
+
+    def drop(self, task: str, removed: str) -> float | None:
+        """The relative drop of ``task``'s metric with ``removed``'s mask removed (`metrics.drop.relative_drop`)."""
+        from .values import drop
+
+        return drop(self._data, task, removed)
 
     def __getitem__(self, section: str) -> Any:
         return self._data[section]

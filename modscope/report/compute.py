@@ -31,6 +31,23 @@ def layer_sizes(masks: MaskSet) -> dict[str, int]:
     return sizes
 
 
+def layer_modules(model: Model, masks: MaskSet) -> dict[str, str]:
+    """``{layer: what it is}``, e.g. ``{"0": "Linear 32×9"}``: the module's class (when the layer is a submodule of
+    the model) and the shape of its main weight, so that a reader can tell layers named "0", "2", "4" apart."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for w in masks.weights:
+        if w.layer not in shapes or (w.kind == "weight" and len(w.shape) > len(shapes[w.layer])):
+            shapes[w.layer] = tuple(w.shape)
+    out = {}
+    for layer, shape in shapes.items():
+        try:
+            kind = type(model.module.get_submodule(layer)).__name__ if layer else ""
+        except (AttributeError, TypeError):  # not a submodule path (e.g. an ONNX initializer's name)
+            kind = ""
+        out[layer] = " ".join(p for p in (kind, "×".join(map(str, shape)) or "scalar") if p)
+    return out
+
+
 def task_info(tasks: Sequence[Task]) -> dict[str, dict[str, Any]]:
     """Per task: its metric, whether higher is better, its loss and how many examples it was measured on."""
     return {
@@ -56,7 +73,7 @@ def compute(masks: MaskSet, model: Model, tasks: Sequence[Task], *, n_clusters: 
         device: where to evaluate; cuda when present by default.
 
     Returns:
-        A dict with ``tasks``, ``task_info``, ``model``, ``config``, ``layers``, ``density``, ``density_per_layer``,
+        A dict with ``tasks``, ``task_info``, ``model``, ``config``, ``layers``, ``layer_modules``, ``density``, ``density_per_layer``,
         ``sharing``, ``iou``, ``iomin``, ``ablation``, ``clustering`` (None for one task), ``curves`` and ``convergence`` (`ConvergenceCheck.to_dict`).
     """
     from .. import metrics
@@ -69,6 +86,7 @@ def compute(masks: MaskSet, model: Model, tasks: Sequence[Task], *, n_clusters: 
         "model": model_summary(model, masks),
         "config": masks.config.to_dict() if masks.config else None,
         "layers": layer_sizes(masks),
+        "layer_modules": layer_modules(model, masks),
         "density": masks.density(),
         "density_per_layer": masks.density_per_layer(),
         "sharing": metrics.sharing(masks).to_dict(),

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..errors import InvalidParameterError
 from ..masks.maskset import MaskSet
+from .values import ablation_value, pair_value
 
 
 def _change(a: float | None, b: float | None) -> float | None:
@@ -72,8 +73,8 @@ def diff_runs(masks_a: MaskSet, report_a: Mapping[str, Any], masks_b: MaskSet, r
         "same_model": masks_a.model_checksum == masks_b.model_checksum,
         "drift": drift,
         "sharing": sharing,
-        "iou": _pair_changes(report_a["iou"], report_b["iou"], tasks),
-        "ablation": _ablation_change(report_a["ablation"], report_b["ablation"], tasks),
+        "iou": _pair_changes(report_a, report_b, tasks),
+        "ablation": _ablation_change(report_a, report_b, tasks),
     }
 
 
@@ -81,16 +82,14 @@ def _pair_changes(a: Mapping[str, Any], b: Mapping[str, Any], tasks: list[str]) 
     out = {}
     for i, t in enumerate(tasks):
         for u in tasks[i + 1:]:
-            va = a["total"][a["tasks"].index(t)][a["tasks"].index(u)]
-            vb = b["total"][b["tasks"].index(t)][b["tasks"].index(u)]
+            va, vb = pair_value(a, "iou", t, u), pair_value(b, "iou", t, u)
             out[f"{t}|{u}"] = {"a": va, "b": vb, "change": _change(va, vb)}
     return out
 
 
 def _ablation_change(a: Mapping[str, Any], b: Mapping[str, Any], tasks: list[str]) -> dict[str, Any]:
-    def matrix(ab: Mapping[str, Any]) -> list[list[float | None]]:
-        return [[ab["removed"][ab["masks"].index(m)][ab["tasks"].index(t)] if m in ab["masks"] and t in ab["tasks"] else None
-                 for t in tasks] for m in tasks]
+    def matrix(report: Mapping[str, Any]) -> list[list[float | None]]:
+        return [[ablation_value(report, "removed", m, t) for t in tasks] for m in tasks]
 
     ma, mb = matrix(a), matrix(b)
     return {"masks": tasks, "tasks": tasks, "a": ma, "b": mb,

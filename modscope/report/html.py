@@ -10,9 +10,10 @@ import base64
 from html import escape
 from typing import Any
 
+from ..texttable import cell
 from .markdown import convergence_note, header_lines
-from .plots import PLOTS
-from .tables import SECTIONS, Table, build_tables, cell
+from .plots import PLOT_NOTES, PLOTS, Plot
+from .tables import SECTIONS, Table, build_tables
 
 _STYLE = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;color:#1f2328;max-width:1150px;margin:2em auto;padding:0 1.2em;line-height:1.45}
@@ -25,6 +26,7 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}
 img{max-width:100%;height:auto;display:block;margin:.6em 0}
 details summary{cursor:pointer;color:#0969da}
 div.scroll{overflow-x:auto;max-width:100%}
+p.note{color:#57606a;font-size:.9em;margin-top:-.6em}
 p.warn{background:#fff8c5;border:1px solid #d4a72c;border-radius:6px;padding:.6em .9em}
 """
 
@@ -38,12 +40,17 @@ def _table_html(table: Table) -> str:
         ) + "</tr>"
         for row in table.rows
     )
+    note = f'<p class="note">{escape(table.note)}</p>' if table.note else ""
     return (f'<h3>{escape(table.title)}</h3>\n<div class="scroll"><table><thead><tr>{head}</tr></thead>'
-            f"<tbody>{body}</tbody></table></div>")
+            f"<tbody>{body}</tbody></table></div>{note}")
 
 
-def _image(png: bytes, alt: str) -> str:
-    return f'<img alt="{escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
+def _image(plot: Plot, note: str = "") -> str:
+    """The PNG inline, its axes in words as alt text; ``note`` (how to read it) as its tooltip and as a caption."""
+    title = f' title="{escape(note)}"' if note else ""
+    caption = f'<p class="note">{escape(note)}</p>' if note else ""
+    data = base64.b64encode(plot.png).decode("ascii")
+    return f'<img alt="{escape(plot.description)}"{title} src="data:image/png;base64,{data}">{caption}'
 
 
 def to_html(data: dict[str, Any], *, title: str = "modscope report", plots: bool = True) -> str:
@@ -69,7 +76,7 @@ def to_html(data: dict[str, Any], *, title: str = "modscope report", plots: bool
         nav.append(f'<a href="#{key}">{escape(heading)}</a>')
         parts = [f'<section id="{key}">', f"<h2>{escape(heading)}</h2>", f'<p class="what">{escape(what)}</p>']
         if png is not None:
-            parts.append(_image(png, heading))
+            parts.append(_image(png, PLOT_NOTES.get(key, "")))
         for t in mine:
             rendered = _table_html(t)
             if len(t.rows) > 40:  # long tables (curves, per-layer pairs) fold away
@@ -80,7 +87,7 @@ def to_html(data: dict[str, Any], *, title: str = "modscope report", plots: bool
     lines = header_lines(data)
     warn = ""
     if not (data.get("convergence") or {}).get("converged", True):
-        note = convergence_note(data).removeprefix("NOT CONVERGED: ")
+        note = convergence_note(data).removeprefix("NOT CONVERGED: ").replace("`", "")
         warn = f'<p class="warn" id="not-converged"><strong>Masks not converged:</strong> {escape(note)}.</p>'
         lines = [line for line in lines if not line.startswith("- convergence:")]
     meta = "".join(f"<li>{escape(line[2:]).replace('`', '')}</li>" for line in lines)

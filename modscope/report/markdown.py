@@ -4,18 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from .tables import SECTIONS, Table, build_tables, cell
+from ..texttable import render_table
+from .tables import SECTIONS, Table, build_tables
 
 
 def markdown_table(table: Table) -> str:
-    """A GitHub-flavoured pipe table."""
-
-    def line(values: list[Any]) -> str:
-        return "| " + " | ".join(cell(v).replace("|", "\\|") for v in values) + " |"
-
-    numeric = [all(isinstance(r[i], int | float) or r[i] is None for r in table.rows) for i in range(len(table.headers))]
-    rule = "|" + "|".join("---:" if n and table.rows else "---" for n in numeric) + "|"
-    return "\n".join([line(table.headers), rule, *(line(r) for r in table.rows)])
+    """A GitHub-flavoured pipe table (`render_table`)."""
+    return render_table(table.headers, table.rows, style="markdown")
 
 
 def header_lines(data: dict[str, Any]) -> list[str]:
@@ -66,5 +61,5 @@ def to_markdown(data: dict[str, Any], *, title: str = "modscope report", skip: t
             continue
         parts += ["", f"## {heading}", "", what]
         for t in mine:
-            parts += ["", f"### {t.title}", "", markdown_table(t)]
+            parts += ["", f"### {t.title}", "", markdown_table(t)] + (["", f"_{t.note}_"] if t.note else [])
     return "\n".join(parts) + "\n"

@@ -5,10 +5,11 @@ Each `Table` keeps raw values (floats, ints, strings); renderers format them wit
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Any
+
+from .values import ablation_value, drop, full_value
 
 #: the report's sections in order: (key, title, what it shows).
 SECTIONS: tuple[tuple[str, str, str], ...] = (
@@ -37,6 +38,7 @@ class Table:
         title: a heading.
         headers: column names.
         rows: raw cell values.
+        note: a sentence shown under the table (e.g. why a column is empty).
     """
 
     key: str
@@ -44,25 +46,7 @@ class Table:
     title: str
     headers: list[str]
     rows: list[list[Any]] = field(default_factory=list)
-
-
-def cell(value: Any) -> str:
-    """A value as table text: floats with 3 decimals, None as a dash."""
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return str(value)
-
-
-def drop(full: float | None, ablated: float | None, higher_is_better: bool) -> float | None:
-    """Relative performance drop: (full - ablated) / |full| (reversed for error metrics); absolute when full is 0."""
-    if full is None or ablated is None:
-        return None
-    change = full - ablated if higher_is_better else ablated - full
-    return change / abs(full) if full else change
+    note: str = ""
 
 
 def build_tables(data: dict[str, Any]) -> list[Table]:
@@ -76,29 +60,26 @@ def build_tables(data: dict[str, Any]) -> list[Table]:
     return tables
 
 
-def ablation_value(data: Mapping[str, Any], matrix: str, mask: str, task: str) -> float | None:
-    """``data["ablation"][matrix]`` ("removed" or "kept") for one mask and one task, None if either is absent."""
-    ab = data["ablation"]
-    if mask not in ab["masks"] or task not in ab["tasks"]:
-        return None
-    return ab[matrix][ab["masks"].index(mask)][ab["tasks"].index(task)]
-
-
 def summary(data: dict[str, Any]) -> Table:
-    ab, info, shared = data["ablation"], data["task_info"], data["sharing"]
-    rows = [[t, info[t]["metric"], ab["full"][ab["tasks"].index(t)], ablation_value(data, "kept", t, t),
+    info, shared = data["task_info"], data["sharing"]
+    rows = [[t, info[t]["metric"], full_value(data, t), ablation_value(data, "kept", t, t),
              ablation_value(data, "removed", t, t), data["density"][t], shared["total"].get(t), shared["chance_total"].get(t)]
             for t in data["tasks"]]
     return Table("summary", "summary", "Tasks",
                  ["task", "metric", "full model", "own mask only", "own mask removed", "density", "shared", "shared (chance)"], rows)
 
 
+def layer_module(data: dict[str, Any], layer: str) -> str:
+    """What a layer is ("Linear 32×9"), or "" for reports written before it was recorded."""
+    return (data.get("layer_modules") or {}).get(layer, "")
+
+
 def sharing(data: dict[str, Any]) -> Table:
     sh, tasks = data["sharing"], data["tasks"]
-    headers = ["layer"] + [h for t in tasks for h in (t, f"{t} (chance)")]
-    rows = [[layer] + [v for t in tasks for v in (sh["per_layer"][layer][t], sh["chance_per_layer"][layer][t])]
+    headers = ["layer", "module"] + [h for t in tasks for h in (t, f"{t} (chance)")]
+    rows = [[layer, layer_module(data, layer)] + [v for t in tasks for v in (sh["per_layer"][layer][t], sh["chance_per_layer"][layer][t])]
             for layer in sh["per_layer"]]
-    rows.append(["(whole model)"] + [v for t in tasks for v in (sh["total"][t], sh["chance_total"][t])])
+    rows.append(["(whole model)", ""] + [v for t in tasks for v in (sh["total"][t], sh["chance_total"][t])])
     return Table("sharing", "sharing", "Shared fraction per layer", headers, rows)
 
 
@@ -120,11 +101,10 @@ def overlap(data: dict[str, Any]) -> list[Table]:
 
 
 def ablation(data: dict[str, Any]) -> list[Table]:
-    ab, info = data["ablation"], data["task_info"]
+    ab = data["ablation"]
     tasks = ab["tasks"]
     raw = [["(none: full model)", *ab["full"]]] + [[f"{m} removed", *row] for m, row in zip(ab["masks"], ab["removed"])]
-    drops = [[f"{m} removed", *(drop(ab["full"][j], row[j], info[t]["higher_is_better"]) for j, t in enumerate(tasks))]
-             for m, row in zip(ab["masks"], ab["removed"])]
+    drops = [[f"{m} removed", *(drop(data, t, m) for t in tasks)] for m in ab["masks"]]
     return [Table("ablation", "ablation", "Metric with a mask removed", ["mask removed", *tasks], raw),
             Table("ablation_drop", "ablation", "Relative drop from the full model", ["mask removed", *tasks], drops)]
 
@@ -133,14 +113,22 @@ def clustering(data: dict[str, Any]) -> Table:
     cl = data["clustering"]
     spectral = cl.get("spectral") or {}
     rows = [[t, cl["hierarchical"][t], spectral.get(t)] for t in cl["tasks"]]
-    return Table("clustering", "clustering", "Module assignments", ["task", "hierarchical module", "spectral module"], rows)
+    note = ""
+    if not spectral:
+        note = cl.get("spectral_skipped") or (
+            f"spectral clustering skipped: it needs more tasks than modules, and there are {len(cl['tasks'])} tasks for "
+            f"{max(cl['hierarchical'].values(), default=0)} modules")
+        note = note[0].upper() + note[1:] + "."
+    return Table("clustering", "clustering", "Module assignments", ["task", "hierarchical module", "spectral module"],
+                 rows, note)
 
 
 def density(data: dict[str, Any]) -> Table:
     tasks = data["tasks"]
-    rows = [[layer, n, *(data["density_per_layer"][t].get(layer) for t in tasks)] for layer, n in data["layers"].items()]
-    rows.append(["(whole model)", sum(data["layers"].values()), *(data["density"][t] for t in tasks)])
-    return Table("density", "density", "Density per layer", ["layer", "masked weights", *tasks], rows)
+    rows = [[layer, layer_module(data, layer), n, *(data["density_per_layer"][t].get(layer) for t in tasks)]
+            for layer, n in data["layers"].items()]
+    rows.append(["(whole model)", "", sum(data["layers"].values()), *(data["density"][t] for t in tasks)])
+    return Table("density", "density", "Density per layer", ["layer", "module", "masked weights", *tasks], rows)
 
 
 def curves(data: dict[str, Any]) -> Table:
