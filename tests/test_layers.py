@@ -14,6 +14,7 @@ check the rules the layering rests on:
 from __future__ import annotations
 
 import ast
+import functools
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -71,6 +72,7 @@ def imported_names(name: str, *, deferred: bool) -> set[str]:
     return found
 
 
+@functools.cache
 def import_graph(*, deferred: bool) -> dict[str, set[str]]:
     graph = {}
     for name in MODULES:
