@@ -10,6 +10,7 @@ Test modules import the fixtures by name (``from cli_fixtures import toy``) so p
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import subprocess
@@ -123,6 +124,16 @@ def console(*argv: str | os.PathLike, cwd: Path | None = None, timeout: float = 
     """Run the installed ``modscope`` console script."""
     return subprocess.run([str(CONSOLE), *map(str, argv)], capture_output=True, text=True, cwd=cwd, env=console_env(),
                           timeout=timeout, check=False)
+
+
+def in_process(*argv: str | os.PathLike) -> subprocess.CompletedProcess:
+    """``modscope ARGV`` run by the CLI's ``main`` in this process, as `console` reports it (exit code, stdout,
+    stderr): the same command without the seconds a new interpreter costs, for tests whose subject is what a command
+    does rather than the console script itself (a handful of tests run that)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli(*argv)
+    return subprocess.CompletedProcess([str(CONSOLE), *map(str, argv)], code, out.getvalue(), err.getvalue())
 
 
 def read_json(text: str) -> dict:

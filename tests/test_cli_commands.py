@@ -169,6 +169,7 @@ def test_export_needs_a_known_task(fitted_run: Path, tmp_path: Path, capsys: pyt
     assert "no mask for task 'zz'" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # the console script runs in test_cli.py; export itself in test_export_remove_and_keep_onnx
 def test_export_through_the_console_script(fitted_run: Path, tmp_path: Path) -> None:
     result = console("export", fitted_run, "--keep", "a", "-o", tmp_path / "only_a.onnx")
     assert result.returncode == 0, result.stderr

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from cli_fixtures import (
+    in_process,
     CONSOLE,
     FIT_FLAGS,
     Toy,
@@ -119,6 +120,7 @@ def test_multi_output_model_needs_output(tmp_path: Path, capsys: pytest.CaptureF
     assert cli(*base, "--output", "t=0", "--out", tmp_path / "r2") == 0
 
 
+@pytest.mark.slow  # a real SIGTERM to a console process; the API's resume is tested in test_trainer.py
 def test_kill_then_resume_gives_the_masks_of_an_uninterrupted_run(toy: Toy, tmp_path: Path) -> None:
     argv = ["fit", toy.onnx, "--task", f"a={toy.a}", "--task", f"b={toy.b}", "--n-steps", "100", "--batch-size", "16",
             "--log-every", "10", "--checkpoint-every", "10", "--quiet"]
@@ -189,13 +191,9 @@ def test_fit_and_export_torch_formats(kind: str, toy: Toy, tmp_path: Path) -> No
 def test_fit_writes_periodic_plain_progress_lines_into_a_log(toy: Toy, tmp_path: Path, monkeypatch):
     monkeypatch.setenv("MODSCOPE_PROGRESS_INTERVAL", "0.000001")  # every recorded point
     flags = [f for f in FIT_FLAGS if f != "--quiet"]
-    log = tmp_path / "fit.log"
-    with log.open("w") as stderr:
-        result = subprocess.run([str(CONSOLE), "fit", str(toy.onnx), "--task", f"a={toy.a}", "--out",
-                                 str(tmp_path / "run"), *flags], stderr=stderr, stdout=subprocess.DEVNULL, check=False,
-                                timeout=120, env=console_env())
+    result = in_process("fit", toy.onnx, "--task", f"a={toy.a}", "--out", tmp_path / "run", *flags)  # stderr: not a tty
     assert result.returncode == 0
-    text = log.read_text()
+    text = result.stderr
     lines = [line for line in text.splitlines() if line.startswith("masks ")]
     assert [line.split()[1] for line in lines] == ["10/30", "20/30", "30/30"]
     assert all(" steps/s | " in line and " left | a: loss " in line and " density " in line for line in lines)

@@ -14,6 +14,7 @@ check the rules the layering rests on:
 from __future__ import annotations
 
 import ast
+import functools
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -71,6 +72,7 @@ def imported_names(name: str, *, deferred: bool) -> set[str]:
     return found
 
 
+@functools.cache
 def import_graph(*, deferred: bool) -> dict[str, set[str]]:
     graph = {}
     for name in MODULES:
@@ -222,3 +224,16 @@ def test_metrics_never_import_the_report() -> None:
     graph = import_graph(deferred=True)
     offenders = {n: sorted(t for t in graph[n] if t.startswith("modscope.report")) for n in MODULES if n.startswith("modscope.metrics")}
     assert {n: t for n, t in offenders.items() if t} == {}
+
+
+def test_api_doc_lists_the_public_api() -> None:
+    """docs/api.md (``python tools/api_doc.py docs/api.md``) documents every name of the public API: the top level's
+    and the metrics', each with its arguments and return type as the code has them when it was generated."""
+    import modscope
+    import modscope.metrics
+
+    doc = (PACKAGE.parent / "docs" / "api.md").read_text(encoding="utf-8")
+    names = [n for n in modscope.__all__ if n not in ("metrics", "converters", "__version__")] + list(modscope.metrics.__all__)
+    missing = [n for n in names if f"`{n}(" not in doc and f"class `{n}`" not in doc]
+    assert missing == []
+    assert "`.of(source: Model | nn.Module) -> Model`" in doc and "### `fit_run(" in doc

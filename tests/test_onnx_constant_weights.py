@@ -109,7 +109,7 @@ def test_masks_train_and_the_ablated_file_keeps_its_constant_nodes(exported, tmp
 
 
 def test_inspect_says_where_the_weights_are_and_which_tensors_are_not(exported, tmp_path):
-    from cli_fixtures import console, read_json
+    from cli_fixtures import in_process as console, read_json
 
     source = tmp_path / "paddle_style.onnx"
     onnx.save(as_constants(exported), source)
@@ -135,7 +135,7 @@ def test_inspect_says_where_the_weights_are_and_which_tensors_are_not(exported, 
 
 
 def test_fit_on_a_file_without_weights_says_why(tmp_path):
-    from cli_fixtures import console
+    from cli_fixtures import in_process as console
 
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 4])],
@@ -151,7 +151,7 @@ def test_fit_on_a_file_without_weights_says_why(tmp_path):
 
 def test_cli_audits_a_constant_weight_file_end_to_end(exported, tmp_path):
     """The commands of docs/cli.md's Constant-node example: inspect, fit, report, export, then onnxruntime."""
-    from cli_fixtures import console
+    from cli_fixtures import in_process as console
 
     source = tmp_path / "ocr_cls.onnx"
     onnx.save(as_constants(exported), source)

@@ -140,7 +140,7 @@ def test_symbolic_dimensions_get_workable_sizes(tmp_path):
 
 
 def test_cli_verify_takes_input_shapes_and_files(tmp_path):
-    from cli_fixtures import console, read_json
+    from cli_fixtures import in_process as console, read_json
 
     path = _pooling_net(tmp_path)
     ok = console("inspect", path, "--verify", "--json")

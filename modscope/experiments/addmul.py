@@ -20,24 +20,13 @@ from torch import nn
 
 from .. import metrics
 from ..evaluation import evaluate, predict
-from ..masks.config import MaskConfig
+from ..devices import resolve_device
 from ..masks.maskset import Mask
-from ..masks.trainer import resolve_device, train_masks
 from ..model import Model
 from ..tasks import Task
 from .common import (
-    MODSCOPE,
-    PAPER,
-    Claim,
-    ExperimentOptions,
-    fmt,
-    format_table,
-    log,
-    mean_std,
-    publish,
-    resolve_settings,
-    run_seeds,
-    train_network,
+    MODSCOPE, PAPER, Claim, ExperimentOptions, fit_masks, fmt, format_table, mask_config, mean_std, relu_mlp,
+    run_experiment, train_base
 )
 
 DESCRIPTION = "addition vs multiplication on a feed-forward net: specialization and sharing (paper 8.1)"
@@ -178,12 +167,7 @@ class AddMulNet(nn.Module):
 
     def __init__(self, hidden: tuple[int, ...] = (2000, 2000, 2000, 2000)):
         super().__init__()
-        sizes = (42, *hidden)
-        layers: list[nn.Module] = []
-        for n_in, n_out in itertools.pairwise(sizes):
-            layers += [nn.Linear(n_in, n_out), nn.ReLU()]
-        layers.append(nn.Linear(sizes[-1], 20))
-        self.layers = nn.Sequential(*layers)
+        self.layers = relu_mlp(42, hidden, 20)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x).view(*x.shape[:-1], 2, 10)
@@ -195,14 +179,10 @@ def run_seed(settings: dict[str, Any], seed: int, options: ExperimentOptions) ->
     torch.manual_seed(seed)
     train, valid = make_tasks(settings["n_valid"], seed)
     net = build_net(settings)
-    log(f"[addmul seed {seed}] training the {settings['model']} {tuple(settings['hidden'])} for {settings['base_steps']} steps")
-    train_network(net, train["control"], n_steps=settings["base_steps"], batch_size=settings["batch_size"],
-                  lr=settings["base_lr"], seed=seed, device=device, progress=options.progress)
-    model = Model(net.cpu())
-    config = MaskConfig(n_steps=settings["mask_steps"], batch_size=settings["batch_size"], lr=settings["mask_lr"],
-                        beta=settings["beta"], seed=seed, device=str(device))
-    log(f"[addmul seed {seed}] training control, + and × masks for {settings['mask_steps']} steps")
-    masks = train_masks(model, [train["control"], train["add"], train["mul"]], config, progress=options.progress)
+    model = train_base(net, train["control"], settings, seed, options, tag="addmul",
+                       what=f"the {settings['model']} {tuple(settings['hidden'])}")
+    masks = fit_masks(model, [train["control"], train["add"], train["mul"]], mask_config(settings, seed, options), options,
+                      tag="addmul", seed=seed, what="control, + and × masks")
     accuracy: dict[str, dict[str, float]] = {"full": {op: evaluate(model, valid[op], device=device) for op in OPS}}
     for name in ("control", "add", "mul"):
         accuracy[name] = {op: evaluate(model, valid[op], masks[name], device=device) for op in OPS}
@@ -307,10 +287,10 @@ def run(options: ExperimentOptions, *, name: str = "addmul", paper: dict[str, An
     ``paper`` and ``quick`` replace the FNN's settings and quick preset (the LSTM variant, ``addmul-lstm``, which has
     no medium preset).
     """
-    settings = resolve_settings(paper or SETTINGS, quick if quick is not None else QUICK, options,
-                                medium=None if paper else MEDIUM)
-    runs = run_seeds(run_seed, settings, options)
-    checks = claims(runs)
-    tables = [("Accuracy on validation data", _accuracy_table(runs)), ("+ and × masks per layer", _layer_table(runs)),
-              ("Op confusion on validation data", _confusion_table(runs)), ("Half-mask test", _half_mask_table(runs))]
-    return publish(name, options, settings, runs, checks, tables)
+    return run_experiment(name, options, paper=paper or SETTINGS, quick=quick if quick is not None else QUICK,
+                          medium=None if paper else MEDIUM, run_seed=run_seed, claims=claims, tables=_tables)
+
+
+def _tables(runs: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    return [("Accuracy on validation data", _accuracy_table(runs)), ("+ and × masks per layer", _layer_table(runs)),
+            ("Op confusion on validation data", _confusion_table(runs)), ("Half-mask test", _half_mask_table(runs))]

@@ -15,23 +15,12 @@ import torch
 
 from .. import metrics
 from ..evaluation import evaluate
-from ..masks.config import MaskConfig
-from ..masks.trainer import resolve_device, train_masks
-from ..model import Model
+from ..devices import resolve_device
 from .addmul import SETTINGS as ADDMUL_SETTINGS
 from .addmul import AddMulNet, make_tasks
 from .common import (
-    PAPER,
-    Claim,
-    ExperimentOptions,
-    fmt,
-    format_table,
-    log,
-    mean_std,
-    publish,
-    resolve_settings,
-    run_sizes,
-    train_network,
+    PAPER, Claim, ExperimentOptions, fit_masks, fmt, format_table, mask_config, mean_std, run_experiment,
+    train_base
 )
 
 DESCRIPTION = "share of the + mask used by the × mask for three network sizes (paper 8.1)"
@@ -54,14 +43,9 @@ def run_size(settings: dict[str, Any], hidden: tuple[int, ...], seed: int, optio
     torch.manual_seed(seed)
     train, valid = make_tasks(settings["n_valid"], seed)
     net = AddMulNet(hidden)
-    log(f"[addmul-sizes seed {seed}] training the network {hidden} for {settings['base_steps']} steps")
-    train_network(net, train["control"], n_steps=settings["base_steps"], batch_size=settings["batch_size"],
-                  lr=settings["base_lr"], seed=seed, device=device, progress=options.progress)
-    model = Model(net.cpu())
-    config = MaskConfig(n_steps=settings["mask_steps"], batch_size=settings["batch_size"], lr=settings["mask_lr"],
-                        beta=settings["beta"], seed=seed, device=str(device))
-    log(f"[addmul-sizes seed {seed}] training the + and × masks for {settings['mask_steps']} steps")
-    masks = train_masks(model, [train["add"], train["mul"]], config, progress=options.progress)
+    model = train_base(net, train["control"], settings, seed, options, tag="addmul-sizes", what=f"the network {hidden}")
+    masks = fit_masks(model, [train["add"], train["mul"]], mask_config(settings, seed, options), options,
+                      tag="addmul-sizes", seed=seed, what="the + and × masks")
     share = metrics.sharing(masks, ["add", "mul"])
     return {
         "hidden": list(hidden),
@@ -99,8 +83,5 @@ def claims(by_size: list[list[dict[str, Any]]]) -> list[Claim]:
 
 def run(options: ExperimentOptions) -> dict[str, Any]:
     """Run the experiment for ``options.seeds`` seeds, print the table and write the report."""
-    settings = resolve_settings(SETTINGS, QUICK, options)
-    by_size = run_sizes(run_size, settings, options)
-    checks = claims(by_size)
-    tables = [("Sharing of the + mask with the × mask per network size", _table(by_size))]
-    return publish("addmul-sizes", options, settings, by_size, checks, tables)
+    return run_experiment("addmul-sizes", options, paper=SETTINGS, quick=QUICK, run_size=run_size, claims=claims,
+                          tables=lambda by_size: [("Sharing of the + mask with the × mask per network size", _table(by_size))])

@@ -17,21 +17,12 @@ import torch
 
 from .. import metrics
 from ..evaluation import evaluate
-from ..masks.config import MaskConfig
-from ..masks.trainer import resolve_device, train_masks
-from ..model import Model
+from ..devices import resolve_device
+from ..masks.trainer import train_masks
 from . import addmul
 from .common import (
-    MODSCOPE,
-    Claim,
-    ExperimentOptions,
-    format_table,
-    log,
-    publish,
-    resolve_settings,
-    run_sizes,
-    setting_text,
-    train_network,
+    MODSCOPE, Claim, ExperimentOptions, format_table, log, mask_config, run_experiment, setting_text,
+    train_base
 )
 from .figures import Point, scatter_svg
 
@@ -57,15 +48,11 @@ def run_size(settings: dict[str, Any], hidden: tuple[int, ...], seed: int, optio
     torch.manual_seed(seed)
     train, valid = addmul.make_tasks(settings["n_valid"], seed)
     net = addmul.AddMulNet(hidden)
-    log(f"[beta-sweep seed {seed}] training the network {hidden} for {settings['base_steps']} steps")
-    train_network(net, train["control"], n_steps=settings["base_steps"], batch_size=settings["batch_size"],
-                  lr=settings["base_lr"], seed=seed, device=device, progress=options.progress)
-    model = Model(net.cpu())
+    model = train_base(net, train["control"], settings, seed, options, tag="beta-sweep", what=f"the network {hidden}")
     full = evaluate(model, valid["iid"], device=device)
     points = []
     for beta in settings["betas"]:
-        config = MaskConfig(n_steps=settings["mask_steps"], batch_size=settings["batch_size"], lr=settings["mask_lr"],
-                            beta=beta, seed=seed, device=str(device))
+        config = mask_config(settings, seed, options, beta=beta)
         log(f"[beta-sweep seed {seed}] {hidden}: masks with β = {beta:g}")
         masks = train_masks(model, [train["control"], train["add"], train["mul"]], config, progress=options.progress)
         points.append({"beta": beta, "density": masks["control"].density(),
@@ -140,8 +127,10 @@ def claims(by_size: list[list[dict[str, Any]]]) -> list[Claim]:
 
 def run(options: ExperimentOptions) -> dict[str, Any]:
     """Run the sweep for every network size and ``options.seeds`` seeds; print the table, write report and plot."""
-    settings = resolve_settings(SETTINGS, QUICK, options)
-    by_size = run_sizes(run_size, settings, options)
-    tables = [("Control mask over β (means over seeds; * = on the density-accuracy Pareto front)", _table(by_size))]
-    figures = [("Control mask accuracy vs density (colour: + shared with ×; ringed: β = 1e-4)", _figure(by_size))]
-    return publish("beta-sweep", options, settings, by_size, claims(by_size), tables, figures)
+    return run_experiment(
+        "beta-sweep", options, paper=SETTINGS, quick=QUICK, run_size=run_size, claims=claims,
+        tables=lambda by_size: [("Control mask over β (means over seeds; * = on the density-accuracy Pareto front)",
+                                 _table(by_size))],
+        figures=lambda by_size: [("Control mask accuracy vs density (colour: + shared with ×; ringed: β = 1e-4)",
+                                  _figure(by_size))],
+    )

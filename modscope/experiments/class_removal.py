@@ -22,21 +22,13 @@ from .. import metrics
 from ..evaluation import evaluate
 from ..masks.config import MaskConfig
 from ..masks.maskset import MaskSet
-from ..masks.trainer import resolve_device, train_masks
+from ..devices import resolve_device
+from ..masks.trainer import train_masks
 from ..model import Model
 from ..tasks import Task
+from . import common
 from .common import (
-    MODSCOPE,
-    Claim,
-    ExperimentOptions,
-    fmt,
-    format_table,
-    log,
-    mean_std,
-    publish,
-    resolve_settings,
-    run_seeds,
-    train_network,
+    MODSCOPE, Claim, ExperimentOptions, fit_masks, fmt, format_table, log, mean_std, run_experiment, train_base
 )
 from .image_data import ImageData, SimpleCNN, load_images
 
@@ -67,20 +59,15 @@ OUTPUT_LAYER = ("out_layer.*",)
 
 def base_network(data: ImageData, settings: dict[str, Any], seed: int, options: ExperimentOptions, tag: str) -> Model:
     """The CNN trained on all training images (settings: base_steps, batch_size, base_lr, dropout)."""
-    device = resolve_device(options.device)
     torch.manual_seed(seed)
     net = SimpleCNN(data.x_train.shape[1], len(data.classes), dropout=settings["dropout"])
-    log(f"[{tag} seed {seed}] training the CNN for {settings['base_steps']} steps")
-    train_network(net, Task("all", data.x_train, data.y_train), n_steps=settings["base_steps"], batch_size=settings["batch_size"],
-                  lr=settings["base_lr"], seed=seed, device=device, progress=options.progress)
-    return Model(net.cpu())
+    return train_base(net, Task("all", data.x_train, data.y_train), settings, seed, options, tag=tag, what="the CNN")
 
 
 def mask_config(settings: dict[str, Any], seed: int, options: ExperimentOptions, **changes: Any) -> MaskConfig:
     """The paper's CNN mask settings: biases masked, β and lr from ``settings``."""
-    return MaskConfig(n_steps=settings["mask_steps"], batch_size=settings["mask_batch_size"], lr=settings["mask_lr"],
-                      beta=settings["beta"], penalty_batch_size=settings["batch_size"], mask_biases=True, seed=seed,
-                      device=str(resolve_device(options.device)), **changes)
+    return common.mask_config(settings, seed, options, batch_size=settings["mask_batch_size"],
+                              penalty_batch_size=settings["batch_size"], mask_biases=True, **changes)
 
 
 def without_class(data: ImageData, c: int) -> Task:
@@ -90,9 +77,8 @@ def without_class(data: ImageData, c: int) -> Task:
 
 def class_masks(model: Model, data: ImageData, classes: list[int], settings: dict[str, Any], seed: int, options: ExperimentOptions) -> MaskSet:
     """The control mask and, with the output layer frozen at the control's logits, one mask per left-out class."""
-    log(f"[class-removal seed {seed}] training the control mask for {settings['mask_steps']} steps")
-    control = train_masks(model, [Task("control", data.x_train, data.y_train)], mask_config(settings, seed, options),
-                          progress=options.progress)
+    control = fit_masks(model, [Task("control", data.x_train, data.y_train)], mask_config(settings, seed, options), options,
+                        tag="class-removal", seed=seed, what="the control mask")
     frozen = {n: v for n, v in control.logits["control"].items() if n.startswith("out_layer.")}
     logits = {"control": control.logits["control"]}
     config = mask_config(settings, seed + 1, options, freeze=OUTPUT_LAYER)
@@ -192,10 +178,11 @@ def claims(runs: list[dict[str, Any]]) -> list[Claim]:
 
 def run(options: ExperimentOptions) -> dict[str, Any]:
     """Run the experiment for ``options.seeds`` seeds, print the tables and write the report."""
-    settings = resolve_settings(SETTINGS, QUICK, options)
-    runs = run_seeds(run_seed, settings, options)
-    checks = claims(runs)
+    return run_experiment("class-removal", options, paper=SETTINGS, quick=QUICK, run_seed=run_seed, claims=claims,
+                          tables=_tables)
+
+
+def _tables(runs: list[dict[str, Any]]) -> list[tuple[str, str]]:
     acc = format_table(["weights", "validation accuracy"],
                        [["full net", fmt([r["accuracy"]["full"] for r in runs])], ["control mask", fmt([r["accuracy"]["control"] for r in runs])]])
-    tables = [(f"CNN on {runs[0]['dataset']}", acc), ("Per removed class (mask trained without it, vs control)", _class_table(runs))]
-    return publish("class-removal", options, settings, runs, checks, tables)
+    return [(f"CNN on {runs[0]['dataset']}", acc), ("Per removed class (mask trained without it, vs control)", _class_table(runs))]

@@ -11,7 +11,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..devices import resolve_device
+from ..masks.config import MaskConfig
+from ..masks.maskset import MaskSet
 from ..masks.progress import Progress
+from ..masks.trainer import train_masks
+from ..model import Model
 from ..fileio import atomic_write, write_json
 from ..tasks import Task
 from ..texttable import render_table
@@ -109,6 +114,46 @@ def train_network(
 
 
 #: the paper states findings in words, not thresholds: every numeric criterion below is modscope's own reading.
+def relu_mlp(n_in: int, hidden: Sequence[int], n_out: int) -> torch.nn.Sequential:
+    """Linear + ReLU layers of the ``hidden`` widths, then a linear output layer (the paper's feed-forward nets).
+
+    Example:
+        >>> relu_mlp(4, (8, 8), 2)[-1]
+        Linear(in_features=8, out_features=2, bias=True)
+    """
+    sizes = (n_in, *hidden)
+    layers: list[torch.nn.Module] = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+    layers.append(torch.nn.Linear(sizes[-1], n_out))
+    return torch.nn.Sequential(*layers)
+
+
+def train_base(net: torch.nn.Module, task: Task, settings: dict[str, Any], seed: int, options: ExperimentOptions, *,
+               tag: str, what: str, **train_options: Any) -> Model:
+    """Train an experiment's base network on ``task`` for the settings' ``base_steps`` (``batch_size``, ``base_lr``)
+    and return it, on the CPU, as the frozen `Model` the masks are trained on."""
+    log(f"[{tag} seed {seed}] training {what} for {settings['base_steps']} steps")
+    train_network(net, task, n_steps=settings["base_steps"], batch_size=settings["batch_size"], lr=settings["base_lr"],
+                  seed=seed, device=resolve_device(options.device), progress=options.progress, **train_options)
+    return Model(net.cpu())
+
+
+def mask_config(settings: dict[str, Any], seed: int, options: ExperimentOptions, **changes: Any) -> MaskConfig:
+    """The experiment's `MaskConfig`: the settings' ``mask_steps``, ``batch_size``, ``mask_lr`` and ``beta``, the seed
+    and the options' device, with ``changes`` over them."""
+    fields = {"n_steps": settings["mask_steps"], "batch_size": settings["batch_size"], "lr": settings["mask_lr"],
+              "beta": settings.get("beta"), "seed": seed, "device": str(resolve_device(options.device))}
+    return MaskConfig(**{**fields, **changes})
+
+
+def fit_masks(model: Model, tasks: Sequence[Task], config: MaskConfig, options: ExperimentOptions, *, tag: str,
+              seed: int, what: str) -> MaskSet:
+    """Train one mask per task on ``model`` (logging which, for how many steps)."""
+    log(f"[{tag} seed {seed}] training {what} for {config.n_steps} steps")
+    return train_masks(model, list(tasks), config, progress=options.progress)
+
+
 MODSCOPE = "modscope's criterion: "
 PAPER = "the paper's words: "
 
@@ -253,3 +298,29 @@ def publish(
     page = write_html(options.out / f"{name}.html", f"modscope reproduce {name}", tables, figures)
     log(f"report written to {path} and {page}")
     return report
+
+
+def run_experiment(
+    name: str,
+    options: ExperimentOptions,
+    *,
+    paper: dict[str, Any],
+    quick: dict[str, Any],
+    medium: dict[str, Any] | None = None,
+    run_seed: Callable[[dict[str, Any], int, ExperimentOptions], Any] | None = None,
+    run_size: Callable[[dict[str, Any], tuple[int, ...], int, ExperimentOptions], Any] | None = None,
+    claims: Callable[[list[Any]], Sequence[Claim]],
+    tables: Callable[[list[Any]], Sequence[tuple[str, str]]],
+    figures: Callable[[list[Any]], Sequence[tuple[str, str]]] | None = None,
+) -> dict[str, Any]:
+    """The one path every experiment runs: settings (the paper's, a preset, the overrides), the runs (``run_seed``
+    for each seed, `run_seeds`, or ``run_size`` for each network size and seed, `run_sizes`), the claims, then the
+    tables and figures printed and written (`publish`).
+
+    Returns:
+        The report written to ``options.out / NAME.json``.
+    """
+    settings = resolve_settings(paper, quick, options, medium=medium)
+    runs = run_sizes(run_size, settings, options) if run_size is not None else run_seeds(run_seed, settings, options)
+    checks = claims(runs)
+    return publish(name, options, settings, runs, checks, tables(runs), figures(runs) if figures is not None else ())

@@ -17,7 +17,6 @@ removing pair 1's hidden weights would break pair 2.
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import numpy as np
@@ -26,23 +25,13 @@ from torch import nn
 
 from .. import metrics
 from ..evaluation import evaluate
-from ..masks.config import MaskConfig
+from ..devices import resolve_device
 from ..masks.maskset import Mask, MaskSet
-from ..masks.trainer import resolve_device, train_masks
 from ..model import Model
 from ..tasks import Task
 from .common import (
-    MODSCOPE,
-    Claim,
-    ExperimentOptions,
-    fmt,
-    format_table,
-    log,
-    mean_std,
-    publish,
-    resolve_settings,
-    run_seeds,
-    train_network,
+    MODSCOPE, Claim, ExperimentOptions, fit_masks, fmt, format_table, mask_config, mean_std, relu_mlp, run_experiment,
+    train_base
 )
 
 DESCRIPTION = "two pairs of additions through one feed-forward net: is the adder reused? (paper 8.2)"
@@ -93,12 +82,7 @@ class DoubleAddNet(nn.Module):
 
     def __init__(self, hidden: tuple[int, ...] = (2000, 2000, 2000, 2000)):
         super().__init__()
-        sizes = (80, *hidden)
-        layers: list[nn.Module] = []
-        for n_in, n_out in itertools.pairwise(sizes):
-            layers += [nn.Linear(n_in, n_out), nn.ReLU()]
-        layers.append(nn.Linear(sizes[-1], 40))
-        self.layers = nn.Sequential(*layers)
+        self.layers = relu_mlp(80, hidden, 40)
 
     def forward(self, digits: torch.Tensor, pair: torch.Tensor) -> torch.Tensor:
         one_hot = (digits.unsqueeze(-1) == torch.arange(10, device=digits.device)).to(self.layers[0].weight.dtype)
@@ -142,14 +126,10 @@ def run_seed(settings: dict[str, Any], seed: int, options: ExperimentOptions) ->
     train = make_tasks(*sample_digits(settings["n_train"], 10 * seed))
     valid = make_tasks(*sample_digits(settings["n_valid"], 10 * seed + 2))
     net = DoubleAddNet(tuple(settings["hidden"]))
-    log(f"[double-add seed {seed}] training the network {tuple(settings['hidden'])} for {settings['base_steps']} steps")
-    train_network(net, train["both"], n_steps=settings["base_steps"], batch_size=settings["batch_size"],
-                  lr=settings["base_lr"], seed=seed, device=device, progress=options.progress)
-    model = Model(net.cpu())
-    config = MaskConfig(n_steps=settings["mask_steps"], batch_size=settings["batch_size"], lr=settings["mask_lr"],
-                        beta=settings["beta"], seed=seed, device=str(device))
-    log(f"[double-add seed {seed}] training the both, pair-1 and pair-2 masks for {settings['mask_steps']} steps")
-    masks = train_masks(model, [train["both"], train["pair1"], train["pair2"]], config, progress=options.progress)
+    model = train_base(net, train["both"], settings, seed, options, tag="double-add",
+                       what=f"the network {tuple(settings['hidden'])}")
+    masks = fit_masks(model, [train["both"], train["pair1"], train["pair2"]], mask_config(settings, seed, options), options,
+                      tag="double-add", seed=seed, what="the both, pair-1 and pair-2 masks")
     io = io_weights(model)
 
     def acc(mask: Mask | None = None, invert: bool = False) -> dict[str, float]:
@@ -250,8 +230,6 @@ def claims(runs: list[dict[str, Any]]) -> list[Claim]:
 
 def run(options: ExperimentOptions) -> dict[str, Any]:
     """Run the experiment for ``options.seeds`` seeds, print the tables and write the report."""
-    settings = resolve_settings(SETTINGS, QUICK, options)
-    runs = run_seeds(run_seed, settings, options)
-    checks = claims(runs)
-    tables = [("Accuracy on validation data", _accuracy_table(runs)), ("Pair masks per layer", _layer_table(runs))]
-    return publish("double-add", options, settings, runs, checks, tables)
+    return run_experiment("double-add", options, paper=SETTINGS, quick=QUICK, run_seed=run_seed, claims=claims,
+                          tables=lambda runs: [("Accuracy on validation data", _accuracy_table(runs)),
+                                               ("Pair masks per layer", _layer_table(runs))])

@@ -20,26 +20,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..devices import resolve_device
 from ..errors import InvalidParameterError
 from ..evaluation import evaluate
-from ..masks.config import MaskConfig
 from ..masks.maskset import MaskSet
-from ..masks.trainer import resolve_device, train_masks
 from ..model import Model
 from ..tasks import Task
 from . import scan_data, scan_model
 from .common import (
-    MODSCOPE,
-    Claim,
-    ExperimentOptions,
-    fmt,
-    format_table,
-    log,
-    mean_std,
-    publish,
-    resolve_settings,
-    run_seeds,
-    train_network,
+    MODSCOPE, Claim, ExperimentOptions, fit_masks, fmt, format_table, log, mask_config, mean_std, run_experiment,
+    train_base
 )
 
 DESCRIPTION = "SCAN LSTM encoder-decoder: masks trained without compositions lose them (paper 8.3)"
@@ -103,13 +93,9 @@ def make_tasks(data: dict[str, tuple[list, list]], max_test: int | None, seed: i
 
 
 def train_net(task: Task, settings: dict[str, Any], seed: int, options: ExperimentOptions, what: str) -> Model:
-    device = resolve_device(options.device)
     torch.manual_seed(seed)
     net = scan_model.build(settings["hidden"], settings["layers"], settings["dropout"])
-    log(f"[scan seed {seed}] training {what} for {settings['base_steps']} steps")
-    train_network(net, task, n_steps=settings["base_steps"], batch_size=settings["batch_size"], lr=settings["base_lr"],
-                  grad_clip=settings["grad_clip"], seed=seed, device=device, progress=options.progress)
-    return Model(net.cpu())
+    return train_base(net, task, settings, seed, options, tag="scan", what=what, grad_clip=settings["grad_clip"])
 
 
 def removed_per_token(masks: MaskSet, mask: str = "jump", reference: str = "control") -> dict[str, float]:
@@ -126,11 +112,10 @@ def run_seed(settings: dict[str, Any], seed: int, options: ExperimentOptions) ->
     data = splits()
     train, test = make_tasks(data, settings["max_test"], seed, tuple(settings["masks"]))
     model = train_net(train["control"], settings, seed, options, "the LSTM on the simple split")
-    config = MaskConfig(n_steps=settings["mask_steps"], batch_size=settings["mask_batch_size"], lr=settings["mask_lr"],
-                        beta=settings["beta"], penalty_batch_size=settings["batch_size"], grad_clip=settings["grad_clip"],
-                        seed=seed, device=str(device))
-    log(f"[scan seed {seed}] training masks on {', '.join(MASKS[m] for m in train)} for {settings['mask_steps']} steps")
-    masks = train_masks(model, list(train.values()), config, progress=options.progress)
+    config = mask_config(settings, seed, options, batch_size=settings["mask_batch_size"],
+                         penalty_batch_size=settings["batch_size"], grad_clip=settings["grad_clip"])
+    masks = fit_masks(model, list(train.values()), config, options, tag="scan", seed=seed,
+                      what=f"masks on {', '.join(MASKS[m] for m in train)}")
     log(f"[scan seed {seed}] evaluating")
     accuracy = {"full": {s: evaluate(model, test[s], device=device) for s in scan_data.SPLITS}}
     for mask in train:
@@ -208,11 +193,13 @@ def claims(runs: list[dict[str, Any]]) -> list[Claim]:
 
 def run(options: ExperimentOptions) -> dict[str, Any]:
     """Run the experiment for ``options.seeds`` seeds, print the tables and write the report."""
-    settings = resolve_settings(SETTINGS, QUICK, options, medium=MEDIUM)
-    runs = run_seeds(run_seed, settings, options)
-    checks = claims(runs)
+    return run_experiment("scan", options, paper=SETTINGS, quick=QUICK, medium=MEDIUM, run_seed=run_seed, claims=claims,
+                          tables=_tables)
+
+
+def _tables(runs: list[dict[str, Any]]) -> list[tuple[str, str]]:
     tables = [("Test accuracy per split, before and after (paper Fig. 4a)", _split_table(runs)),
               ("Every mask on every test set", _matrix_table(runs))]
     if runs[0]["removed_per_token"] is not None:
         tables.append(("Decoder output layer: weights removed by the jump mask (paper Fig. 4b)", _token_table(runs)))
-    return publish("scan", options, settings, runs, checks, tables)
+    return tables

@@ -21,18 +21,7 @@ from ..masks.trainer import train_masks
 from ..tasks import Task
 from .class_removal import SETTINGS as CNN_SETTINGS
 from .class_removal import base_network, mask_config
-from .common import (
-    MODSCOPE,
-    Claim,
-    ExperimentOptions,
-    fmt,
-    format_table,
-    log,
-    mean_std,
-    publish,
-    resolve_settings,
-    run_seeds,
-)
+from .common import MODSCOPE, Claim, ExperimentOptions, fmt, format_table, log, mean_std, run_experiment
 from .image_data import ImageData, load_images
 
 DESCRIPTION = "IoU of masks trained on the same task with different seeds, for the CNN (paper 8.6)"
@@ -106,9 +95,6 @@ def claims(runs: list[dict[str, Any]]) -> list[Claim]:
 
 def run(options: ExperimentOptions) -> dict[str, Any]:
     """Run the experiment for ``options.seeds`` seeds, print the tables and write the report."""
-    settings = resolve_settings(SETTINGS, QUICK, options)
-    runs = run_seeds(run_seed, settings, options)
-    checks = claims(runs)
-    tables = [(f"Mask IoU across seeds per class pair ({runs[0]['dataset']})", _pair_table(runs)),
-              ("Per layer", _layer_table(runs))]
-    return publish("stability", options, settings, runs, checks, tables)
+    return run_experiment("stability", options, paper=SETTINGS, quick=QUICK, run_seed=run_seed, claims=claims,
+                          tables=lambda runs: [(f"Mask IoU across seeds per class pair ({runs[0]['dataset']})", _pair_table(runs)),
+                                               ("Per layer", _layer_table(runs))])

@@ -18,8 +18,7 @@ What modscope does differently from the paper's code, for speed (same distributi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -210,30 +209,6 @@ def draw_uniforms(shape: tuple[int, ...], generator: torch.Generator, device: to
 
 
 _CPU_BLOCK = 1 << 17  # elements per block of the backward's temporaries on CPU: two 512 KiB floats stay in L2
-_WORKER_BLOCK = 3 << 13  # with several CPU threads: blocks below torch's parallel grain (32768), so that each runs on
-# one thread without a team barrier, and the threads take blocks of their own (a barrier per operation stalls a step
-# whenever another job holds a core)
-
-
-def _run_split(jobs: list[Callable[[int], None]], pool: ThreadPoolExecutor | None, workers: int) -> None:
-    """Run ``jobs`` (each given its worker's index) in ``workers`` contiguous shares: the first in this thread, the
-    others in ``pool``."""
-    if pool is None or len(jobs) < 2:
-        for job in jobs:
-            job(0)
-        return
-    shares = [jobs[i * len(jobs) // workers : (i + 1) * len(jobs) // workers] for i in range(workers)]
-
-    def run(i: int) -> None:
-        for job in shares[i]:
-            job(i)
-
-    futures = [pool.submit(run, i) for i in range(1, workers) if shares[i]]
-    try:
-        run(0)
-    finally:
-        for f in futures:
-            f.result()
 
 
 class StepBuffers:
@@ -242,9 +217,7 @@ class StepBuffers:
     The step writes into these with ``out=`` and in-place operations, so after the first step no (K, S, N)-sized
     array is allocated or freed (no page faults, no system time); on a CPU the backward runs over column blocks whose
     temporaries stay in cache. The arithmetic is that of `sample_masked_weights` operation by operation, so the
-    results are bit-identical to it. With several ``workers`` the blocks are shared out between threads (each block
-    below torch's parallel grain, so no operation waits on a team of threads); for τ = 1 (only + − × ÷) the bits do
-    not depend on the blocks, for τ ≠ 1 the vectorized sigmoid may round an element at a block's end differently.
+    results are bit-identical to it.
 
     Args:
         weights: the masked weights (frozen), in layout order.
@@ -252,8 +225,6 @@ class StepBuffers:
         replicas: the most (task, sample) pairs of one forward pass.
         tasks: the most tasks of one forward pass.
         slots: noise buffers (2 to draw one pass ahead).
-        workers: CPU threads for the element-wise work (blocks shared out between them; same results); call
-            `close` after.
 
     Example:
         >>> import torch
@@ -266,34 +237,27 @@ class StepBuffers:
         [(1, 4, 2, 2), (1, 4, 3)]
     """
 
-    def __init__(self, weights: Sequence[torch.Tensor], offsets: Sequence[int], replicas: int, tasks: int, slots: int = 1,
-                 workers: int = 1):
+    def __init__(self, weights: Sequence[torch.Tensor], offsets: Sequence[int], replicas: int, tasks: int, slots: int = 1):
         self.weights, self.offsets = list(weights), list(offsets)
         self.total = sum(w.numel() for w in weights)
         device, dtype = (weights[0].device, weights[0].dtype) if weights else (torch.device("cpu"), torch.float32)
         largest = max((w.numel() for w in weights), default=1)
         widest = max((w[0].numel() if w.dim() else 1 for w in weights), default=1)  # the largest row of a weight
-        self.workers = workers = workers if device.type == "cpu" else 1
-        self.block = (_CPU_BLOCK if workers == 1 else _WORKER_BLOCK) if device.type == "cpu" else replicas * largest
+        self.block = _CPU_BLOCK if device.type == "cpu" else replicas * largest
         scratch = min(max(self.block, replicas * widest), replicas * largest)
-        self._pool = ThreadPoolExecutor(workers - 1, thread_name_prefix="modscope-mask") if workers > 1 else None
         self._uniforms = [torch.empty(replicas * self.total, device=device, dtype=dtype) for _ in range(slots)]
         self._effective = [torch.empty(replicas * w.numel(), device=device, dtype=dtype) for w in weights]
         self._rows = torch.empty(tasks * self.total, device=device, dtype=dtype)
-        self._scratch = [tuple(torch.empty(scratch, device=device, dtype=dtype) for _ in range(3)) for _ in range(workers)]
+        self._a = torch.empty(scratch, device=device, dtype=dtype)
+        self._b = torch.empty(scratch, device=device, dtype=dtype)
+        self._sum = torch.empty(scratch, device=device, dtype=dtype)
         self._zero = torch.zeros((), device=device, dtype=dtype)
         self._one = torch.ones((), device=device, dtype=dtype)
 
     def nbytes(self) -> int:
         """Bytes held by the buffers."""
-        held = [*self._uniforms, *self._effective, self._rows, *(t for ts in self._scratch for t in ts)]
+        held = [*self._uniforms, *self._effective, self._rows, self._a, self._b, self._sum]
         return sum(t.numel() * t.element_size() for t in held)
-
-    def close(self) -> None:
-        """Stop the worker threads (if any)."""
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
 
     def uniforms(self, tasks: int, samples: int, slot: int = 0) -> torch.Tensor:
         """A ``(tasks, samples, N)`` view to draw a pass's noise into (row by row, each task from its stream); with
@@ -308,26 +272,17 @@ class StepBuffers:
         compiled = kernels is not None and kernels.compiled
         if not compiled:
             torch.sigmoid(torch.neg(logits[:, None], out=rows), out=rows)
-        out, jobs = [], []
+        out = []
         for w, a, buf in zip(weights, self.offsets, self._effective):
             n = w.numel()
             eff = buf[: G * s * n].view(G, s, n)
             if compiled:
                 eff.copy_(kernels.call("keep", logits[:, None, a : a + n], uniforms[..., a : a + n], w.reshape(-1)))  # type: ignore[union-attr]
-            else:
-                step = n if self._pool is None else max(1, self.block // (G * s))
-                jobs += [self._keep_job(uniforms[..., a + j : a + min(n, j + step)], rows[..., a + j : a + min(n, j + step)],
-                                        w.reshape(-1)[j : j + step], eff[..., j : j + step]) for j in range(0, n, step)]
+            else:  # 0/1 into the buffer, then 0 + keep·W: W or +0.0 exactly as torch.where, three times faster
+                torch.gt(uniforms[..., a : a + n], rows[..., a : a + n], out=eff)
+                torch.addcmul(self._zero, eff, w.reshape(-1), out=eff)
             out.append(eff.view(G, s, *w.shape))
-        _run_split(jobs, self._pool, self.workers)
         return out
-
-    def _keep_job(self, u: torch.Tensor, threshold: torch.Tensor, w: torch.Tensor, eff: torch.Tensor) -> Callable[[int], None]:
-        def job(worker: int) -> None:  # 0/1 into the buffer, then 0 + keep·W: W or +0.0 exactly as torch.where, faster
-            torch.gt(u, threshold, out=eff)
-            torch.addcmul(self._zero, eff, w, out=eff)
-
-        return job
 
     def logit_grad(self, logits: torch.Tensor, uniforms: torch.Tensor, grads: Sequence[torch.Tensor | None],
                    out: torch.Tensor, tau: float, accumulate: bool, kernels: SamplerKernels | None = None) -> None:
@@ -340,7 +295,6 @@ class StepBuffers:
         rows = self._rows[: G * self.total].view(G, 1, self.total)
         if tau == 1.0 and not compiled:  # e = exp(−l), reused by every block
             torch.exp(torch.neg(torch.clamp(logits[:, None], -_LOGIT_CLAMP, _LOGIT_CLAMP, out=rows), out=rows), out=rows)
-        jobs: list[Callable[[int], None]] = []
         for w, a, g in zip(self.weights, self.offsets, grads):
             n = w.numel()
             target = out[:, a : a + n]
@@ -360,18 +314,14 @@ class StepBuffers:
             step = max(1, self.block // (G * s * (n // shape[0])))
             for j in range(0, shape[0], step):
                 r = slice(j, j + step)
-                jobs.append(self._grad_job(lw[:, :, r], ew[:, :, r], u[:, :, r], g[:, :, r], wv[r], tv[:, r], tau, accumulate))
-        _run_split(jobs, self._pool, self.workers)
-
-    def _grad_job(self, *args: Any) -> Callable[[int], None]:
-        return lambda worker: self._grad_block(*args, scratch=self._scratch[worker])
+                self._grad_block(lw[:, :, r], ew[:, :, r], u[:, :, r], g[:, :, r], wv[r], tv[:, r], tau, accumulate)
 
     def _grad_block(self, logits: torch.Tensor, e: torch.Tensor, u: torch.Tensor, g: torch.Tensor, w: torch.Tensor,
-                    target: torch.Tensor, tau: float, accumulate: bool, scratch: tuple[torch.Tensor, ...]) -> None:
-        """One block of whole rows of `logit_grad`, operation for operation the arithmetic of `_logit_grad`."""
+                    target: torch.Tensor, tau: float, accumulate: bool) -> None:
+        """One column block of `logit_grad`, operation for operation the arithmetic of `_logit_grad`."""
         shape = u.shape
         size = u.numel()
-        a, b = scratch[0][:size].view(shape), scratch[1][:size].view(shape)
+        a, b = self._a[:size].view(shape), self._b[:size].view(shape)
         if tau == 1.0:
             torch.sub(self._one, u, out=a).mul_(e)  # other = (1 − u) · e
             torch.add(a, u, out=b)  # denom = other + u
@@ -385,6 +335,6 @@ class StepBuffers:
         if not accumulate:  # straight into the gradient
             torch.sum(a, dim=1, out=target)
             return
-        total = scratch[2][: size // shape[1]].view(shape[0], *shape[2:])
+        total = self._sum[: size // shape[1]].view(shape[0], *shape[2:])
         torch.sum(a, dim=1, out=total)
         target.add_(total)

@@ -409,9 +409,7 @@ class MaskTrainer:
         most_tasks = max(len(p.tasks) for p in self._plan.passes)
         whole = all(p.samples == (0, self.config.n_samples) for p in self._plan.passes)
         self._ahead = self._draw_pool is not None and whole  # draw the next pass's noise while this one computes
-        workers = torch.get_num_threads() if self.device.type == "cpu" else 1
-        self.buffers = StepBuffers(self._masked, self.layout.offsets, self._plan.replicas, most_tasks, slots=2 if self._ahead else 1,
-                                   workers=workers)
+        self.buffers = StepBuffers(self._masked, self.layout.offsets, self._plan.replicas, most_tasks, slots=2 if self._ahead else 1)
 
     def _preferred_replicas(self) -> int | None:
         """The pass size the step's speed favours when memory allows any: on a GPU all tasks at once; on a CPU as many
@@ -572,15 +570,12 @@ class MaskTrainer:
         return loss.detach()
 
     def close(self) -> None:
-        """Stop the noise-drawing and element-wise threads (if any) and let glibc return the memory kept for reuse."""
+        """Stop the noise-drawing threads (if any) and let glibc return the memory kept for reuse."""
         if self._next is not None:
             self._next[0].result()
         if self._draw_pool is not None:
             self._draw_pool.shutdown()
             self._draw_pool = None
-        buffers: StepBuffers | None = getattr(self, "buffers", None)
-        if buffers is not None:
-            buffers.close()
         if self._heap is not None:
             self._heap.__exit__(None, None, None)
             self._heap = None
