@@ -50,6 +50,7 @@ class ConvergenceCheck:
         threshold: the relative fall that counts as still falling.
         tail_fraction: the fraction of the steps at the end that was looked at.
         n_steps: the last recorded step.
+        unpruned: the tasks among ``not_converged`` whose mask still kept every weight at the end.
     """
 
     tail_fall: dict[str, float | None]
@@ -57,6 +58,7 @@ class ConvergenceCheck:
     threshold: float = THRESHOLD
     tail_fraction: float = TAIL_FRACTION
     n_steps: int = 0
+    unpruned: tuple[str, ...] = ()
 
     @property
     def converged(self) -> bool:
@@ -67,20 +69,29 @@ class ConvergenceCheck:
         """One sentence naming the tasks that did not converge and what to do; empty when all converged."""
         if self.converged:
             return ""
-        falls = ", ".join(_describe(t, self.tail_fall.get(t)) for t in self.not_converged)
-        return (f"the masks of {falls} were still shrinking at the end of training (density change over the last "
-                f"{self.tail_fraction:.0%} of the {self.n_steps} steps; converged masks change by less than "
-                f"{self.threshold:.0%}): they may hold weights their task does not need; "
+        parts = []
+        falling = [t for t in self.not_converged if t not in self.unpruned]
+        if falling:
+            falls = ", ".join(_describe(t, self.tail_fall.get(t)) for t in falling)
+            parts.append(f"the masks of {falls} were still shrinking at the end of training (density change over the "
+                         f"last {self.tail_fraction:.0%} of the {self.n_steps} steps; converged masks change by less "
+                         f"than {self.threshold:.0%}): they may hold weights their task does not need")
+        if self.unpruned:
+            names = ", ".join(repr(t) for t in self.unpruned)
+            parts.append(f"the masks of {names} still keep every weight after {self.n_steps} steps: the training "
+                         "has not pruned anything yet")
+        return ("; ".join(parts) + "; "
                 f"train longer, e.g. MaskConfig(n_steps={2 * self.n_steps}) or `--n-steps {2 * self.n_steps}`")
 
     def to_dict(self) -> dict[str, Any]:
         return {"converged": self.converged, "not_converged": list(self.not_converged), "tail_fall": dict(self.tail_fall),
-                "threshold": self.threshold, "tail_fraction": self.tail_fraction, "n_steps": self.n_steps}
+                "threshold": self.threshold, "tail_fraction": self.tail_fraction, "n_steps": self.n_steps,
+                "unpruned": list(self.unpruned)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ConvergenceCheck:
         return cls(dict(data["tail_fall"]), tuple(data["not_converged"]), float(data["threshold"]),
-                   float(data["tail_fraction"]), int(data["n_steps"]))
+                   float(data["tail_fraction"]), int(data["n_steps"]), tuple(data.get("unpruned") or ()))
 
 
 def _describe(task: str, fall: float | None) -> str:
@@ -114,7 +125,7 @@ def check_convergence(curves: Mapping[str, Mapping[str, Sequence[float]]], *, th
         A `ConvergenceCheck`.
     """
     falls: dict[str, float | None] = {}
-    flagged = []
+    flagged, unpruned = [], []
     last = 0
     for task, curve in curves.items():
         steps, density = list(curve.get("step") or []), list(curve.get("density") or [])
@@ -122,9 +133,13 @@ def check_convergence(curves: Mapping[str, Mapping[str, Sequence[float]]], *, th
             last = max(last, int(steps[-1]))
         judged = _tail_fall(steps, density, tail_fraction)
         falls[task] = None if judged is None else judged[0]
-        if judged is not None and (judged[0] > 0 and (judged[0] > threshold or judged[1] > TAIL_SHARE) or density[-1] >= 1):
+        if judged is None:
+            continue
+        if density[-1] >= 1:
+            unpruned.append(task)
+        if density[-1] >= 1 or (judged[0] > 0 and (judged[0] > threshold or judged[1] > TAIL_SHARE)):
             flagged.append(task)
-    return ConvergenceCheck(falls, tuple(flagged), threshold, tail_fraction, last)
+    return ConvergenceCheck(falls, tuple(flagged), threshold, tail_fraction, last, tuple(unpruned))
 
 
 def warn_if_unconverged(curves: Mapping[str, Mapping[str, Sequence[float]]], *, stacklevel: int = 3) -> ConvergenceCheck:
