@@ -86,3 +86,16 @@ def test_an_old_report_without_the_section_is_judged_from_its_curves() -> None:
     data = modscope.Report.from_masks(masks, net, tasks).to_dict()
     del data["convergence"]
     assert modscope.Report(data)["convergence"]["not_converged"] == ["sign"]
+
+
+def test_reproduce_gives_its_own_advice_for_longer_training():
+    from modscope.commands.reproduce import _steps_hint
+    from modscope.experiments.common import ExperimentOptions
+    from modscope.masks.convergence import check_convergence, convergence_hint
+
+    curves = {"a": {"step": [100, 200, 300, 400], "density": [0.9, 0.7, 0.5, 0.3]}}
+    assert "--n-steps 800" in check_convergence(curves).message()
+    with convergence_hint(_steps_hint(ExperimentOptions(quick=True))):
+        message = check_convergence(curves).message()
+    assert "--n-steps" not in message and message.endswith("run without --quick/--medium for the paper's step counts")
+    assert "--n-steps 800" in check_convergence(curves).message()  # the hint ends with its block

@@ -28,7 +28,9 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,8 +82,8 @@ class ConvergenceCheck:
             names = ", ".join(repr(t) for t in self.unpruned)
             parts.append(f"the masks of {names} still keep every weight after {self.n_steps} steps: the training "
                          "has not pruned anything yet")
-        return ("; ".join(parts) + "; "
-                f"train longer, e.g. MaskConfig(n_steps={2 * self.n_steps}) or `--n-steps {2 * self.n_steps}`")
+        return "; ".join(parts) + "; " + (
+            _HINT.get() or f"train longer, e.g. MaskConfig(n_steps={2 * self.n_steps}) or `--n-steps {2 * self.n_steps}`")
 
     def to_dict(self) -> dict[str, Any]:
         return {"converged": self.converged, "not_converged": list(self.not_converged), "tail_fall": dict(self.tail_fall),
@@ -142,6 +144,26 @@ def check_convergence(curves: Mapping[str, Mapping[str, Sequence[float]]], *, th
     return ConvergenceCheck(falls, tuple(flagged), threshold, tail_fraction, last, tuple(unpruned))
 
 
+_HINT: ContextVar[str | None] = ContextVar("convergence_hint", default=None)
+
+
+@contextmanager
+def convergence_hint(hint: str) -> Iterator[None]:
+    """Inside this block the warning ends with ``hint`` instead of the `MaskConfig`/`--n-steps` advice (for callers,
+    such as `modscope reproduce`, whose users set the steps another way).
+
+    Example:
+        >>> with convergence_hint("run without --quick"):
+        ...     check_convergence({"a": {"step": [1, 2], "density": [0.9, 0.5]}}).message().endswith("without --quick")
+        True
+    """
+    token = _HINT.set(hint)
+    try:
+        yield
+    finally:
+        _HINT.reset(token)
+
+
 def warn_if_unconverged(curves: Mapping[str, Mapping[str, Sequence[float]]], *, stacklevel: int = 3) -> ConvergenceCheck:
     """`check_convergence` with a `ModscopeWarning` naming the tasks whose masks were still shrinking."""
     import warnings
@@ -154,4 +176,5 @@ def warn_if_unconverged(curves: Mapping[str, Mapping[str, Sequence[float]]], *, 
     return result
 
 
-__all__ = ["TAIL_FRACTION", "THRESHOLD", "ConvergenceCheck", "check_convergence", "warn_if_unconverged"]
+__all__ = ["TAIL_FRACTION", "THRESHOLD", "ConvergenceCheck", "check_convergence", "convergence_hint",
+           "warn_if_unconverged"]
