@@ -31,7 +31,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
 
     modscope's one atomic writer: run folders, reports, masks, checkpoints, experiment outputs and exported models
     all go through it, so no reader ever sees a half-written file, whatever stops the process. The temporary name
-    (``.NAME.PID.XXXXXX.tmp``) is unique even between threads and carries the process id; the file gets the mode
+    (``.NAME.PID.<random>.tmp``) is unique even between threads and carries the process id; the file gets the mode
     the umask gives a new file before the rename (``mkstemp`` and writers such as safetensors make files ``0600``).
 
     Example:

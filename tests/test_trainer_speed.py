@@ -94,7 +94,7 @@ def test_the_plan_splits_a_step_to_fit_max_memory_and_keeps_the_masks(monkeypatc
     masks = modscope.train_masks(net, tasks, modscope.MaskConfig(**{**CONFIG, "compile": False, "max_memory": limit}),
                                  progress=False, notes=notes.append)
     assert "passes of up to 3" in notes[0], notes
-    assert heaps == ["strict_heap"] and not memory._HEAP_MODES
+    assert heaps == ["strict_heap"] and memory._HEAP_BLOCKS == [0]
     tight = MaskTrainer(model, model.module_on("cpu"), tasks, modscope.MaskConfig(**{**CONFIG, "max_memory": limit}),
                         torch.device("cpu"))
     assert tight.plan.parts["optimizer"] == 0 and tight.optimizer.param_groups[0]["fused"] is True  # no Adam temporaries

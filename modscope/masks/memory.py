@@ -272,28 +272,27 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _GLIBC_DEFAULT = 128 * 1024  # glibc's initial trim and mmap thresholds
 _MMAP_THRESHOLDS = (1 << 30, 32 << 20)  # 1 GiB where glibc accepts it, else its usual maximum on 64-bit systems
 _TRIM_RETAINED = 2**31 - 1  # the largest value mallopt takes (an int)
-_STRICT_MMAP = _GLIBC_DEFAULT  # fixed (glibc stops raising it): blocks over 128 KiB go back to the system when freed
 
 
-_HEAP_MODES: list[str] = []  # open heap blocks, outermost first (nested trainers share the outermost's setting)
+_HEAP_BLOCKS = [0]  # open heap blocks (nested trainers share the outermost's setting)
 
 
 @contextlib.contextmanager
-def _heap_thresholds(mode: str, mmap: Sequence[int], trim: int) -> Iterator[None]:
+def _heap_thresholds(mmap: Sequence[int], trim: int) -> Iterator[None]:
     """Set glibc's mmap and trim thresholds while the outermost such block is open; then back to glibc's defaults."""
     libc = _glibc()
     if libc is None:
         yield
         return
-    if not _HEAP_MODES:
+    if _HEAP_BLOCKS[0] == 0:
         any(libc.mallopt(_M_MMAP_THRESHOLD, size) for size in mmap)
         libc.mallopt(_M_TRIM_THRESHOLD, trim)
-    _HEAP_MODES.append(mode)
+    _HEAP_BLOCKS[0] += 1
     try:
         yield
     finally:
-        _HEAP_MODES.pop()
-        if not _HEAP_MODES:
+        _HEAP_BLOCKS[0] -= 1
+        if _HEAP_BLOCKS[0] == 0:
             libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT)
             libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT)
             libc.malloc_trim(0)
@@ -314,7 +313,7 @@ def retained_heap(enabled: bool = True) -> contextlib.AbstractContextManager[Non
         >>> with retained_heap():
         ...     x = sum(torch.ones(1000) for _ in range(3))
     """
-    return _heap_thresholds("retain", _MMAP_THRESHOLDS, _TRIM_RETAINED) if enabled else contextlib.nullcontext()
+    return _heap_thresholds(_MMAP_THRESHOLDS, _TRIM_RETAINED) if enabled else contextlib.nullcontext()
 
 
 def strict_heap() -> contextlib.AbstractContextManager[None]:
@@ -327,7 +326,7 @@ def strict_heap() -> contextlib.AbstractContextManager[None]:
         >>> with strict_heap():
         ...     x = sum(torch.ones(100_000) for _ in range(3))
     """
-    return _heap_thresholds("strict", (_STRICT_MMAP,), _GLIBC_DEFAULT)
+    return _heap_thresholds((_GLIBC_DEFAULT,), _GLIBC_DEFAULT)  # fixed: glibc stops raising it
 
 
 HEAP_HEADROOM = 1.5

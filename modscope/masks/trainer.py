@@ -393,11 +393,11 @@ class MaskTrainer:
         fusable = self.distributed is None and fused_adam_supported(self.device)  # sharded Adam: its own kernel
         try:
             self._plan = plan(False)
+            fused = fusable and self._plan.unchunked > self._plan.limit
         except OutOfMemoryPlanError:
             if not fusable:
                 raise
-            self._plan = plan(True)
-        fused = fusable and self._plan.unchunked > self._plan.limit
+            fused = True
         if fused:
             self._plan = plan(True)
         if self.distributed is None:
