@@ -26,6 +26,7 @@ import contextvars
 import datetime
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -262,75 +263,167 @@ def check_launch(ranks: Ranks, device: torch.device, config: Any) -> None:
                                    "one process")
 
 
-class ShardedAdam:
-    """Adam on the (K, N) logits with its moments sharded over the ranks by `ZeroRedundancyOptimizer`.
+class _Holder(torch.nn.Module):
+    """The (K, N) logits as the one parameter of a module, for `fully_shard`; calling it gives the gathered logits."""
 
-    The logits are cut into one contiguous chunk per rank (views of the logits, so the broadcasts after each step
-    land in place); each rank keeps the moments of its chunk only. `state_dict` / `load_state_dict` use the format
-    of `torch.optim.Adam` over the whole (K, N) logits, so checkpoints move between any numbers of ranks;
-    `state_dict` needs `gather` to have run on every rank first.
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = torch.nn.Parameter(logits)
+
+    def forward(self) -> torch.Tensor:
+        return self.logits.view_as(self.logits)  # a view, no copy: FSDP frees its storage after the backward pass
+
+
+class ShardedLogits:
+    """The (K, N) logits, their gradient and Adam's moments sharded over the ranks by FSDP2 (`fully_shard`).
+
+    Each rank keeps 1/N of the logits as the local shard of a DTensor, and gets 1/N of their gradient and of Adam's
+    moments (plain `torch.optim.Adam` over the DTensor). The shards are whole tasks (rows) when the ranks divide the
+    K tasks evenly, else equal runs of masked weights (columns) of every task; FSDP2 shards evenly only there, so the
+    columns are padded to a multiple of the number of ranks with zeros that never train. `gather` all-gathers the
+    whole logits for a step (freed by `backward`), `backward` reduce-scatters (sums) the gradient into the shards.
+
+    Example (inside a process group of 2 ranks, K = 2 tasks: one task's row per rank)::
+
+        sharded = ShardedLogits(torch.zeros(2, 10), lr=0.1, ranks=Ranks.current())
+        sharded.local.shape   # torch.Size([1, 10])
     """
 
-    def __init__(self, logits: torch.nn.Parameter, lr: float, ranks: Ranks):
-        from torch.distributed.optim import ZeroRedundancyOptimizer
+    def __init__(self, logits: torch.Tensor, lr: float, ranks: Ranks):
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import Shard, init_device_mesh
 
-        assert logits.grad is not None
         self.ranks, self.shape = ranks, tuple(logits.shape)
-        flat, grads = logits.data.view(-1), logits.grad.view(-1)
-        n = min(ranks.size, flat.numel())
-        self.bounds = [(i * flat.numel() // n, (i + 1) * flat.numel() // n) for i in range(n)]
-        self.chunks = []
-        for a, b in self.bounds:
-            chunk = torch.nn.Parameter(flat[a:b])  # shares the logits' storage
-            chunk.grad = grads[a:b]
-            self.chunks.append(chunk)
-        self.lr = lr
-        self.zero = ZeroRedundancyOptimizer(self.chunks, optimizer_class=torch.optim.Adam, lr=lr)
-        self._gathered: dict[str, Any] | None = None
+        K, N = self.shape
+        self.dim = 0 if K % ranks.size == 0 else 1  # whole tasks: the per-task clipping needs no communication
+        self.width = N if self.dim == 0 else -(-N // ranks.size) * ranks.size
+        self.holder = _Holder(self._padded(logits))
+        mesh = init_device_mesh(logits.device.type, (ranks.size,))
+        # reshard_after_forward=False: the gathered logits stay until the backward pass, which frees them
+        fully_shard(self.holder, mesh=mesh, reshard_after_forward=False, shard_placement_fn=lambda _: Shard(self.dim))
+        self.holder.set_gradient_divide_factor(1.0)  # the gradients are summed, not averaged
+        self.holder.set_force_sum_reduction_for_comms(True)
+        self.param: Any = self.holder.logits  # a DTensor
+        size = (K if self.dim == 0 else self.width) // ranks.size
+        self.lo, self.hi = ranks.rank * size, (ranks.rank + 1) * size
+        self.optimizer = torch.optim.Adam([self.param], lr=lr)
 
-    def step(self) -> None:
-        self.ranks.collective("the sharded Adam step", self.zero.step)
+    def _padded(self, whole: torch.Tensor) -> torch.Tensor:
+        """``whole`` (..., N) with the zero columns up to `width`."""
+        pad = self.width - whole.shape[-1]
+        return whole if pad == 0 else torch.cat([whole, whole.new_zeros(*whole.shape[:-1], pad)], -1)
 
-    def local_state_bytes(self) -> int:
-        """Bytes of the Adam moments this rank holds."""
-        return sum(t.numel() * t.element_size() for s in self.zero.optim.state.values() for t in s.values()
-                   if isinstance(t, torch.Tensor) and t.dim() > 0)
+    @property
+    def local(self) -> torch.Tensor:
+        """This rank's shard of the logits: rows ``lo:hi`` (dim 0) or columns ``lo:hi`` (dim 1, padded)."""
+        return self.param.to_local()
 
-    def gather(self) -> None:
-        """Collect every rank's moments on rank 0 (a collective: call it on all ranks)."""
-        self.ranks.collective("the checkpoint's gathering of the Adam state", self.zero.consolidate_state_dict, to=0)
-        if self.ranks.leader:
-            self._gathered = self.zero.state_dict()
+    def local_columns(self, row: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a per-weight (N,) tensor, matching the columns of `local` (padding: zeros)."""
+        return row if self.dim == 0 else self._padded(row[None])[0, self.lo : self.hi]
+
+    def gather(self) -> torch.Tensor:
+        """The whole logits, (K, `width`), all-gathered (a collective); `backward` frees them."""
+        with warnings.catch_warnings():  # its view is only read, never written in place
+            warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+            return self.ranks.collective("the all-gather of the mask logits", self.holder)
+
+    def backward(self, gathered: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """Sum every rank's (K, `width`) ``grad`` of the ``gathered`` logits into the gradient shards (a reduce-scatter
+        in the backward pass, which frees ``gathered``); returns this rank's shard of the sum."""
+        self.param.grad = None
+        self.ranks.collective("the reduce-scatter of the mask gradients", gathered.backward, grad)
+        return self.param.grad.to_local()
+
+    def row_norms(self, grad: torch.Tensor) -> torch.Tensor:
+        """The (rows, 1) L2 norms of the whole rows of which ``grad`` is this rank's shard."""
+        if self.dim == 0:
+            return grad.norm(dim=1, keepdim=True)
+        squares = grad.square().sum(dim=1, keepdim=True)
+        self.ranks.collective("the all-reduce of the gradient norms", _dist().all_reduce, squares)
+        return squares.sqrt()
+
+    def density(self) -> torch.Tensor:
+        """Each task's fraction of logits above 0 (K,), counted on the shards (a collective)."""
+        counts = torch.zeros(self.shape[0], dtype=torch.float64, device=self.local.device)
+        kept = (self.local.detach() > 0).sum(dim=1).double()
+        if self.dim == 0:
+            counts[self.lo : self.hi] = kept
+        else:
+            counts += kept
+        self.ranks.collective("the all-reduce of the mask densities", _dist().all_reduce, counts)
+        return (counts.float() / self.shape[1]).cpu()
+
+    def full(self) -> torch.Tensor:
+        """The whole (K, N) logits on every rank (a collective)."""
+        return self.ranks.collective("the all-gather of the mask logits", self.param.full_tensor).detach()[:, : self.shape[1]]
+
+    def _to_leader(self, shard: torch.Tensor, what: str) -> torch.Tensor | None:
+        """The whole (K, N) tensor of which ``shard`` is this rank's part, on rank 0 only (None on the others)."""
+        shard = shard.contiguous()
+        parts = [torch.empty_like(shard) for _ in range(self.ranks.size)] if self.ranks.leader else None
+        self.ranks.collective(f"the checkpoint's gathering of {what}", _dist().gather, shard, parts, dst=0)
+        return None if parts is None else torch.cat(parts, self.dim)[:, : self.shape[1]].cpu()
+
+    def gathered_state(self) -> tuple[torch.Tensor | None, dict[str, Any] | None]:
+        """The whole logits and the Adam state in the format of `torch.optim.Adam` over them, on rank 0 (a
+        collective; None, None on the other ranks). Rank 0 holds a full copy of both while it writes."""
+        state = self.optimizer.state_dict()
+        logits = self._to_leader(self.local.detach(), "the mask logits")
+        whole: dict[int, Any] = {}
+        for index, moments in state["state"].items():
+            whole[index] = {"step": moments["step"]}
+            for key in ("exp_avg", "exp_avg_sq"):
+                whole[index][key] = self._to_leader(moments[key].to_local(), "the Adam state")
+        if not self.ranks.leader:
+            return None, None
+        return logits, {"state": whole, "param_groups": state["param_groups"]}
+
+    def load(self, logits: torch.Tensor, state: dict[str, Any]) -> None:
+        """Take this rank's shards of whole logits and of a whole-logits `torch.optim.Adam` state (a checkpoint's, of
+        any number of ranks)."""
+        from torch.distributed.tensor import distribute_tensor
+
+        def shard(whole: torch.Tensor) -> Any:
+            return distribute_tensor(self._padded(whole.to(self.local.device)), self.param.device_mesh,
+                                     self.param.placements, src_data_rank=None)
+
+        with torch.no_grad():
+            self.local.copy_(shard(logits).to_local())
+        state = {"state": {i: {k: (shard(v) if k != "step" else v) for k, v in s.items()} for i, s in state["state"].items()},
+                 "param_groups": [{**g, "fused": None} for g in state["param_groups"]]}  # the sharded step: not fused
+        self.optimizer.load_state_dict(state)
+
+    def local_state_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds of the logits, their gradient and Adam's moments (their storage, padding included)."""
+        def nbytes(t: Any) -> int:
+            return 0 if t is None else t.to_local().untyped_storage().nbytes()
+
+        moments = self.optimizer.state.get(self.param, {})
+        return {"logits": nbytes(self.param), "grad": nbytes(self.param.grad),
+                "adam": sum(nbytes(moments.get(k)) for k in ("exp_avg", "exp_avg_sq"))}
+
+
+@dataclass
+class _WholeAdam:
+    """A whole-logits Adam state, handed to `checkpoint.save_checkpoint` / `load_checkpoint` in an optimizer's place."""
+
+    state: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        """The gathered state as `torch.optim.Adam` over the whole logits would hold it (rank 0, after `gather`)."""
-        if self._gathered is None:
-            raise RuntimeError("ShardedAdam.state_dict needs gather() on every rank first")
-        group = {k: v for k, v in self._gathered["param_groups"][0].items() if k != "params"}
-        template = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=self.lr).state_dict()["param_groups"][0]
-        group = {k: group.get(k, v) for k, v in template.items() if k != "params"}
-        states = [self._gathered["state"].get(i) for i in range(len(self.chunks))]
-        full: dict[int, Any] = {}
-        if all(states):
-            full[0] = {"step": states[0]["step"],
-                       **{m: torch.cat([s[m].reshape(-1) for s in states]).view(self.shape) for m in ("exp_avg", "exp_avg_sq")}}
-        return {"state": full, "param_groups": [{**group, "params": [0]}]}
+        assert self.state is not None
+        return self.state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a whole-logits Adam state (from a checkpoint of any number of ranks); each rank keeps its shard."""
-        group = dict(state_dict["param_groups"][0])
-        whole = state_dict["state"].get(0)
-        state: dict[int, Any] = {}
-        if whole:
-            for i, (a, b) in enumerate(self.bounds):
-                state[i] = {"step": whole["step"].clone(),
-                            **{m: whole[m].reshape(-1)[a:b].clone() for m in ("exp_avg", "exp_avg_sq")}}
-        group["params"] = list(range(len(self.chunks)))
-        self.zero.load_state_dict({"state": state, "param_groups": [group]})
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state = state
 
 
 class DistributedStep:
-    """One rank's part of `MaskTrainer.step` in a distributed run (see the module's docstring)."""
+    """One rank's part of `MaskTrainer.step` in a distributed run (see the module's docstring).
+
+    It shards the trainer's state: ``trainer.logits`` becomes the (K, N) logits as a DTensor sharded over the ranks
+    (`ShardedLogits.param`), ``trainer.optimizer`` Adam over it, ``trainer.trainable`` this rank's columns of it.
+    """
 
     def __init__(self, trainer: MaskTrainer, ranks: Ranks):
         self.trainer, self.ranks = trainer, ranks
@@ -346,29 +439,35 @@ class DistributedStep:
         self.noise = torch.empty(config.n_samples, N, device=trainer.device, dtype=trainer.logits.dtype)
         self.buffers = StepBuffers(trainer._masked, trainer.layout.offsets, most, 1)
         trainer.buffers = self.buffers  # `MaskTrainer._backward` writes the gradients through them
+        self.sharded = ShardedLogits(trainer.logits.detach(), config.lr, ranks)
+        trainer.logits, trainer.optimizer = self.sharded.param, self.sharded.optimizer  # the whole ones are freed
+        trainer.trainable = self.sharded.local_columns(trainer.trainable)
 
     def summary(self) -> str:
         """One line: how the ranks share a step and what this rank runs."""
         trainer = self.trainer
         parts = ", ".join(f"{trainer.tasks[u.task].name} samples {u.s0}-{u.s1 - 1}" for u in self.units)
+        what = "tasks" if self.sharded.dim == 0 else "masked weights"
         return (f"torch.distributed: {self.ranks.size} ranks share each step's {len(trainer.tasks)} task(s) x "
-                f"{trainer.config.n_samples} samples; rank {self.ranks.rank} runs {parts}")
+                f"{trainer.config.n_samples} samples; rank {self.ranks.rank} runs {parts}; logits, gradients and Adam "
+                f"state sharded by {what} (FSDP2)")
 
     def step(self) -> torch.Tensor:
-        """This rank's share of a step, the all-reduce of the gradients and the losses, and the common update."""
+        """This rank's share of a step on the gathered logits, the reduce-scatter of the gradients, the all-reduce of
+        the losses, and the update of this rank's shard."""
         trainer, config = self.trainer, self.trainer.config
         batches: list[Any] = []
         for k, (task, g) in enumerate(zip(trainer.tasks, trainer.gens.data)):  # every data stream moves every step
             rows = torch.randint(len(task), (config.batch_size,), generator=g)
             batches.append(task.batch(rows, trainer.device) if k in self.mine else None)
-        grad = trainer.logits.grad
-        assert grad is not None
-        grad.zero_()
+        gathered = self.sharded.gather()  # (K, width >= N): zero columns past N when sharded by weights
+        grad = torch.zeros_like(gathered, requires_grad=False)  # this rank's rows; freed after the reduce-scatter
+        N = trainer.layout.total
         losses = torch.zeros(len(trainer.tasks) + 1, device=trainer.device)
         pending = []
         for u in self.units:
             draw_uniforms((config.n_samples, trainer.layout.total), trainer.gens.noise[u.task], trainer.device, out=self.noise)
-            rows = trainer.logits.detach()[u.task : u.task + 1]
+            rows = gathered.detach()[u.task : u.task + 1, :N]
             uniforms = self.noise[None, u.s0 : u.s1]
             effective = self.buffers.effective(rows, uniforms, trainer._masked, trainer.runner.kernels)
             if u.task in self.split:  # back-propagated after the next units reuse the buffers: keep copies
@@ -379,24 +478,24 @@ class DistributedStep:
                 pending.append((u, rows, uniforms, leaves, out))
                 continue
             loss = trainer.tasks[u.task].loss_fn()(out, batches[u.task][1])
-            self._backward(u, rows, uniforms, leaves, loss, losses)
+            self._backward(u, rows, uniforms, leaves, loss, losses, grad)
         if self.split:
-            self._split_tasks(pending, batches, losses)
-        dist = _dist()
-        self.ranks.collective("the all-reduce of the mask gradients", dist.all_reduce, grad)
-        self.ranks.collective("the all-reduce of the losses", dist.all_reduce, losses)
-        trainer._update(grad)
+            self._split_tasks(pending, batches, losses, grad)
+        local = self.sharded.backward(gathered, grad)
+        del gathered, grad
+        self.ranks.collective("the all-reduce of the losses", _dist().all_reduce, losses)
+        trainer._update(local)
         return losses[:-1].cpu()
 
     def _backward(self, u: Unit, rows: torch.Tensor, uniforms: torch.Tensor, leaves: list[torch.Tensor],
-                  loss: torch.Tensor, losses: torch.Tensor) -> None:
+                  loss: torch.Tensor, losses: torch.Tensor, grad: torch.Tensor) -> None:
         trainer = self.trainer
         grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-        trainer._backward(rows, uniforms, leaves, grads, trainer.logits.grad[u.task : u.task + 1], accumulate=False)
+        trainer._backward(rows, uniforms, leaves, grads, grad[u.task : u.task + 1, : rows.shape[1]], accumulate=False)
         if self.owner[u.task] == self.ranks.rank:
             losses[u.task] = loss.detach()
 
-    def _split_tasks(self, pending: list, batches: list, losses: torch.Tensor) -> None:
+    def _split_tasks(self, pending: list, batches: list, losses: torch.Tensor, grad: torch.Tensor) -> None:
         """Tasks whose samples several ranks share: exchange their outputs, then each rank back-propagates the
         whole-batch loss through its own rows."""
         mine = {(u.task, u.s0): out.detach().cpu() for u, *_, out in pending}
@@ -406,26 +505,36 @@ class DistributedStep:
         for u, rows, uniforms, leaves, out in pending:
             parts = [out if s0 == u.s0 else piece.to(out.device) for (k, s0), piece in sorted(pieces.items()) if k == u.task]
             loss = self.trainer.tasks[u.task].loss_fn()(torch.cat(parts), batches[u.task][1])
-            self._backward(u, rows, uniforms, leaves, loss, losses)
+            self._backward(u, rows, uniforms, leaves, loss, losses, grad)
 
     def save(self, path: Path, state: TrainingState) -> None:
-        """Write the full state (rank 0); every rank must call it: the Adam moments and the noise streams are
-        gathered from the ranks that hold them."""
+        """Write the full state (rank 0); every rank must call it: the logits, the Adam moments and the noise streams
+        are gathered from the ranks that hold them."""
         from .checkpoint import save_checkpoint
 
         trainer = self.trainer
-        optimizer = trainer.optimizer
-        assert isinstance(optimizer, ShardedAdam)
-        optimizer.gather()
+        logits, adam = self.sharded.gathered_state()
         streams = {k: trainer.gens.noise[k].get_state() for k in self.mine if self.owner[k] == self.ranks.rank}
         gathered: list[Any] = [None] * self.ranks.size
         self.ranks.collective("the checkpoint's gathering of the noise streams", _dist().all_gather_object, gathered, streams)
         if not self.ranks.leader:
             return
+        assert logits is not None and adam is not None
         for part in gathered:
             for k, s in part.items():
                 trainer.gens.noise[k].set_state(s)
-        save_checkpoint(path, trainer.identity, state, trainer.logits, optimizer, trainer.gens.all())  # type: ignore[arg-type]
+        save_checkpoint(path, trainer.identity, state, logits, _WholeAdam(adam), trainer.gens.all())  # type: ignore[arg-type]
+
+    def load(self, path: Path) -> TrainingState:
+        """Resume from a checkpoint of any number of ranks: every rank reads the whole file and keeps its shards."""
+        from .checkpoint import load_checkpoint
+
+        whole = torch.empty(self.sharded.shape)
+        adam = _WholeAdam()
+        state = load_checkpoint(path, self.trainer.identity, whole, adam, self.trainer.gens.all())  # type: ignore[arg-type]
+        assert adam.state is not None
+        self.sharded.load(whole, adam.state)
+        return state
 
 
 def lost_rank_message(error: DistributedError, checkpoint: Path | None, saved_step: int | None) -> str:

@@ -41,7 +41,6 @@ from .distributed import (
     DistributedError,
     DistributedStep,
     Ranks,
-    ShardedAdam,
     lost_rank_message,
 )
 from .maskset import MaskSet
@@ -219,8 +218,10 @@ def _announce_loop(reason: str) -> None:
     )
 
 
-def _clip_per_task(grad: torch.Tensor, max_norm: float) -> None:
-    norms = grad.norm(dim=1, keepdim=True)
+def _clip_per_task(grad: torch.Tensor, max_norm: float, norms: torch.Tensor | None = None) -> None:
+    """Scale each task's row of ``grad`` to at most ``max_norm`` (``norms``: the rows' norms, when ``grad`` holds a
+    part of each row)."""
+    norms = grad.norm(dim=1, keepdim=True) if norms is None else norms
     grad.mul_(torch.clamp(max_norm / (norms + 1e-6), max=1.0))
 
 
@@ -287,7 +288,7 @@ def train_masks(
         if ranks is not None:  # rank 0's view of the run folder decides (a rank that cannot read it stops the run)
             resuming = ranks.share(resuming)
         if resuming and ckpt_path:
-            state = load_checkpoint(ckpt_path, trainer.identity, trainer.logits, trainer.optimizer, trainer.gens.all())
+            state = trainer.load(ckpt_path)
         if notes:
             notes(trainer.distributed.summary() if trainer.distributed else trainer.plan.summary())
         bar.start(state.step)
@@ -301,7 +302,7 @@ def train_masks(
                     state.window_steps += 1
                     state.step += 1
                     if state.step % config.log_every == 0 or state.step == config.n_steps:
-                        _record(state, tasks, trainer.logits)
+                        _record(state, tasks, trainer.density())
                         bar.update(state.step, *_last_point(state))
                     if ckpt_path and state.step % checkpoint_every == 0 and state.step < config.n_steps:
                         trainer.save(ckpt_path, state)
@@ -328,7 +329,8 @@ class MaskTrainer:
     """The state of one mask-training run and its step; `train_masks` drives it (benchmarks time `step`).
 
     Logits of all K tasks live in one (K, N) matrix over the N masked elements, so one noise draw, one sampler call
-    and one Adam update serve every task and weight.
+    and one Adam update serve every task and weight. In a distributed run (`masks.distributed`) ``logits`` is that
+    matrix as a DTensor sharded over the ranks, with its gradient and Adam's moments.
     """
 
     def __init__(
@@ -365,12 +367,11 @@ class MaskTrainer:
         self._ahead = False
         self._next: tuple[Future, dict[int, torch.Tensor]] | None = None  # the pass drawn ahead, the states before it
         self._drawn = 0  # passes drawn so far (their slot alternates)
-        self.logits.grad = torch.zeros_like(self.logits)
         self.identity = {"tasks": [t.name for t in self.tasks], "config": _identity_config(config), "model": model.checksum, "n_masked": N}
-        ranks = Ranks.current()
+        ranks = Ranks.current()  # several ranks: the logits, their gradient and Adam's state become sharded DTensors
         self.distributed = DistributedStep(self, ranks) if ranks is not None else None
-        if ranks is not None:
-            self.optimizer = ShardedAdam(self.logits, config.lr, ranks)  # type: ignore[assignment]
+        if self.distributed is None:
+            self.logits.grad = torch.zeros_like(self.logits)
 
     @property
     def plan(self) -> MemoryPlan:
@@ -473,7 +474,7 @@ class MaskTrainer:
         grad.add_(config.alpha)  # the gradient of the penalty (β/b)·Σ l
         grad.mul_(self.trainable)
         if config.grad_clip is not None:
-            _clip_per_task(grad, config.grad_clip)
+            _clip_per_task(grad, config.grad_clip, self.distributed.sharded.row_norms(grad) if self.distributed else None)
         self.optimizer.step()
 
     def _sample(self, tasks: range, samples: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
@@ -599,8 +600,21 @@ class MaskTrainer:
             for k, now in current.items():
                 self.gens.noise[k].set_state(now)
 
+    def load(self, path: Path) -> TrainingState:
+        """Restore the state saved in ``path`` (in a distributed run: on every rank, each keeping its shards)."""
+        if self.distributed is not None:
+            return self.distributed.load(path)
+        return load_checkpoint(path, self.identity, self.logits, self.optimizer, self.gens.all())
+
+    def density(self) -> torch.Tensor:
+        """Each task's fraction of kept weights now (K,); in a distributed run a collective."""
+        if self.distributed is not None:
+            return self.distributed.sharded.density()
+        return (self.logits.detach() > 0).float().mean(dim=1).cpu()
+
     def result(self, curves: dict[str, dict[str, list[float]]]) -> MaskSet:
-        per_weight = self.layout.split(self.logits.detach().cpu())
+        whole = self.distributed.sharded.full() if self.distributed is not None else self.logits.detach()
+        per_weight = self.layout.split(whole.cpu())
         logits = {t.name: {w.name: per_weight[w.name][k] for w in self.weights} for k, t in enumerate(self.tasks)}
         return MaskSet(logits, self.weights, config=self.config, curves=curves, model_checksum=self.model.checksum,
                        extra={"vectorize": self.runner.mode})
@@ -610,9 +624,8 @@ def _last_point(state: TrainingState) -> tuple[dict[str, float], dict[str, float
     return ({t: c["loss"][-1] for t, c in state.curves.items()}, {t: c["density"][-1] for t, c in state.curves.items()})
 
 
-def _record(state: TrainingState, tasks: list[Task], logits: torch.Tensor) -> None:
-    """Append a curve point (mean loss since the last point, density now) and reset the loss window."""
-    density = (logits.detach() > 0).float().mean(dim=1).cpu()
+def _record(state: TrainingState, tasks: list[Task], density: torch.Tensor) -> None:
+    """Append a curve point (mean loss since the last point, ``density`` now) and reset the loss window."""
     for k, t in enumerate(tasks):
         curve = state.curves[t.name]
         curve["step"].append(state.step)
