@@ -2,13 +2,15 @@
 
 The paper's FNN (42 → 800 → 800 → 256 → 20; about 0.87M masked weights), K tasks, batch 128, 4 samples per step.
 For each number of ranks N the script starts N processes (gloo on CPU; nccl, one GPU per rank, when CUDA is present),
-times ``MaskTrainer.step`` after a warm-up (the slowest rank's time), and reports per rank the bytes of
+times ``MaskTrainer.step`` after a warm-up (the slowest rank's time), and reports the bytes the largest rank keeps
+from step to step of
 
-- the logits and their gradient (replicated: every rank needs the whole (K, N) matrix for the clipping and the
-  all-reduce),
-- Adam's two moments (sharded by `ZeroRedundancyOptimizer`: 1/N each),
+- the logits, their gradient and Adam's two moments: on several ranks sharded by FSDP2's ``fully_shard``
+  (`modscope.masks.distributed.ShardedLogits`), 1/N each; counted from the storage of the tensors themselves,
 
-and, on a GPU, the peak allocated memory. One rank is the plain single-process path (no process group).
+and, on a GPU, the peak allocated memory over the timed steps, which adds what a step holds while it runs (on several
+ranks the gathered logits, a whole gradient buffer and FSDP's reduce-scatter buffers; see docs/scaling.md). One rank
+is the plain single-process path (no process group).
 
     python benchmarks/distributed.py                       # 1 and 2 ranks, 2 tasks, on this machine
     python benchmarks/distributed.py --ranks 1,2,4,8 --tasks 10 --steps 50   # e.g. on a machine with 8 GPUs
@@ -36,7 +38,6 @@ from mask_step import (  # the paper's FNN, as in the single-process benchmark
 )
 
 import modscope
-from modscope.masks.distributed import ShardedAdam
 from modscope.masks.trainer import MaskTrainer
 
 
@@ -46,12 +47,13 @@ def make_tasks(k: int) -> list[modscope.Task]:
     return [modscope.Task(f"t{i}", x, torch.randint(SIZES[-1], (1024,), generator=g)) for i in range(k)]
 
 
-def adam_bytes(trainer: MaskTrainer) -> int:
-    """Bytes of the Adam moments this process holds."""
-    if isinstance(trainer.optimizer, ShardedAdam):
-        return trainer.optimizer.local_state_bytes()
-    return sum(v.numel() * v.element_size() for s in trainer.optimizer.state.values() for v in s.values()
-               if isinstance(v, torch.Tensor) and v.dim() > 0)
+def state_bytes(trainer: MaskTrainer) -> dict[str, int]:
+    """Bytes of the logits, their gradient and the Adam moments this process holds."""
+    if trainer.distributed is not None:
+        return trainer.distributed.sharded.local_state_bytes()
+    moments = trainer.optimizer.state[trainer.logits]
+    return {"logits": trainer.logits.untyped_storage().nbytes(), "grad": trainer.logits.grad.untyped_storage().nbytes(),
+            "adam": sum(moments[k].untyped_storage().nbytes() for k in ("exp_avg", "exp_avg_sq"))}
 
 
 def measure(rank: int, world: int, port: int, args: argparse.Namespace, out: Path) -> None:
@@ -87,10 +89,8 @@ def measure(rank: int, world: int, port: int, args: argparse.Namespace, out: Pat
             t = torch.tensor([seconds], device=device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             seconds = float(t.item())
-        logits = trainer.logits
-        replicated = 2 * logits.numel() * logits.element_size()  # the logits and their gradient
-        figures = {"rank": rank, "steps_per_s": args.steps / seconds, "replicated": replicated, "adam": adam_bytes(trainer),
-                   "masked": trainer.layout.total, "peak_gpu": torch.cuda.max_memory_allocated() if cuda else None}
+        figures = {"rank": rank, "steps_per_s": args.steps / seconds, **state_bytes(trainer), "masked": trainer.layout.total,
+                   "peak_gpu": torch.cuda.max_memory_allocated() if cuda else None}
         (out / f"rank{rank}.json").write_text(json.dumps(figures))
         trainer.close()
     finally:
@@ -127,17 +127,18 @@ def main() -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     print(f"paper FNN {SIZES}, K = {args.tasks} tasks, S = 4 samples, batch 128; {backend}; "
           f"{args.threads} thread(s) per rank; {args.steps} steps after {args.warmup} warm-up")
-    print("ranks | steps/s | per rank: logits+grad (replicated) | Adam moments (sharded) | state B/weight/task | peak GPU")
+    print("ranks | steps/s | per rank: logits | gradient | Adam moments | total (x of the first row) | B/weight/task | peak GPU")
     base = None
     for world in worlds:
         figures = run(world, args)
         first = figures[0]
-        adam = max(f["adam"] for f in figures)
-        per_weight = (first["replicated"] + adam) / (first["masked"] * args.tasks)
-        base = base or adam
+        most = max(figures, key=lambda f: f["logits"] + f["grad"] + f["adam"])  # the largest rank's state
+        total = most["logits"] + most["grad"] + most["adam"]
+        base = base or total
         gpu = f"{max(f['peak_gpu'] for f in figures) / 2**20:.1f} MiB" if first["peak_gpu"] is not None else "-"
-        print(f"{world:5d} | {first['steps_per_s']:7.2f} | {first['replicated'] / 2**20:8.2f} MiB | "
-              f"{adam / 2**20:8.2f} MiB ({adam / base:.2f}x of 1 rank) | {per_weight:5.2f} | {gpu}")
+        print(f"{world:5d} | {first['steps_per_s']:7.2f} | {most['logits'] / 2**20:7.2f} MiB | {most['grad'] / 2**20:7.2f} MiB | "
+              f"{most['adam'] / 2**20:7.2f} MiB | {total / 2**20:7.2f} MiB ({total / base:.2f}x) | "
+              f"{total / (first['masked'] * args.tasks):5.2f} | {gpu}")
 
 
 if __name__ == "__main__":
