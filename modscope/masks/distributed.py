@@ -322,6 +322,18 @@ class ShardedLogits:
         """This rank's part of a per-weight (N,) tensor, matching the columns of `local` (padding: zeros)."""
         return row if self.dim == 0 else self._padded(row[None])[0, self.lo : self.hi]
 
+    def local_grad(self) -> torch.Tensor:
+        """This rank's gradient shard, zeroed: for a rank whose share of the step is exactly the tasks it holds, which
+        writes its gradients there without a reduce-scatter."""
+        if self.param.grad is None:
+            from torch.distributed.tensor import DTensor
+
+            self.param.grad = DTensor.from_local(torch.zeros_like(self.local), self.param.device_mesh, self.param.placements,
+                                                 shape=self.param.shape, stride=self.param.stride())
+        grad = self.param.grad.to_local()
+        grad.zero_()
+        return grad
+
     def gather(self) -> torch.Tensor:
         """The whole logits, (K, `width`), all-gathered (a collective); `backward` frees them."""
         with warnings.catch_warnings():  # its view is only read, never written in place
@@ -439,35 +451,43 @@ class DistributedStep:
         self.noise = torch.empty(config.n_samples, N, device=trainer.device, dtype=trainer.logits.dtype)
         self.buffers = StepBuffers(trainer._masked, trainer.layout.offsets, most, 1)
         trainer.buffers = self.buffers  # `MaskTrainer._backward` writes the gradients through them
-        self.sharded = ShardedLogits(trainer.logits.detach(), config.lr, ranks)
-        trainer.logits, trainer.optimizer = self.sharded.param, self.sharded.optimizer  # the whole ones are freed
-        trainer.trainable = self.sharded.local_columns(trainer.trainable)
+        self.sharded = sharded = ShardedLogits(trainer.logits.detach(), config.lr, ranks)
+        trainer.logits, trainer.optimizer = sharded.param, sharded.optimizer  # the whole ones are freed
+        trainer.trainable = sharded.local_columns(trainer.trainable)
+        # whole tasks per rank (the ranks divide K): a rank's share of a step is the rows it holds, so it reads and
+        # writes its shards in place, with no all-gather or reduce-scatter
+        self.own = sharded.dim == 0 and [(u.task, u.s0, u.s1) for u in self.units] == [
+            (k, 0, config.n_samples) for k in range(sharded.lo, sharded.hi)]
+        self.first = sharded.lo if self.own else 0  # the task of row 0 of the logits a step reads
 
     def summary(self) -> str:
         """One line: how the ranks share a step and what this rank runs."""
         trainer = self.trainer
         parts = ", ".join(f"{trainer.tasks[u.task].name} samples {u.s0}-{u.s1 - 1}" for u in self.units)
-        what = "tasks" if self.sharded.dim == 0 else "masked weights"
+        how = ("by tasks, each rank holding those it runs" if self.own
+               else "by masked weights, gathered for each step" if self.sharded.dim else "by tasks, gathered for each step")
         return (f"torch.distributed: {self.ranks.size} ranks share each step's {len(trainer.tasks)} task(s) x "
                 f"{trainer.config.n_samples} samples; rank {self.ranks.rank} runs {parts}; logits, gradients and Adam "
-                f"state sharded by {what} (FSDP2)")
+                f"state sharded {how} (FSDP2)")
 
     def step(self) -> torch.Tensor:
-        """This rank's share of a step on the gathered logits, the reduce-scatter of the gradients, the all-reduce of
-        the losses, and the update of this rank's shard."""
+        """This rank's share of a step on its shard or on the gathered logits, the reduce-scatter of the gradients in
+        the second case, the all-reduce of the losses, and the update of this rank's shard."""
         trainer, config = self.trainer, self.trainer.config
         batches: list[Any] = []
         for k, (task, g) in enumerate(zip(trainer.tasks, trainer.gens.data)):  # every data stream moves every step
             rows = torch.randint(len(task), (config.batch_size,), generator=g)
             batches.append(task.batch(rows, trainer.device) if k in self.mine else None)
-        gathered = self.sharded.gather()  # (K, width >= N): zero columns past N when sharded by weights
-        grad = torch.zeros_like(gathered, requires_grad=False)  # this rank's rows; freed after the reduce-scatter
-        N = trainer.layout.total
+        if self.own:  # this rank's tasks' rows
+            logits, grad = self.sharded.local, self.sharded.local_grad()
+        else:  # (K, width >= N): zero columns past N when sharded by weights; both freed after the reduce-scatter
+            logits = self.sharded.gather()
+            grad = torch.zeros_like(logits, requires_grad=False)
         losses = torch.zeros(len(trainer.tasks) + 1, device=trainer.device)
         pending = []
         for u in self.units:
             draw_uniforms((config.n_samples, trainer.layout.total), trainer.gens.noise[u.task], trainer.device, out=self.noise)
-            rows = gathered.detach()[u.task : u.task + 1, :N]
+            rows = self._row(logits.detach(), u.task)
             uniforms = self.noise[None, u.s0 : u.s1]
             effective = self.buffers.effective(rows, uniforms, trainer._masked, trainer.runner.kernels)
             if u.task in self.split:  # back-propagated after the next units reuse the buffers: keep copies
@@ -481,17 +501,21 @@ class DistributedStep:
             self._backward(u, rows, uniforms, leaves, loss, losses, grad)
         if self.split:
             self._split_tasks(pending, batches, losses, grad)
-        local = self.sharded.backward(gathered, grad)
-        del gathered, grad
+        local = grad if self.own else self.sharded.backward(logits, grad)
+        del logits, grad
         self.ranks.collective("the all-reduce of the losses", _dist().all_reduce, losses)
         trainer._update(local)
         return losses[:-1].cpu()
+
+    def _row(self, matrix: torch.Tensor, task: int) -> torch.Tensor:
+        """Task ``task``'s (1, N) row of the logits or the gradient a step works on."""
+        return matrix[task - self.first : task - self.first + 1, : self.trainer.layout.total]
 
     def _backward(self, u: Unit, rows: torch.Tensor, uniforms: torch.Tensor, leaves: list[torch.Tensor],
                   loss: torch.Tensor, losses: torch.Tensor, grad: torch.Tensor) -> None:
         trainer = self.trainer
         grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-        trainer._backward(rows, uniforms, leaves, grads, grad[u.task : u.task + 1, : rows.shape[1]], accumulate=False)
+        trainer._backward(rows, uniforms, leaves, grads, self._row(grad, u.task), accumulate=False)
         if self.owner[u.task] == self.ranks.rank:
             losses[u.task] = loss.detach()
 
