@@ -1,11 +1,14 @@
-"""Mask training on several processes with `torch.distributed` (data parallel, sharded Adam state).
+"""Mask training on several processes with `torch.distributed` (data parallel, sharded per-weight state).
 
 Inside an initialised process group of more than one rank (``torchrun --nproc-per-node N -m modscope fit ...``, or
 ``torch.distributed.init_process_group`` before `modscope.train_masks`), each step's K tasks x S mask samples are
-shared out over the ranks (`share_work`); every rank runs its (task, sample) pairs, the logit gradients are summed
-with one all-reduce, and every rank applies the same clipped gradient. Adam's two moments (8 of the 16 bytes per
-masked weight per task) are sharded with `torch.distributed.optim.ZeroRedundancyOptimizer`: each rank updates its
-1/N of the logits and broadcasts them (`ShardedAdam`). Rank 0 alone writes the checkpoint, which holds the full,
+shared out over the ranks (`share_work`). The (K, N) logits, their gradient and Adam's two moments (the 16 bytes per
+masked weight per task) are sharded over the ranks by FSDP2's `fully_shard` (`ShardedLogits`), so each rank holds
+1/N of them between steps. When the ranks divide the K tasks, the shards are whole tasks and each rank runs exactly
+the tasks it holds: it reads and updates its shards in place. Otherwise the shards are runs of masked weights of every
+task; each step all-gathers the logits, every rank runs its (task, sample) pairs, and the backward pass
+reduce-scatters (sums) the gradients into the shards. Every rank then applies the penalty, the per-task clipping (its
+norms summed over the ranks) and plain Adam to its shards. Rank 0 alone writes the checkpoint, which holds the full,
 unsharded state in the single-process format, so a run can be resumed on any number of ranks.
 
 The result does not depend on the number of ranks: a task's noise and data come from its own generators (keyed by the
@@ -264,29 +267,31 @@ def check_launch(ranks: Ranks, device: torch.device, config: Any) -> None:
 
 
 class _Holder(torch.nn.Module):
-    """The (K, N) logits as the one parameter of a module, for `fully_shard`; calling it gives the gathered logits."""
+    """The K x N logits, flattened, as the one parameter of a module for `fully_shard`; calling it gives the gathered
+    logits as a (K, N) matrix."""
 
     def __init__(self, logits: torch.Tensor):
         super().__init__()
-        self.logits = torch.nn.Parameter(logits)
+        self.shape = tuple(logits.shape)
+        self.logits = torch.nn.Parameter(logits.reshape(-1))
 
     def forward(self) -> torch.Tensor:
-        return self.logits.view_as(self.logits)  # a view, no copy: FSDP frees its storage after the backward pass
+        return self.logits.view(self.shape)  # a view, no copy: FSDP frees its storage after the backward pass
 
 
 class ShardedLogits:
     """The (K, N) logits, their gradient and Adam's moments sharded over the ranks by FSDP2 (`fully_shard`).
 
-    Each rank keeps 1/N of the logits as the local shard of a DTensor, and gets 1/N of their gradient and of Adam's
-    moments (plain `torch.optim.Adam` over the DTensor). The shards are whole tasks (rows) when the ranks divide the
-    K tasks evenly, else equal runs of masked weights (columns) of every task; FSDP2 shards evenly only there, so the
-    columns are padded to a multiple of the number of ranks with zeros that never train. `gather` all-gathers the
-    whole logits for a step (freed by `backward`), `backward` reduce-scatters (sums) the gradient into the shards.
+    The logits are flattened task after task and cut into one contiguous run per rank (FSDP's dim-0 sharding, the last
+    runs shorter when the ranks do not divide K x N): each rank keeps its run of the logits as the local shard of a
+    DTensor, and gets the same run of their gradient and of Adam's moments (plain `torch.optim.Adam` over the DTensor).
+    When the ranks divide the K tasks, the runs are whole tasks. `gather` all-gathers the whole logits for a step
+    (freed by `backward`), `backward` reduce-scatters (sums) the gradient into the shards.
 
     Example (inside a process group of 2 ranks, K = 2 tasks: one task's row per rank)::
 
         sharded = ShardedLogits(torch.zeros(2, 10), lr=0.1, ranks=Ranks.current())
-        sharded.local.shape   # torch.Size([1, 10])
+        sharded.local.shape   # torch.Size([10])
     """
 
     def __init__(self, logits: torch.Tensor, lr: float, ranks: Ranks):
@@ -295,36 +300,43 @@ class ShardedLogits:
 
         self.ranks, self.shape = ranks, tuple(logits.shape)
         K, N = self.shape
-        self.dim = 0 if K % ranks.size == 0 else 1  # whole tasks: the per-task clipping needs no communication
-        self.width = N if self.dim == 0 else -(-N // ranks.size) * ranks.size
-        self.holder = _Holder(self._padded(logits))
+        self.holder = _Holder(logits)
         mesh = init_device_mesh(logits.device.type, (ranks.size,))
         # reshard_after_forward=False: the gathered logits stay until the backward pass, which frees them
-        fully_shard(self.holder, mesh=mesh, reshard_after_forward=False, shard_placement_fn=lambda _: Shard(self.dim))
+        fully_shard(self.holder, mesh=mesh, reshard_after_forward=False, shard_placement_fn=lambda _: Shard(0))
         self.holder.set_gradient_divide_factor(1.0)  # the gradients are summed, not averaged
         self.holder.set_force_sum_reduction_for_comms(True)
         self.param: Any = self.holder.logits  # a DTensor
-        size = (K if self.dim == 0 else self.width) // ranks.size
-        self.lo, self.hi = ranks.rank * size, (ranks.rank + 1) * size
+        self.size = -(-K * N // ranks.size)  # the run of each rank but the last ones (as torch.chunk cuts)
+        self.lo, self.hi = min(ranks.rank * self.size, K * N), min((ranks.rank + 1) * self.size, K * N)
+        assert self.local.numel() == self.hi - self.lo
+        self.whole_tasks = K % ranks.size == 0  # this rank's run is tasks lo/N .. hi/N
         self.optimizer = torch.optim.Adam([self.param], lr=lr)
-
-    def _padded(self, whole: torch.Tensor) -> torch.Tensor:
-        """``whole`` (..., N) with the zero columns up to `width`."""
-        pad = self.width - whole.shape[-1]
-        return whole if pad == 0 else torch.cat([whole, whole.new_zeros(*whole.shape[:-1], pad)], -1)
 
     @property
     def local(self) -> torch.Tensor:
-        """This rank's shard of the logits: rows ``lo:hi`` (dim 0) or columns ``lo:hi`` (dim 1, padded)."""
+        """This rank's run of the flattened logits, elements ``lo:hi``."""
         return self.param.to_local()
 
-    def local_columns(self, row: torch.Tensor) -> torch.Tensor:
-        """This rank's part of a per-weight (N,) tensor, matching the columns of `local` (padding: zeros)."""
-        return row if self.dim == 0 else self._padded(row[None])[0, self.lo : self.hi]
+    def rows(self, flat: torch.Tensor) -> torch.Tensor:
+        """A run of whole tasks (`whole_tasks`) as a (tasks, N) matrix."""
+        return flat.view(-1, self.shape[1])
+
+    def pieces(self) -> list[tuple[int, int, int]]:
+        """``(task, start, end)``: where each task's part of this rank's run lies in it."""
+        N = self.shape[1]
+        return [(k, max(self.lo, k * N) - self.lo, min(self.hi, (k + 1) * N) - self.lo)
+                for k in range(self.lo // N, -(-self.hi // N))]
+
+    def local_part(self, row: torch.Tensor) -> torch.Tensor:
+        """A per-weight (N,) tensor as it lines up with this rank's run (the whole row for whole tasks)."""
+        if self.whole_tasks:
+            return row
+        return torch.cat([row[a + self.lo - k * self.shape[1] : b + self.lo - k * self.shape[1]] for k, a, b in self.pieces()])
 
     def local_grad(self) -> torch.Tensor:
-        """This rank's gradient shard, zeroed: for a rank whose share of the step is exactly the tasks it holds, which
-        writes its gradients there without a reduce-scatter."""
+        """This rank's gradient shard, zeroed, as (tasks, N): for a rank whose share of the step is exactly the tasks
+        it holds, which writes its gradients there without a reduce-scatter."""
         if self.param.grad is None:
             from torch.distributed.tensor import DTensor
 
@@ -332,50 +344,55 @@ class ShardedLogits:
                                                  shape=self.param.shape, stride=self.param.stride())
         grad = self.param.grad.to_local()
         grad.zero_()
-        return grad
+        return self.rows(grad)
 
     def gather(self) -> torch.Tensor:
-        """The whole logits, (K, `width`), all-gathered (a collective); `backward` frees them."""
+        """The whole (K, N) logits, all-gathered (a collective); `backward` frees them."""
         with warnings.catch_warnings():  # its view is only read, never written in place
             warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
             return self.ranks.collective("the all-gather of the mask logits", self.holder)
 
     def backward(self, gathered: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """Sum every rank's (K, `width`) ``grad`` of the ``gathered`` logits into the gradient shards (a reduce-scatter
-        in the backward pass, which frees ``gathered``); returns this rank's shard of the sum."""
+        """Sum every rank's (K, N) ``grad`` of the ``gathered`` logits into the gradient shards (a reduce-scatter in
+        the backward pass, which frees ``gathered``); returns this rank's run of the sum (as rows for whole tasks)."""
         self.param.grad = None
         self.ranks.collective("the reduce-scatter of the mask gradients", gathered.backward, grad)
-        return self.param.grad.to_local()
+        local = self.param.grad.to_local()
+        return self.rows(local) if self.whole_tasks else local
 
-    def row_norms(self, grad: torch.Tensor) -> torch.Tensor:
-        """The (rows, 1) L2 norms of the whole rows of which ``grad`` is this rank's shard."""
-        if self.dim == 0:
+    def norms(self, grad: torch.Tensor) -> torch.Tensor:
+        """The L2 norms of the tasks' whole gradient rows, shaped to scale ``grad``, this rank's part of them: (tasks, 1)
+        for whole tasks, else one per element of the run (its task's norm, summed over the ranks)."""
+        if self.whole_tasks:
             return grad.norm(dim=1, keepdim=True)
-        squares = grad.square().sum(dim=1, keepdim=True)
+        squares = torch.zeros(self.shape[0], dtype=grad.dtype, device=grad.device)
+        for k, a, b in self.pieces():
+            squares[k] = grad[a:b].square().sum()
         self.ranks.collective("the all-reduce of the gradient norms", _dist().all_reduce, squares)
-        return squares.sqrt()
+        pieces = self.pieces()
+        lengths = torch.tensor([b - a for _, a, b in pieces], device=grad.device)
+        return squares.sqrt()[[k for k, _, _ in pieces]].repeat_interleave(lengths)
 
     def density(self) -> torch.Tensor:
         """Each task's fraction of logits above 0 (K,), counted on the shards (a collective)."""
         counts = torch.zeros(self.shape[0], dtype=torch.float64, device=self.local.device)
-        kept = (self.local.detach() > 0).sum(dim=1).double()
-        if self.dim == 0:
-            counts[self.lo : self.hi] = kept
-        else:
-            counts += kept
+        kept = self.local.detach() > 0
+        for k, a, b in self.pieces():
+            counts[k] = kept[a:b].sum().double()
         self.ranks.collective("the all-reduce of the mask densities", _dist().all_reduce, counts)
         return (counts.float() / self.shape[1]).cpu()
 
     def full(self) -> torch.Tensor:
         """The whole (K, N) logits on every rank (a collective)."""
-        return self.ranks.collective("the all-gather of the mask logits", self.param.full_tensor).detach()[:, : self.shape[1]]
+        return self.ranks.collective("the all-gather of the mask logits", self.param.full_tensor).detach().view(self.shape)
 
     def _to_leader(self, shard: torch.Tensor, what: str) -> torch.Tensor | None:
-        """The whole (K, N) tensor of which ``shard`` is this rank's part, on rank 0 only (None on the others)."""
-        shard = shard.contiguous()
-        parts = [torch.empty_like(shard) for _ in range(self.ranks.size)] if self.ranks.leader else None
-        self.ranks.collective(f"the checkpoint's gathering of {what}", _dist().gather, shard, parts, dst=0)
-        return None if parts is None else torch.cat(parts, self.dim)[:, : self.shape[1]].cpu()
+        """The whole (K, N) tensor of which ``shard`` is this rank's run, on rank 0 only (None on the others)."""
+        padded = torch.zeros(self.size, dtype=shard.dtype, device=shard.device)
+        padded[: shard.numel()] = shard
+        parts = [torch.empty_like(padded) for _ in range(self.ranks.size)] if self.ranks.leader else None
+        self.ranks.collective(f"the checkpoint's gathering of {what}", _dist().gather, padded, parts, dst=0)
+        return None if parts is None else torch.cat(parts)[: self.shape[0] * self.shape[1]].view(self.shape).cpu()
 
     def gathered_state(self) -> tuple[torch.Tensor | None, dict[str, Any] | None]:
         """The whole logits and the Adam state in the format of `torch.optim.Adam` over them, on rank 0 (a
@@ -392,13 +409,13 @@ class ShardedLogits:
         return logits, {"state": whole, "param_groups": state["param_groups"]}
 
     def load(self, logits: torch.Tensor, state: dict[str, Any]) -> None:
-        """Take this rank's shards of whole logits and of a whole-logits `torch.optim.Adam` state (a checkpoint's, of
+        """Take this rank's runs of whole logits and of a whole-logits `torch.optim.Adam` state (a checkpoint's, of
         any number of ranks)."""
         from torch.distributed.tensor import distribute_tensor
 
         def shard(whole: torch.Tensor) -> Any:
-            return distribute_tensor(self._padded(whole.to(self.local.device)), self.param.device_mesh,
-                                     self.param.placements, src_data_rank=None)
+            return distribute_tensor(whole.reshape(-1).to(self.local.device), self.param.device_mesh, self.param.placements,
+                                     src_data_rank=None)
 
         with torch.no_grad():
             self.local.copy_(shard(logits).to_local())
@@ -453,19 +470,19 @@ class DistributedStep:
         trainer.buffers = self.buffers  # `MaskTrainer._backward` writes the gradients through them
         self.sharded = sharded = ShardedLogits(trainer.logits.detach(), config.lr, ranks)
         trainer.logits, trainer.optimizer = sharded.param, sharded.optimizer  # the whole ones are freed
-        trainer.trainable = sharded.local_columns(trainer.trainable)
-        # whole tasks per rank (the ranks divide K): a rank's share of a step is the rows it holds, so it reads and
+        trainer.trainable = sharded.local_part(trainer.trainable)
+        # whole tasks per rank (the ranks divide K): a rank's share of a step is the tasks it holds, so it reads and
         # writes its shards in place, with no all-gather or reduce-scatter
-        self.own = sharded.dim == 0 and [(u.task, u.s0, u.s1) for u in self.units] == [
-            (k, 0, config.n_samples) for k in range(sharded.lo, sharded.hi)]
-        self.first = sharded.lo if self.own else 0  # the task of row 0 of the logits a step reads
+        N = trainer.layout.total
+        self.own = sharded.whole_tasks and [(u.task, u.s0, u.s1) for u in self.units] == [
+            (k, 0, config.n_samples) for k in range(sharded.lo // N, sharded.hi // N)]
+        self.first = sharded.lo // N if self.own else 0  # the task of row 0 of the logits a step reads
 
     def summary(self) -> str:
         """One line: how the ranks share a step and what this rank runs."""
         trainer = self.trainer
         parts = ", ".join(f"{trainer.tasks[u.task].name} samples {u.s0}-{u.s1 - 1}" for u in self.units)
-        how = ("by tasks, each rank holding those it runs" if self.own
-               else "by masked weights, gathered for each step" if self.sharded.dim else "by tasks, gathered for each step")
+        how = "by tasks, each rank holding those it runs" if self.own else "in equal runs, gathered for each step"
         return (f"torch.distributed: {self.ranks.size} ranks share each step's {len(trainer.tasks)} task(s) x "
                 f"{trainer.config.n_samples} samples; rank {self.ranks.rank} runs {parts}; logits, gradients and Adam "
                 f"state sharded {how} (FSDP2)")
@@ -479,8 +496,8 @@ class DistributedStep:
             rows = torch.randint(len(task), (config.batch_size,), generator=g)
             batches.append(task.batch(rows, trainer.device) if k in self.mine else None)
         if self.own:  # this rank's tasks' rows
-            logits, grad = self.sharded.local, self.sharded.local_grad()
-        else:  # (K, width >= N): zero columns past N when sharded by weights; both freed after the reduce-scatter
+            logits, grad = self.sharded.rows(self.sharded.local), self.sharded.local_grad()
+        else:  # (K, N); both freed by the reduce-scatter
             logits = self.sharded.gather()
             grad = torch.zeros_like(logits, requires_grad=False)
         losses = torch.zeros(len(trainer.tasks) + 1, device=trainer.device)
@@ -509,7 +526,7 @@ class DistributedStep:
 
     def _row(self, matrix: torch.Tensor, task: int) -> torch.Tensor:
         """Task ``task``'s (1, N) row of the logits or the gradient a step works on."""
-        return matrix[task - self.first : task - self.first + 1, : self.trainer.layout.total]
+        return matrix[task - self.first : task - self.first + 1]
 
     def _backward(self, u: Unit, rows: torch.Tensor, uniforms: torch.Tensor, leaves: list[torch.Tensor],
                   loss: torch.Tensor, losses: torch.Tensor, grad: torch.Tensor) -> None:

@@ -474,7 +474,7 @@ class MaskTrainer:
         grad.add_(config.alpha)  # the gradient of the penalty (β/b)·Σ l
         grad.mul_(self.trainable)
         if config.grad_clip is not None:
-            _clip_per_task(grad, config.grad_clip, self.distributed.sharded.row_norms(grad) if self.distributed else None)
+            _clip_per_task(grad, config.grad_clip, self.distributed.sharded.norms(grad) if self.distributed else None)
         self.optimizer.step()
 
     def _sample(self, tasks: range, samples: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
