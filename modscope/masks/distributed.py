@@ -450,8 +450,9 @@ class _WholeAdam:
 class DistributedStep:
     """One rank's part of `MaskTrainer.step` in a distributed run (see the module's docstring).
 
-    It shards the trainer's state: ``trainer.logits`` becomes the (K, N) logits as a DTensor sharded over the ranks
-    (`ShardedLogits.param`), ``trainer.optimizer`` Adam over it, ``trainer.trainable`` this rank's columns of it.
+    It shards the trainer's state: ``trainer.logits`` becomes the (K, N) logits, flattened, as a DTensor sharded over
+    the ranks (`ShardedLogits.param`), ``trainer.optimizer`` Adam over it, ``trainer.trainable`` the flags of this
+    rank's run.
     """
 
     def __init__(self, trainer: MaskTrainer, ranks: Ranks):
@@ -473,7 +474,6 @@ class DistributedStep:
         trainer.trainable = sharded.local_part(trainer.trainable)
         # whole tasks per rank (the ranks divide K): a rank's share of a step is the tasks it holds, so it reads and
         # writes its shards in place, with no all-gather or reduce-scatter
-        N = trainer.layout.total
         self.own = sharded.whole_tasks and [(u.task, u.s0, u.s1) for u in self.units] == [
             (k, 0, config.n_samples) for k in range(sharded.lo // N, sharded.hi // N)]
         self.first = sharded.lo // N if self.own else 0  # the task of row 0 of the logits a step reads

@@ -330,7 +330,7 @@ class MaskTrainer:
 
     Logits of all K tasks live in one (K, N) matrix over the N masked elements, so one noise draw, one sampler call
     and one Adam update serve every task and weight. In a distributed run (`masks.distributed`) ``logits`` is that
-    matrix as a DTensor sharded over the ranks, with its gradient and Adam's moments.
+    matrix, flattened, as a DTensor sharded over the ranks, with its gradient and Adam's moments.
     """
 
     def __init__(
