@@ -1,8 +1,13 @@
 """The exceptions and warnings modscope raises.
 
 ``ModscopeError`` is the one base to catch. Each subclass also inherits the builtin exception a caller would
-expect (``ValueError`` for bad values, ``NotImplementedError`` for unsupported operators ...), so code written
-against the builtins keeps working. The command line turns any ``ModscopeError`` into one line on stderr and exit
+expect (``ValueError`` for bad values, ``NotImplementedError`` for unsupported operators, ``FileNotFoundError`` for a missing
+file ...), so code written against the builtins keeps working.
+
+One class per failure kind: a file that is not there is always a `MissingFileError` and one the operating system
+will not read an `UnreadableFileError`, whatever kind of file it is; what is wrong inside a file is the error of
+that kind of file (`ModelLoadError` for models and mask files, `DataError` for task data, `PolicyError` for
+policies, `InvalidParameterError` for run folders and modscope's own JSON). The command line turns any ``ModscopeError`` into one line on stderr and exit
 code 2.
 """
 
@@ -11,6 +16,16 @@ from __future__ import annotations
 
 class ModscopeError(Exception):
     """Base class of every error modscope raises on purpose."""
+
+
+class MissingFileError(ModscopeError, FileNotFoundError):
+    """A file or folder the caller named does not exist: a model, task data, a mask file, a policy, a run folder, an
+    ONNX file's external data. The same class whichever loader looked for it; the message says which file it was."""
+
+
+class UnreadableFileError(ModscopeError, OSError):
+    """A file exists but cannot be read as a file: a folder where a file is expected, no permission, an I/O error.
+    What the bytes hold is the loader's own error (`ModelLoadError`, `DataError`, `PolicyError` ...)."""
 
 
 class InvalidParameterError(ModscopeError, ValueError, TypeError):

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidParameterError
+from .errors import InvalidParameterError, MissingFileError, UnreadableFileError
 from .filemodes import match_umask
 
 #: version of the JSON files modscope writes (config.json, report.json, --json outputs).
@@ -87,18 +87,62 @@ def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> Path:
     return write_text(path, dumps(data))
 
 
+def require_file(path: str | os.PathLike, what: str, hint: str = "") -> Path:
+    """``path`` as a `Path` when it names an existing file.
+
+    Raises:
+        MissingFileError: nothing exists at ``path``.
+        UnreadableFileError: ``path`` is a folder.
+
+    Example:
+        >>> require_file("/no/such/model.onnx", "model file")
+        Traceback (most recent call last):
+        ...
+        modscope.errors.MissingFileError: model file /no/such/model.onnx does not exist
+    """
+    return _require(Path(path), what, hint, folder=False)
+
+
+def require_folder(path: str | os.PathLike, what: str, hint: str = "") -> Path:
+    """``path`` as a `Path` when it names an existing folder; else `MissingFileError` (or `UnreadableFileError`
+    when it is a file)."""
+    return _require(Path(path), what, hint, folder=True)
+
+
+def _require(p: Path, what: str, hint: str, *, folder: bool) -> Path:
+    if p.is_dir() if folder else p.is_file():
+        return p
+    if p.exists():
+        wrong, right = ("file", "folder") if folder else ("folder", "file")
+        raise UnreadableFileError(f"{what} {p} is a {wrong}, not a {right}{_hint(hint)}")
+    raise MissingFileError(f"{what} {p} does not exist{_hint(hint)}")
+
+
+def file_error(exc: OSError, path: str | os.PathLike, what: str, hint: str = "") -> MissingFileError | UnreadableFileError:
+    """The modscope error for an `OSError` met while reading ``path``: `MissingFileError` when it is gone,
+    `UnreadableFileError` otherwise (to raise ``from exc``)."""
+    if isinstance(exc, FileNotFoundError):
+        return MissingFileError(f"{what} {Path(path)} does not exist{_hint(hint)}")
+    return UnreadableFileError(f"{what} {Path(path)} cannot be read ({_reason(exc)}){_hint(hint)}")
+
+
+def _hint(hint: str) -> str:
+    return f"; {hint}" if hint else ""
+
+
 def read_json(path: str | os.PathLike, what: str) -> dict[str, Any]:
     """Read a JSON object written by modscope.
 
     Raises:
-        InvalidParameterError: the file is missing, unreadable, not JSON, or of a newer schema.
+        MissingFileError, UnreadableFileError: the file is missing or the system will not read it.
+        InvalidParameterError: the file is not JSON, or of a newer schema.
     """
     p = Path(path)
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InvalidParameterError(f"{what} {p} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except OSError as exc:
+        raise file_error(exc, p, what) from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidParameterError(f"{what} {p} cannot be read ({_reason(exc)}); make it again with `modscope fit`") from exc
     except RecursionError:
         raise InvalidParameterError(f"{what} {p} cannot be read (it is nested too deeply to be modscope's); make it again with `modscope fit`") from None

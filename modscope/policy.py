@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import PolicyError
+from .fileio import file_error
 from .report.values import ablation_value, drop, pair_value
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -143,7 +144,8 @@ def load_policy(path: str | os.PathLike) -> list[Rule]:
     """Read the rules of a policy file.
 
     Raises:
-        PolicyError: the file is missing, not TOML, or a rule is malformed (the message names the rule).
+        MissingFileError, UnreadableFileError: the file is missing or the system will not read it.
+        PolicyError: the file is not TOML, or a rule is malformed (the message names the rule).
 
     Example:
         >>> from pathlib import Path
@@ -156,10 +158,10 @@ def load_policy(path: str | os.PathLike) -> list[Rule]:
     p = Path(path)
     try:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PolicyError(f"policy file {p} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PolicyError(f"policy file {p} cannot be read ({getattr(exc, 'strerror', None) or exc})") from exc
+    except OSError as exc:
+        raise file_error(exc, p, "policy file") from exc
+    except UnicodeDecodeError as exc:
+        raise PolicyError(f"policy file {p} is not text ({exc}); see `modscope check --help` for the format") from exc
     except tomllib.TOMLDecodeError as exc:
         raise PolicyError(f"policy file {p} is not valid TOML ({exc}); see `modscope check --help` for the format") from exc
     except RecursionError:

@@ -23,13 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import InvalidParameterError, ModelLoadError
+from .errors import InvalidParameterError, MissingFileError, ModelLoadError
 from .fileio import (  # noqa: F401 - re-exported: run folders are written and read with these
     SCHEMA_VERSION,
     atomic_write,
     dumps,
     jsonable,
     read_json,
+    require_folder,
     write_json,
     write_text,
 )
@@ -158,8 +159,7 @@ class RunFolder:
             InvalidParameterError: ``path`` is not a folder or holds no finished run.
         """
         run = cls(path)
-        if not run.path.is_dir():
-            raise InvalidParameterError(f"run folder {run.path} does not exist; make one with `modscope fit MODEL --task ... --out {run.path}`")
+        require_folder(run.path, "run folder", f"make one with `modscope fit MODEL --task ... --out {run.path}`")
         missing = [p.name for p in (run.masks_path, run.config_path, run.report_path) if not p.is_file()]
         if missing:
             hint = ("it holds an interrupted run: finish it with `modscope fit ... --resume`" if run.checkpoint_path.exists()
@@ -197,7 +197,8 @@ class RunFolder:
         """The run's report.json as plain data, checked to be a well-formed report (its tables build).
 
         Raises:
-            InvalidParameterError: the file is missing, unreadable or malformed.
+            MissingFileError, UnreadableFileError: the file is missing or the system will not read it.
+            InvalidParameterError: the file is malformed.
         """
         data = read_json(self.report_path, "run report")
         from .report import Report
@@ -232,7 +233,8 @@ class RunFolder:
                 data, not code).
 
         Raises:
-            ModelLoadError: the file is missing or its checksum differs from the one recorded.
+            MissingFileError: the file is missing.
+            ModelLoadError: its checksum differs from the one recorded.
             UntrustedFileError: the run was made with ``trust`` and the caller did not pass it.
             InvalidParameterError: config.json is malformed.
 
@@ -248,7 +250,7 @@ class RunFolder:
             raise InvalidParameterError(f"run config {self.config_path} is malformed: 'model' is not an object; make it again with `modscope fit`")
         model_path = Path(path or _text(recorded.get("path")) or "")
         if not str(model_path) or not (model_path.is_file() or model_path.is_dir()):
-            raise ModelLoadError(
+            raise MissingFileError(
                 f"the model file {model_path} recorded in {self.config_path} does not exist; pass --model PATH of the same file"
             )
         checksum = recorded.get("checksum")

@@ -29,6 +29,7 @@ from .errors import (
     OperatorError,
     ShapeError,
 )
+from .fileio import file_error, require_file
 
 if TYPE_CHECKING:  # pragma: no cover
     from .tasks import Task
@@ -57,7 +58,8 @@ def load_task(
         A `modscope.Task`.
 
     Raises:
-        DataError: the file is missing, unreadable, corrupt or of another format, lacks ``x`` or ``y``, or its
+        MissingFileError, UnreadableFileError: the file is missing, a folder, or the system will not read it.
+        DataError: the file is corrupt or of another format, lacks ``x`` or ``y``, or its
             arrays are unusable (mismatched lengths, NaN, no examples).
 
     Example:
@@ -86,17 +88,16 @@ def read_arrays(path: str | os.PathLike) -> dict[str, Any]:
     """All arrays of a task data file as ``{key: torch tensor}``.
 
     Raises:
-        DataError: the file is missing, unreadable, corrupt or not a task data archive.
+        MissingFileError, UnreadableFileError: the file is missing, a folder, or the system will not read it.
+        DataError: the file is corrupt or not a task data archive.
     """
-    p = Path(path)
-    if not p.is_file():
-        what = "is a folder, not a file" if p.is_dir() else "does not exist"
-        raise DataError(f"task data file {p} {what}; give an .npz, .pt or .safetensors file")
+    hint = "give an .npz, .pt or .safetensors file"
+    p = require_file(path, "task data file", hint)
     try:
         with open(p, "rb") as f:
             head = f.read(16)
     except OSError as exc:
-        raise DataError(f"task data file {p} cannot be read ({exc.strerror or exc})") from exc
+        raise file_error(exc, p, "task data file", hint) from exc
     kind = _detect(p, head)
     try:
         tensors = {"npz": _read_npz, "pt": _read_pt, "safetensors": _read_safetensors}[kind](p)

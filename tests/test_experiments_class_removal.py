@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from modscope.errors import DataError, UntrustedFileError
+from modscope.errors import MissingFileError, UntrustedFileError
 from modscope.experiments import class_removal, get_experiment, image_data, stability
 from modscope.experiments.common import ExperimentOptions
 from modscope.metrics import ConfusionResult
@@ -66,7 +66,7 @@ def test_cifar_reader_refuses_pickles_that_run_code(tmp_path):
     _fake_cifar(path, payload={b"data": _Evil(), b"labels": []})
     with pytest.raises(UntrustedFileError):
         image_data.load_cifar10(path)
-    with pytest.raises(DataError):
+    with pytest.raises(MissingFileError):
         image_data.load_cifar10(tmp_path / "missing.tar.gz")
 
 

@@ -17,6 +17,7 @@ import modscope
 from modscope.converters import export as export_mod
 from modscope.converters.export import export_masked
 from modscope.errors import (
+    MissingFileError,
     InvalidParameterError,
     ModelLoadError,
     ModscopeError,
@@ -208,7 +209,7 @@ def test_keep_names_may_be_source_names(mlp_onnx, tmp_path):
         ({"nope": torch.ones(1, dtype=torch.bool)}, "o.onnx", InvalidParameterError, "no weight named 'nope'"),
         ({"0.weight": torch.ones(4, 3)}, "o.onnx", InvalidParameterError, "must be boolean"),
         ({"0.weight": torch.ones(3, 4, dtype=torch.bool)}, "o.onnx", ShapeError, r"shape \(3, 4\), the weight has \(4, 3\)"),
-        ({}, "missing/o.onnx", InvalidParameterError, "does not exist"),
+        ({}, "missing/o.onnx", MissingFileError, "does not exist"),
     ],
 )
 def test_bad_arguments(mlp_onnx, tmp_path, keep, out_name, error, words):

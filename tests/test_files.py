@@ -5,6 +5,8 @@ from __future__ import annotations
 import pickle
 import struct
 import zipfile
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -15,7 +17,7 @@ from safetensors.torch import save_file
 
 import modscope
 from modscope.converters.files import detect_format
-from modscope.errors import InvalidParameterError, ModelLoadError
+from modscope.errors import InvalidParameterError, MissingFileError, ModelLoadError, ModscopeError, UnreadableFileError
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +85,6 @@ def _truncate(src, dst, fraction=0.5):
 @pytest.mark.parametrize(
     "make, words",
     [
-        (lambda d, f: d / "missing.onnx", "does not exist"),
-        (lambda d, f: d, "folder"),
         (lambda d, f: _write(d / "empty.onnx", b""), "empty"),
         (lambda d, f: _truncate(f["onnx"], d / "cut.onnx"), "truncated or corrupt"),
         (lambda d, f: _truncate(f["onnx"], d / "cut.bin", 0.7), "truncated or corrupt"),
@@ -168,3 +168,39 @@ def _zip(path):
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("readme.txt", "hello")
     return path
+
+
+# -- one error class per failure kind, whichever loader meets it ----------------------------------------------------
+def _readers(tmp_path: Path) -> dict[str, Any]:
+    from modscope.converters.onnx.loader import load_onnx
+    from modscope.policy import load_policy
+    from modscope.runs import RunFolder
+    from modscope.taskdata import read_arrays
+
+    return {
+        "model": modscope.load,
+        "onnx": load_onnx,
+        "masks": modscope.MaskSet.load,
+        "task data": read_arrays,
+        "policy": load_policy,
+        "run folder": RunFolder.open,
+    }
+
+
+@pytest.mark.parametrize("kind", ["model", "onnx", "masks", "task data", "policy", "run folder"])
+def test_a_missing_file_is_the_same_error_from_every_loader(tmp_path, kind):
+    read = _readers(tmp_path)[kind]
+    with pytest.raises(MissingFileError, match="does not exist") as info:
+        read(tmp_path / "gone.bin")
+    assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, ModscopeError)
+    assert str(tmp_path / "gone.bin") in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["model", "onnx", "masks", "task data", "policy"])
+def test_a_folder_where_a_file_belongs_is_the_same_error_from_every_loader(tmp_path, kind):
+    read = _readers(tmp_path)[kind]
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    with pytest.raises(UnreadableFileError, match="folder") as info:
+        read(folder)
+    assert isinstance(info.value, OSError) and not isinstance(info.value, FileNotFoundError)

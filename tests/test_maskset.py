@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import modscope
-from modscope.errors import InvalidParameterError, ModelLoadError
+from modscope.errors import InvalidParameterError, MissingFileError, ModelLoadError
 from modscope.masks.maskset import Mask
 
 
@@ -51,7 +51,7 @@ def test_maskset_is_a_mapping_of_tasks():
 
 
 def test_loading_a_bad_mask_file(tmp_path):
-    with pytest.raises(ModelLoadError, match="does not exist"):
+    with pytest.raises(MissingFileError, match="does not exist"):
         modscope.MaskSet.load(tmp_path / "none.safetensors")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")

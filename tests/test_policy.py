@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from cli_fixtures import FIT_FLAGS, Toy, cli, console, fitted_run, read_json, toy
 
-from modscope.errors import PolicyError
+from modscope.errors import MissingFileError, PolicyError
 from modscope.policy import check, junit_xml, load_policy, measure, parse_policy
 
 #: a hand-made report: tasks a (accuracy) and b (mse), layers l1 and l2.
@@ -103,7 +103,7 @@ def test_rules_that_do_not_fit_the_run(keys: dict, message: str) -> None:
 
 
 def test_load_policy_errors(tmp_path: Path) -> None:
-    with pytest.raises(PolicyError, match="does not exist"):
+    with pytest.raises(MissingFileError, match="does not exist"):
         load_policy(tmp_path / "none.toml")
     bad = tmp_path / "bad.toml"
     bad.write_text("[[rule]\nmetric = ")

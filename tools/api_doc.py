@@ -12,7 +12,7 @@ SECTIONS = [
     ("Verifying against onnxruntime (`modscope.converters.verify`)", "modscope.converters.verify", ["verify", "VerifyResult", "OutputDiff", "random_inputs"]),
     ("Task data files (`modscope.taskdata`)", "modscope.taskdata", ["load_task", "check_fits"]),
     ("Run folders (`modscope.runs`)", "modscope.runs", ["fit_run", "load_fit_inputs", "FitResult", "RunFolder", "locked", "file_checksum"]),
-    ("Files (`modscope.fileio`, `modscope.checksums`)", "modscope.fileio", ["atomic_write", "dumps", "jsonable", "read_json", "write_json", "write_text"]),
+    ("Files (`modscope.fileio`, `modscope.checksums`)", "modscope.fileio", ["atomic_write", "dumps", "jsonable", "read_json", "require_file", "require_folder", "file_error", "write_json", "write_text"]),
     ("", "modscope.checksums", ["file_sha256", "folder_checksum", "path_checksum"]),
     ("Devices (`modscope.devices`)", "modscope.devices", ["resolve_device"]),
     ("Policies (`modscope.policy`)", "modscope.policy", None),
@@ -79,13 +79,17 @@ lines = ["# The Python API", "",
  "- **density**: the fraction of a mask's weights kept: `Mask.density()` is one float (the whole model),",
  "  `MaskSet.density()` a `{task name: float}`.",
  "- **device**: `\"cpu\"`, `\"cuda\"`, `\"cuda:N\"` or `None` (cuda when present; `resolve_device`).",
- "- **errors**: every error is a `ModscopeError`; a file that is missing, unreadable or not what it should be raises",
- "  `ModelLoadError` (model files), `DataError` (task data files) or `InvalidParameterError` (run folders, policies),",
- "  each also a `ValueError`; the command line turns any of them into one sentence and exit code 2.", ""]
+ "- **errors**: every error is a `ModscopeError`, one class per failure kind whichever loader meets it: a file or",
+ "  folder that does not exist raises `MissingFileError` (also a `FileNotFoundError`), one the system will not read",
+ "  (a folder where a file belongs, no permission) `UnreadableFileError` (an `OSError`); bytes that are not what they",
+ "  should be raise the error of that kind of file: `ModelLoadError` (models, mask files), `DataError` (task data),",
+ "  `PolicyError` (policies) or `InvalidParameterError` (run folders); the command line turns any of them into one",
+ "  sentence and exit code 2.", ""]
 for title, modname, names in SECTIONS:
     mod = importlib.import_module(modname)
     if names is None:
-        names = list(getattr(mod, "__all__", [n for n in vars(mod) if not n.startswith("_")]))
+        names = list(getattr(mod, "__all__", [n for n, v in vars(mod).items() if not n.startswith("_")
+                                               and getattr(v, "__module__", modname) == modname]))
     if title:
         lines += [f"## {title}", ""]
     for n in names:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import InvalidParameterError
+from ..errors import MissingFileError
 from ._common import print_json, text_table
 
 HELP = "CI gate: check a run against a policy of bounds (exit 0 holds, 1 violated, 2 bad input)"
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"modscope: warning: {report.convergence.message()}", file=sys.stderr)
     if args.junit:
         if not Path(args.junit).parent.is_dir():
-            raise InvalidParameterError(f"the folder of --junit {args.junit} does not exist; create it first")
+            raise MissingFileError(f"the folder of --junit {args.junit} does not exist; create it first")
         write_text(args.junit, junit_xml(result, suite=f"modscope check {run_name(args.run)}"))
     if args.json:
         print_json({"run": args.run, "policy": args.policy, **result.to_dict(), "convergence": report["convergence"]})

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import InvalidParameterError
+from ..errors import InvalidParameterError, MissingFileError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..report import Report
@@ -49,7 +49,7 @@ def read_report(path: str) -> Report:
     elif p.is_file():
         report_path = p
     else:
-        raise InvalidParameterError(f"run folder {p} does not exist; make one with `modscope fit MODEL --task NAME=FILE --out {p}`")
+        raise MissingFileError(f"run folder {p} does not exist; make one with `modscope fit MODEL --task NAME=FILE --out {p}`")
     report = Report.load(report_path)
     with malformed_report(report_path):
         report.tables()
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         body = report.to_json() if args.json else None
     for target in (args.html, args.md):
         if target and not Path(target).parent.is_dir():
-            raise InvalidParameterError(f"the folder of {target} does not exist; create it first")
+            raise MissingFileError(f"the folder of {target} does not exist; create it first")
     if args.html:
         write_text(args.html, html or "")
     if args.md:

@@ -35,7 +35,9 @@ def load(source: Any, **options: Any) -> Model:
         A `Model`; the source object is never modified.
 
     Raises:
-        ModelLoadError: the file is missing, unreadable, corrupt or of an unknown format.
+        MissingFileError, UnreadableFileError: the file is missing, a folder that is not a model folder, or the
+            system will not read it.
+        ModelLoadError: the file is corrupt or of an unknown format.
         UnsupportedOperatorError: an ONNX operator has no handler.
         UntrustedFileError: the file is a pickle and ``trust=True`` was not given.
 

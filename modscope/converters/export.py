@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import InvalidParameterError, ModelLoadError, ModscopeError, ShapeError
-from ..fileio import atomic_write
+from ..errors import InvalidParameterError, MissingFileError, ModelLoadError, ModscopeError, ShapeError
+from ..fileio import atomic_write, require_file
 from ..model import Model
 
 #: source formats whose module's state_dict keys are the names in the source file.
@@ -81,7 +81,7 @@ def export_masked(
     """
     out = Path(path)
     if not out.parent.is_dir():
-        raise InvalidParameterError(f"the output folder {out.parent} does not exist; create it first")
+        raise MissingFileError(f"the output folder {out.parent} does not exist; create it first")
     masks = _check_keep(model, keep)
     if model.source.format == "transformers" and not out.suffix:  # a model folder transformers loads
         from .hf import save_folder
@@ -172,8 +172,7 @@ def _onnx_source(model: Model, source: Any) -> tuple[Any, Path | None]:
 def _check_unchanged(src: Path, checksum: str) -> None:
     from ..checksums import file_sha256
 
-    if not src.is_file():
-        raise ModelLoadError(f"the ONNX source {src} no longer exists; pass source= with its new location")
+    require_file(src, "the ONNX source", "pass source= with its new location")
     if checksum and file_sha256(src) != checksum:
         raise ModelLoadError(f"the ONNX source {src} changed since the model was loaded; load it again")
 

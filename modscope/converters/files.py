@@ -31,7 +31,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, UnreadableFileError
+from ..fileio import file_error, require_file
 from ..checksums import file_sha256  # noqa: F401 - re-exported: the checksum every loader records
 from ..model import Model
 from .archives import check_zip
@@ -163,15 +164,14 @@ def _loader(fmt: FileFormat) -> Callable[..., Model]:
 
 
 def _read_head(p: Path, n: int) -> bytes:
-    if not p.exists():
-        raise ModelLoadError(f"model file {p} does not exist")
     if p.is_dir():
-        raise ModelLoadError(f"{p} is a folder but not a model folder (config.json + *.safetensors); give the path of a model file")
+        raise UnreadableFileError(f"{p} is a folder but not a model folder (config.json + *.safetensors); give the path of a model file")
+    require_file(p, "model file")
     try:
         with open(p, "rb") as f:
             return f.read(n)
     except OSError as exc:
-        raise ModelLoadError(f"model file {p} cannot be read ({exc.strerror or exc})") from exc
+        raise file_error(exc, p, "model file") from exc
 
 
 def _zip_format(p: Path) -> FileFormat:
@@ -253,6 +253,6 @@ def _onnx_status(p: Path) -> Literal["model", "no_graph", "unparsable"]:
     except (DecodeError, RuntimeError, ValueError):
         return "unparsable"
     except OSError as exc:
-        raise ModelLoadError(f"model file {p} cannot be read ({exc.strerror or exc})") from exc
+        raise file_error(exc, p, "model file") from exc
     has_graph = proto.HasField("graph") and (len(proto.graph.node) > 0 or len(proto.graph.output) > 0)
     return "model" if proto.ir_version > 0 and has_graph else "no_graph"

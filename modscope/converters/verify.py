@@ -28,6 +28,7 @@ from ..errors import (
     ResourceLimitError,
     ShapeError,
 )
+from ..fileio import require_file
 from ..install import install_hint
 from ..model import Model
 
@@ -322,7 +323,7 @@ def _onnx_source(model: Model, source: Any) -> tuple[Any, Path | None]:
                 "so there is no ONNX file to compare with; pass source='model.onnx'"
             )
         source = model.source.path
-    path = Path(source)
+    path = require_file(source, "ONNX file")
     try:
         return onnx.load(str(path), load_external_data=False), path
     except Exception as exc:

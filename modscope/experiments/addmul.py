@@ -25,7 +25,7 @@ from ..masks.maskset import Mask
 from ..model import Model
 from ..tasks import Task
 from .common import (
-    MODSCOPE, PAPER, Claim, ExperimentOptions, fit_masks, fmt, format_table, mask_config, mean_std, relu_mlp,
+    MODSCOPE, PAPER, PAPER_FNN, Claim, ExperimentOptions, fit_masks, fmt, format_table, mask_config, mean_std, relu_mlp,
     run_experiment, train_base
 )
 
@@ -33,17 +33,7 @@ DESCRIPTION = "addition vs multiplication on a feed-forward net: specialization 
 
 #: the paper's settings (docs/method.md section 8.1). Its add/mul tables and figures use the "big" 2000x4 FNN (the
 #: authors' plotting scripts and sweeps); 800-800-256 is only their command-line default and no figure shows it.
-SETTINGS: dict[str, Any] = {
-    "model": "fnn",
-    "hidden": (2000, 2000, 2000, 2000),
-    "base_steps": 20_000,
-    "mask_steps": 20_000,
-    "batch_size": 128,
-    "base_lr": 1e-3,
-    "mask_lr": 1e-2,
-    "beta": 1e-4,
-    "n_valid": 10_000,
-}
+SETTINGS: dict[str, Any] = {"model": "fnn", **PAPER_FNN, "beta": 1e-4, "n_valid": 10_000}
 QUICK: dict[str, Any] = {"hidden": (400, 400, 200), "base_steps": 4000, "mask_steps": 1500, "base_lr": 3e-3}
 #: the paper's 2000x4 network with the steps that fit in about two hours on 2 CPU cores (one thread each run).
 MEDIUM: dict[str, Any] = {"base_steps": 8000, "mask_steps": 6000, "base_lr": 3e-3}

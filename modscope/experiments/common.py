@@ -113,6 +113,19 @@ def train_network(
     return curve
 
 
+#: the paper's training of its big feed-forward nets (sections 8.1 and 8.2; the authors' "big" FNN of their add/mul
+#: and double-add figures): 2000x4 ReLU layers, 20,000 base and 20,000 mask steps of batch 128, Adam at 1e-3 for the
+#: network and 1e-2 for the masks. The experiments add their own β and data sizes.
+PAPER_FNN: dict[str, Any] = {
+    "hidden": (2000, 2000, 2000, 2000),
+    "base_steps": 20_000,
+    "mask_steps": 20_000,
+    "batch_size": 128,
+    "base_lr": 1e-3,
+    "mask_lr": 1e-2,
+}
+
+
 #: the paper states findings in words, not thresholds: every numeric criterion below is modscope's own reading.
 def relu_mlp(n_in: int, hidden: Sequence[int], n_out: int) -> torch.nn.Sequential:
     """Linear + ReLU layers of the ``hidden`` widths, then a linear output layer (the paper's feed-forward nets).

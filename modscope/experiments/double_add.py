@@ -30,24 +30,14 @@ from ..masks.maskset import Mask, MaskSet
 from ..model import Model
 from ..tasks import Task
 from .common import (
-    MODSCOPE, Claim, ExperimentOptions, fit_masks, fmt, format_table, mask_config, mean_std, relu_mlp, run_experiment,
+    MODSCOPE, PAPER_FNN, Claim, ExperimentOptions, fit_masks, fmt, format_table, mask_config, mean_std, relu_mlp, run_experiment,
     train_base
 )
 
 DESCRIPTION = "two pairs of additions through one feed-forward net: is the adder reused? (paper 8.2)"
 
 #: the paper's settings (docs/method.md section 8.2, the authors' ``tuple_ff`` big): FNN 2000x4, β 4e-4.
-SETTINGS: dict[str, Any] = {
-    "hidden": (2000, 2000, 2000, 2000),
-    "base_steps": 20_000,
-    "mask_steps": 20_000,
-    "batch_size": 128,
-    "base_lr": 1e-3,
-    "mask_lr": 1e-2,
-    "beta": 4e-4,
-    "n_train": 1_000_000,
-    "n_valid": 10_000,
-}
+SETTINGS: dict[str, Any] = {**PAPER_FNN, "beta": 4e-4, "n_train": 1_000_000, "n_valid": 10_000}
 #: the quick preset: half the paper's small width (800x4) and a quarter of its mask steps. At 256x4 with 2,000 mask
 #: steps the masks stay dense (35%) and the pairs look shared; see RESULTS.md for the sizes tried.
 QUICK: dict[str, Any] = {"hidden": (400, 400, 400, 400), "base_steps": 6000, "mask_steps": 5000, "n_train": 200_000}

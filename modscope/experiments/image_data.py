@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import DataError, UntrustedFileError
+from ..fileio import require_file
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 _ALLOWED_GLOBALS = {
@@ -86,12 +87,12 @@ def load_cifar10(path: str | Path, seed: int = 1234) -> ImageData:
     """The CIFAR-10 training set (50,000 images) from the python archive at ``path``, split 80/20 with ``seed``.
 
     Raises:
-        DataError: the file is missing or not the CIFAR-10 python archive.
+        MissingFileError: the file is missing.
+        DataError: the file is not the CIFAR-10 python archive.
         UntrustedFileError: a pickle in it asks for anything but numpy arrays.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path} does not exist; pass the CIFAR-10 python archive (cifar-10-python.tar.gz) with --data")
+    require_file(path, "data file", "pass the CIFAR-10 python archive (cifar-10-python.tar.gz) with --data")
     xs, ys = [], []
     try:
         with tarfile.open(path, "r:*") as tar:

@@ -69,8 +69,8 @@ class MaskConfig:
     """(task, sample) pairs per forward pass; ``None`` lets the memory plan choose (same masks either way)."""
     threads: int | None = None
     """CPU threads for torch while masks train. ``None``: ``$OMP_NUM_THREADS`` if set, else the usable cores that are
-    idle when training starts (torch's default of one thread per core stalls when another job holds a core); see
-    `modscope.threads`. Not part of the method: it never changes the masks."""
+    idle when training starts and not claimed by other modscope runs, adjusted while they start and end (torch's
+    default of one thread per core stalls when another job holds a core); see `modscope.threads`. Not part of the method: it never changes the masks."""
     train_mode: bool = False
     """Run the frozen network in train mode (dropout, batch statistics). Paper: eval mode (except SCAN-LSTM)."""
     log_every: int = 50

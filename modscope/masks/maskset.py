@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidParameterError, ModelLoadError, ModscopeError, UnknownTaskError
-from ..fileio import atomic_write
+from ..fileio import atomic_write, require_file
 from ..model import WeightInfo
 from .config import MaskConfig
 
@@ -250,8 +250,7 @@ class MaskSet(Mapping[str, Mask]):
         from safetensors import safe_open
 
         path = Path(path)
-        if not path.is_file():
-            raise ModelLoadError(f"mask file {path} does not exist")
+        require_file(path, "mask file")
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = json.loads((f.metadata() or {})["modscope"])

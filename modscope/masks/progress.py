@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Mapping
 from typing import Literal, TextIO
+from .. import threads
 
 Mode = Literal["bar", "lines", "off"]
 
@@ -82,7 +83,11 @@ class Progress:
                              dynamic_ncols=True, leave=True)
 
     def update(self, step: int, losses: Mapping[str, float], densities: Mapping[str, float] | None = None) -> None:
-        """The run has reached ``step``; ``losses`` (and ``densities``) per task, or per anything."""
+        """The run has reached ``step``; ``losses`` (and ``densities``) per task, or per anything.
+
+        Also where a long run adjusts its CPU threads to other modscope runs that started or ended (`threads.rebalance`).
+        """
+        threads.rebalance()
         now = time.perf_counter()
         if self.mode == "bar" and self._bar is not None:
             self._bar.update(step - self._step)

@@ -98,7 +98,8 @@ class Report:
         """Read a report saved with `save` (a run's ``report.json``).
 
         Raises:
-            InvalidParameterError: the file is missing, unreadable or not a report.
+            MissingFileError, UnreadableFileError: the file is missing or the system will not read it.
+            InvalidParameterError: the file is not a report.
         """
         data = read_json(path, "report")
         try:

@@ -18,6 +18,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from ...errors import ModelLoadError
+from ...fileio import file_error
 from ...model import Model, Source, WeightInfo
 from . import make_table
 from .constants import lift_constant_weights, make_names_unique, needs_rewrite
@@ -107,10 +108,8 @@ def load_onnx(
 def _read(path: Path) -> bytes:
     try:
         data = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise ModelLoadError(f"ONNX file {path} does not exist") from exc
     except OSError as exc:
-        raise ModelLoadError(f"ONNX file {path} cannot be read ({exc.strerror or exc})") from exc
+        raise file_error(exc, path, "ONNX file") from exc
     if not data:
         raise ModelLoadError(f"ONNX file {path} is empty (0 bytes); export or download it again")
     return data

@@ -25,7 +25,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from ...errors import ModelLoadError
+from ...errors import MissingFileError, ModelLoadError
 
 _T = onnx.TensorProto
 
@@ -76,8 +76,9 @@ def tensor_from_proto(proto: onnx.TensorProto, base_dir: str | os.PathLike | Non
         torch's). Packed 2/4/6-bit types are widened to int8/uint8/float32.
 
     Raises:
-        ModelLoadError: strings, a data size that does not match the shape, or an external file that is missing
-            or lies outside ``base_dir``.
+        MissingFileError: an external data file that is missing.
+        ModelLoadError: strings, a data size that does not match the shape, or an external file that lies outside
+            ``base_dir``.
 
     Example:
         >>> from onnx import numpy_helper
@@ -208,8 +209,9 @@ def read_external_data(proto: onnx.TensorProto, base_dir: str | os.PathLike | No
     Exactly the bytes the tensor's shape needs are read, after checking that the file holds them.
 
     Raises:
+        MissingFileError: the file is missing.
         ModelLoadError: no ``base_dir`` (an in-memory model), a location that escapes ``base_dir`` or holds a NUL
-            byte, a missing file, an offset or length that is not a non-negative integer, a length that does not
+            byte, an offset or length that is not a non-negative integer, a length that does not
             match the shape, or a file shorter than the tensor needs.
     """
     info = {entry.key: entry.value for entry in proto.external_data}
@@ -236,7 +238,7 @@ def read_external_data(proto: onnx.TensorProto, base_dir: str | os.PathLike | No
             "files inside that folder, move the data file next to the model"
         )
     if not target.is_file():
-        raise ModelLoadError(f"{what}, which does not exist in {base}; copy the data file next to the model")
+        raise MissingFileError(f"{what}, which does not exist in {base}; copy the data file next to the model")
     offset, length = _external_int(info, "offset", what), _external_int(info, "length", what)
     need = expected_bytes(proto.data_type, math.prod(int(d) for d in proto.dims))
     if length is not None and length != need:
