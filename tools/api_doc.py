@@ -122,6 +122,8 @@ text = "\n".join(lines).rstrip() + "\n"
 
 if __name__ == "__main__":
     out = sys.argv[1] if len(sys.argv) > 1 else None
+    if out and out.startswith("-"):  # --help, or a mistyped option: never a file name
+        sys.exit(__doc__)
     if out:
         open(out, "w", encoding="utf-8").write(text)
     else:
