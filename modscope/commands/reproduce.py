@@ -17,7 +17,7 @@ HELP = "run one of the paper's experiments end to end and compare with the paper
 DESCRIPTION = f"""\
 Run one of the paper's experiments: train the network, the masks, measure, and print the measured figures beside
 the paper's. --quick runs a small preset (minutes on a CPU); --medium, for addmul and scan, the paper's network with
-as many steps as fit in about two hours on a 2-core CPU. Experiments: {", ".join(EXPERIMENTS)}."""
+as many steps as fit in about 1.5 hours on a 2-core CPU. Experiments: {", ".join(EXPERIMENTS)}."""
 EXAMPLE = "modscope reproduce addmul --quick --out runs/reproduce"
 
 
@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     preset = p.add_mutually_exclusive_group()
     preset.add_argument("--quick", action="store_true", help="the small preset instead of the paper's settings")
     preset.add_argument("--medium", action="store_true",
-                        help="addmul and scan: the paper's network with as many steps as fit in about 2 h on 2 CPU cores")
+                        help="addmul and scan: the paper's network with as many steps as fit in about 1.5 h on 2 CPU cores")
     p.add_argument("--seeds", type=int, metavar="N", help="how many seeds to run (default: 1)")
     p.add_argument("--out", metavar="DIR", help="folder for the JSON and HTML reports (default: runs)")
     p.add_argument("--device", metavar="NAME", help="torch device (default: cuda when present)")

@@ -28,7 +28,7 @@ class ExperimentOptions:
 
     Attributes:
         quick: the small preset (minutes on 2 CPU cores) instead of the paper's settings.
-        medium: the middle preset (about two hours on 2 CPU cores) of the experiments that have one: the paper's
+        medium: the middle preset (about 1.5 hours on 2 CPU cores) of the experiments that have one: the paper's
             network with as many steps as fit; excludes ``quick``.
         seeds: how many seeds to run; figures are reported as mean ± std.
         out: folder for the JSON (and HTML) report.

@@ -57,7 +57,7 @@ SETTINGS: dict[str, Any] = {
 #: One net is trained from scratch on the jump split with the base settings, the reference the paper compares with.
 QUICK: dict[str, Any] = {"hidden": 64, "dropout": 0.1, "base_steps": 1000, "base_lr": 3e-3, "mask_steps": 2500,
                          "mask_batch_size": 64, "mask_lr": 0.1, "max_test": 600, "scratch": True, "masks": ("control", "jump")}
-#: the paper's 200-unit, 2-layer LSTM with the steps that fit in about two hours on 2 CPU cores: the quick preset's
+#: the paper's 200-unit, 2-layer LSTM with the steps that fit in about 1.5 hours on 2 CPU cores: the quick preset's
 #: learning rates, dropout and masks (the two of the claim that did not hold at --quick), 600 test examples per split.
 MEDIUM: dict[str, Any] = {"dropout": 0.1, "base_steps": 1500, "base_lr": 3e-3, "mask_steps": 1000, "mask_batch_size": 64,
                           "mask_lr": 0.1, "max_test": 600, "scratch": True, "masks": ("control", "jump")}
