@@ -107,8 +107,9 @@ def choose(explicit: int | None = None) -> ThreadChoice:
 
             raise InvalidParameterError(f"threads must be at least 1, not {explicit}")
         return ThreadChoice(explicit, "as asked")
-    if _from_environment():
-        return ThreadChoice(int(os.environ["OMP_NUM_THREADS"].strip()), "from OMP_NUM_THREADS")
+    env = _environment_threads()
+    if env is not None:
+        return ThreadChoice(env, "from OMP_NUM_THREADS")
     choice, _ = _automatic(claim=False)
     return choice
 
@@ -120,7 +121,7 @@ def _automatic(*, claim: bool) -> tuple[ThreadChoice, _Claim | None]:
     with _registry_locked(folder):  # one chooser at a time, so the next one sees this one's claim
         others = _claimed_by_others(folder, own=None)
         idle = idle_cpus()
-        wanted = usable if idle is None else max(1, min(usable, int(idle + 0.25)))  # a core 75% idle counts as free
+        wanted = usable if idle is None else max(1, min(usable, _whole_cores(idle)))
         threads = max(1, min(wanted, usable - others))
         held = _Claim.take(folder, threads, wanted, usable) if claim and folder is not None else None
     reason = f"{usable} usable CPUs" if idle is None else f"{wanted} of {usable} usable CPUs free"
@@ -141,7 +142,7 @@ def limited(explicit: int | None = None, *, announce: bool = True) -> Iterator[T
     if explicit is None and _active is not None:
         yield _active
         return
-    automatic = explicit is None and not _from_environment()
+    automatic = explicit is None and _environment_threads() is None
     choice, held = _automatic(claim=True) if automatic else (choose(explicit), None)
     before = torch.get_num_threads()
     if announce and not _announced and automatic:
@@ -149,10 +150,9 @@ def limited(explicit: int | None = None, *, announce: bool = True) -> Iterator[T
         _announced = True
     torch.set_num_threads(choice.threads)
     outer, _active = _active, choice
-    outer_held = _held
+    outer_held, _held = _held, held  # an explicit block inside an automatic one: nothing to rebalance
     if held is not None:
         held.announce = announce
-        _held = held
     try:
         yield choice
     finally:
@@ -171,14 +171,14 @@ def rebalance() -> None:
     end, it takes back up to the cores that are idle, never more than it chose at the start.
     """
     held = _held
-    if held is None or _active is None or time.monotonic() - held.checked < REBALANCE_SECONDS:
+    if held is None or time.monotonic() - held.checked < REBALANCE_SECONDS:
         return
     held.checked = time.monotonic()
     with _registry_locked(held.folder):
         target = max(1, min(held.wanted, held.usable - _claimed_by_others(held.folder, own=held.path)))
         if target > held.threads:  # grow only into cores that are idle now (a job that is not modscope may hold them)
             idle = idle_cpus()
-            target = min(target, held.threads + int(idle + 0.25)) if idle is not None else held.threads
+            target = min(target, held.threads + _whole_cores(idle)) if idle is not None else held.threads
         if target == held.threads:
             return
         held.write(target)
@@ -188,9 +188,15 @@ def rebalance() -> None:
               "(other modscope runs on this machine changed what is free)", file=sys.stderr, flush=True)
 
 
-def _from_environment() -> bool:
+def _environment_threads() -> int | None:
+    """``$OMP_NUM_THREADS`` when it is a positive count."""
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
-    return env.isdigit() and int(env) > 0
+    return int(env) if env.isdigit() and int(env) > 0 else None
+
+
+def _whole_cores(idle: float) -> int:
+    """The idle cores that count as free: a core 75% idle counts."""
+    return int(idle + 0.25)
 
 
 # -- the claims of the runs on this machine ------------------------------------------------------------------------

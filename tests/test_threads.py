@@ -138,3 +138,16 @@ def test_two_runs_started_at_the_same_instant_do_not_both_take_every_core(tmp_pa
     first, second = sorted(t for t, _ in got)
     usable = got[0][1]
     assert second <= usable and first <= max(1, usable - second)
+
+
+def test_an_explicit_block_inside_an_automatic_one_is_never_rebalanced(automatic, monkeypatch):
+    monkeypatch.setattr(threads, "REBALANCE_SECONDS", 0.0)
+    automatic(1.9)
+    with threads.limited():
+        with threads.limited(2):
+            other = threads._Claim.take(_claims(), 1, 1, 2)  # the claims now exceed the cores
+            try:
+                threads.rebalance()
+                assert torch.get_num_threads() == 2
+            finally:
+                other.release()

@@ -311,6 +311,9 @@ class ShardedLogits:
         self.lo, self.hi = min(ranks.rank * self.size, K * N), min((ranks.rank + 1) * self.size, K * N)
         assert self.local.numel() == self.hi - self.lo
         self.whole_tasks = K % ranks.size == 0  # this rank's run is tasks lo/N .. hi/N
+        #: ``(task, start, end)``: where each task's part of this rank's run lies in it
+        self.pieces = [(k, max(self.lo, k * N) - self.lo, min(self.hi, (k + 1) * N) - self.lo)
+                       for k in range(self.lo // N, -(-self.hi // N))]
         self.optimizer = torch.optim.Adam([self.param], lr=lr)
 
     @property
@@ -322,17 +325,11 @@ class ShardedLogits:
         """A run of whole tasks (`whole_tasks`) as a (tasks, N) matrix."""
         return flat.view(-1, self.shape[1])
 
-    def pieces(self) -> list[tuple[int, int, int]]:
-        """``(task, start, end)``: where each task's part of this rank's run lies in it."""
-        N = self.shape[1]
-        return [(k, max(self.lo, k * N) - self.lo, min(self.hi, (k + 1) * N) - self.lo)
-                for k in range(self.lo // N, -(-self.hi // N))]
-
     def local_part(self, row: torch.Tensor) -> torch.Tensor:
         """A per-weight (N,) tensor as it lines up with this rank's run (the whole row for whole tasks)."""
         if self.whole_tasks:
             return row
-        return torch.cat([row[a + self.lo - k * self.shape[1] : b + self.lo - k * self.shape[1]] for k, a, b in self.pieces()])
+        return torch.cat([row[a + self.lo - k * self.shape[1] : b + self.lo - k * self.shape[1]] for k, a, b in self.pieces])
 
     def local_grad(self) -> torch.Tensor:
         """This rank's gradient shard, zeroed, as (tasks, N): for a rank whose share of the step is exactly the tasks
@@ -365,22 +362,25 @@ class ShardedLogits:
         for whole tasks, else one per element of the run (its task's norm, summed over the ranks)."""
         if self.whole_tasks:
             return grad.norm(dim=1, keepdim=True)
-        squares = torch.zeros(self.shape[0], dtype=grad.dtype, device=grad.device)
-        for k, a, b in self.pieces():
-            squares[k] = grad[a:b].square().sum()
-        self.ranks.collective("the all-reduce of the gradient norms", _dist().all_reduce, squares)
-        pieces = self.pieces()
-        lengths = torch.tensor([b - a for _, a, b in pieces], device=grad.device)
-        return squares.sqrt()[[k for k, _, _ in pieces]].repeat_interleave(lengths)
+        squares = self._task_sums(grad, lambda part: part.square().sum(), grad.dtype, "the gradient norms")
+        lengths = torch.tensor([b - a for _, a, b in self.pieces], device=grad.device)
+        return squares.sqrt()[[k for k, _, _ in self.pieces]].repeat_interleave(lengths)
 
     def density(self) -> torch.Tensor:
         """Each task's fraction of logits above 0 (K,), counted on the shards (a collective)."""
-        counts = torch.zeros(self.shape[0], dtype=torch.float64, device=self.local.device)
-        kept = self.local.detach() > 0
-        for k, a, b in self.pieces():
-            counts[k] = kept[a:b].sum().double()
-        self.ranks.collective("the all-reduce of the mask densities", _dist().all_reduce, counts)
+        counts = self._task_sums(self.local.detach(), lambda part: (part > 0).sum().double(), torch.float64,
+                                 "the mask densities")
         return (counts.float() / self.shape[1]).cpu()
+
+    def _task_sums(self, run: torch.Tensor, part_sum: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype,
+                   what: str) -> torch.Tensor:
+        """(K,): ``part_sum`` of each task's part of ``run`` (this rank's run of a flat (K, N) tensor), summed over the
+        ranks (a collective)."""
+        sums = torch.zeros(self.shape[0], dtype=dtype, device=run.device)
+        for k, a, b in self.pieces:
+            sums[k] = part_sum(run[a:b])
+        self.ranks.collective(f"the all-reduce of {what}", _dist().all_reduce, sums)
+        return sums
 
     def full(self) -> torch.Tensor:
         """The whole (K, N) logits on every rank (a collective)."""

@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Mapping
 from typing import Literal, TextIO
+
 from .. import threads
 
 Mode = Literal["bar", "lines", "off"]
