@@ -76,3 +76,11 @@ def toy_modular() -> tuple[TwoPathways, dict]:
     net.eval()
     tasks = {"a": modscope.Task("a", x, ya, output=0), "b": modscope.Task("b", x, yb, output=1)}
     return net, tasks
+
+
+@pytest.fixture
+def torch_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mask step as torch operations only: the native kernels off, as where they cannot be built."""
+    from modscope.masks import native
+
+    monkeypatch.setattr(native, "_loaded", (None, "native kernels off for this test"))

@@ -11,8 +11,9 @@ from torch import nn
 
 import modscope
 from modscope.errors import OutOfMemoryPlanError
-from modscope.masks.memory import parse_bytes, plan_passes
+from modscope.masks import native
 from modscope.masks import trainer as trainer_module
+from modscope.masks.memory import parse_bytes, plan_passes
 from modscope.masks.trainer import MaskTrainer
 
 # Recorded on CPU with the learner as it was before the buffer-reusing step and the memory plan (commit c338bc8):
@@ -54,7 +55,12 @@ def train(**overrides) -> modscope.MaskSet:
     return modscope.train_masks(reference_net(), reference_tasks(), config, progress=False)
 
 
-def test_masks_and_logits_are_bit_identical_to_the_recorded_reference():
+@pytest.mark.parametrize("kernels", ["native", "torch"])
+def test_masks_and_logits_are_bit_identical_to_the_recorded_reference(kernels, request):
+    if kernels == "torch":
+        request.getfixturevalue("torch_kernels")
+    elif native.kernels() is None:
+        pytest.skip(native.status())
     masks = train()
     for task, (bits, digest) in REFERENCE.items():
         assert fingerprint(masks, task) == (bits, digest), f"task {task!r} changed"
@@ -129,7 +135,7 @@ def test_plan_arithmetic():
         modscope.MaskConfig(max_memory="lots")
 
 
-def test_noise_drawn_ahead_in_threads_gives_the_same_masks_and_logits():
+def test_noise_drawn_ahead_in_threads_gives_the_same_masks_and_logits(torch_kernels):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -141,7 +147,7 @@ def test_noise_drawn_ahead_in_threads_gives_the_same_masks_and_logits():
         assert fingerprint(masks, task) == expected and fingerprint(split, task) == expected
 
 
-def test_a_checkpoint_taken_while_noise_is_drawn_ahead_holds_the_streams_of_the_step_boundary(tmp_path):
+def test_a_checkpoint_taken_while_noise_is_drawn_ahead_holds_the_streams_of_the_step_boundary(tmp_path, torch_kernels):
     from modscope.masks.checkpoint import TrainingState
 
     def saved_generators(threads: int) -> list[torch.Tensor]:
@@ -165,8 +171,12 @@ def test_a_checkpoint_taken_while_noise_is_drawn_ahead_holds_the_streams_of_the_
         assert torch.equal(ahead, plain)
 
 
-def test_step_buffers_give_the_same_bits_whatever_the_block_size():
+def test_step_buffers_give_the_same_bits_whatever_the_block_size_and_with_the_native_kernels(monkeypatch):
     from modscope.masks.sampling import StepBuffers
+
+    if native.kernels() is None:
+        pytest.skip(native.status())
+    loaded = native._loaded
 
     g = torch.Generator().manual_seed(3)
     weights = [torch.randn(300, 70, generator=g), torch.randn(90, generator=g), torch.randn(20, 300, generator=g)]
@@ -177,7 +187,8 @@ def test_step_buffers_give_the_same_bits_whatever_the_block_size():
     grads = [torch.randn(2, 4, *w.shape, generator=g) for w in weights]
     grads[0] = grads[0].transpose(-1, -2).contiguous().transpose(-1, -2)  # as a linear layer's weight gradient
     results = []
-    for block in (None, 4096):
+    for block, kernels in ((None, (None, "off")), (4096, (None, "off")), (None, loaded)):
+        monkeypatch.setattr(native, "_loaded", kernels)
         buffers = StepBuffers(weights, offsets, replicas=8, tasks=2)
         buffers.block = block or buffers.block  # a few blocks per weight, or many
         effective = [e.clone() for e in buffers.effective(logits, uniforms, weights)]
@@ -185,6 +196,7 @@ def test_step_buffers_give_the_same_bits_whatever_the_block_size():
         buffers.logit_grad(logits, uniforms, grads, out, 1.0, accumulate=False)
         buffers.logit_grad(logits, uniforms, grads, out, 1.0, accumulate=True)
         results.append((effective, out))
-    (eff1, out1), (eff3, out3) = results
-    assert all(torch.equal(a, b) for a, b in zip(eff1, eff3))
-    assert torch.equal(out1, out3) and out1.abs().sum() > 0  # τ = 1: + − × ÷ only, exact whatever the blocks
+    (eff1, out1), *others = results
+    for eff, out in others:
+        assert all(torch.equal(a, b) for a, b in zip(eff1, eff))
+        assert torch.equal(out1, out) and out1.abs().sum() > 0  # τ = 1: + − × ÷ only, exact whatever the blocks

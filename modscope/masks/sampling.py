@@ -23,7 +23,10 @@ from typing import Any
 
 import torch
 
-_LOGIT_CLAMP = 40.0  # beyond |l| = 40 the soft sample's derivative is below 1e-10 for any float32 uniform
+from . import native
+from .elementwise import LOGIT_CLAMP as _LOGIT_CLAMP
+from .elementwise import keep_weights as _keep_weights
+from .elementwise import logit_grad as _logit_grad
 
 
 def _soft_derivative(logits: torch.Tensor, uniforms: torch.Tensor, tau: float) -> torch.Tensor:
@@ -69,24 +72,6 @@ def sample_masks(logits: torch.Tensor, uniforms: torch.Tensor, tau: float = 1.0)
         (torch.Size([1, 3, 5]), True)
     """
     return _HardConcrete.apply(logits, uniforms, tau)
-
-
-def _keep_weights(logits: torch.Tensor, uniforms: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """W where u > sigmoid(-l), else 0: ``logits`` (K, 1, n), ``uniforms`` (K, S, n), ``weight`` (n,)."""
-    return torch.where(uniforms > torch.sigmoid(-logits), weight, 0)
-
-
-def _logit_grad(logits: torch.Tensor, uniforms: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, tau: float) -> torch.Tensor:
-    """Σ_s grad · W · ds/dl: the straight-through gradient of the logits (K, n); written out-of-place to fuse."""
-    if tau == 1.0:
-        e = torch.exp(-logits.clamp(-_LOGIT_CLAMP, _LOGIT_CLAMP))
-        other = (1 - uniforms) * e
-        denom = other + uniforms
-        local = other * uniforms / (denom * denom)
-    else:
-        soft = torch.sigmoid((logits + torch.logit(uniforms)) / tau)
-        local = soft * (1 - soft) / tau
-    return (local * grad * weight).sum(1)
 
 
 class SamplerKernels:
@@ -201,6 +186,10 @@ def draw_uniforms(shape: tuple[int, ...], generator: torch.Generator, device: to
     """Uniforms from ``generator`` (a CPU generator gives the same stream whatever ``device`` is), into ``out`` if
     given. The stream is drawn row by row: two draws of (2, n) give the values of one draw of (4, n)."""
     if out is not None and out.device == generator.device:
+        fast = native.kernels() if _native_fits(out) and generator.device.type == "cpu" else None
+        if fast is not None:  # the same values and generator state as torch.rand, about ten times faster
+            fast.uniforms(generator, out)
+            return out
         return torch.rand(shape, generator=generator, out=out)
     u = torch.rand(shape, generator=generator, device=generator.device)
     if out is not None:
@@ -208,16 +197,34 @@ def draw_uniforms(shape: tuple[int, ...], generator: torch.Generator, device: to
     return u.to(device, non_blocking=True) if u.device != torch.device(device) else u
 
 
+def _native_fits(*tensors: torch.Tensor) -> bool:
+    """Whether the native kernels can take these tensors: float32 on the CPU, the last dimension dense."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and (t.dim() == 0 or t.stride(-1) == 1) for t in tensors)
+
+
 _CPU_BLOCK = 1 << 17  # elements per block of the backward's temporaries on CPU: two 512 KiB floats stay in L2
+
+
+def _as_matrix(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+    """``g`` (G, s, *shape) as a (G, s, rows, cols) view for the native logit gradient (a vector is one row), or None
+    where ``w`` is not a contiguous float32 weight or ``g`` not a float32 CPU tensor with such a view."""
+    if not (_native_fits(w) and w.is_contiguous() and w.numel() and g.dtype == torch.float32 and g.device.type == "cpu"):
+        return None
+    rows = w.shape[0] if w.dim() > 1 else 1
+    try:
+        return g.view(*g.shape[:2], rows, w.numel() // rows)
+    except RuntimeError:  # dimensions that cannot be merged without a copy
+        return None
 
 
 class StepBuffers:
     """Reusable buffers of the mask step: noise, effective weights and the backward's temporaries.
 
     The step writes into these with ``out=`` and in-place operations, so after the first step no (K, S, N)-sized
-    array is allocated or freed (no page faults, no system time); on a CPU the backward runs over column blocks whose
-    temporaries stay in cache. The arithmetic is that of `sample_masked_weights` operation by operation, so the
-    results are bit-identical to it.
+    array is allocated or freed (no page faults, no system time). On a CPU the element-wise work runs in the
+    `native` kernels where they could be built (one pass each, on torch's threads), else as torch operations
+    over column blocks whose temporaries stay in cache. Either way the arithmetic is that of `sample_masked_weights`
+    operation by operation, so the results are bit-identical to it.
 
     Args:
         weights: the masked weights (frozen), in layout order.
@@ -272,17 +279,24 @@ class StepBuffers:
         compiled = kernels is not None and kernels.compiled
         if not compiled:
             torch.sigmoid(torch.neg(logits[:, None], out=rows), out=rows)
+        fast = None if compiled else self._native(uniforms, rows)
         out = []
         for w, a, buf in zip(weights, self.offsets, self._effective):
             n = w.numel()
             eff = buf[: G * s * n].view(G, s, n)
-            if compiled:
+            if fast is not None and _native_fits(w) and w.is_contiguous():
+                fast.keep(uniforms[..., a : a + n], rows[..., a : a + n], w.reshape(-1), eff)
+            elif compiled:
                 eff.copy_(kernels.call("keep", logits[:, None, a : a + n], uniforms[..., a : a + n], w.reshape(-1)))  # type: ignore[union-attr]
             else:  # 0/1 into the buffer, then 0 + keep·W: W or +0.0 exactly as torch.where, three times faster
                 torch.gt(uniforms[..., a : a + n], rows[..., a : a + n], out=eff)
                 torch.addcmul(self._zero, eff, w.reshape(-1), out=eff)
             out.append(eff.view(G, s, *w.shape))
         return out
+
+    def _native(self, *tensors: torch.Tensor) -> native.Kernels | None:
+        """The native kernels, when they are built and take these tensors."""
+        return native.kernels() if _native_fits(*tensors) else None
 
     def logit_grad(self, logits: torch.Tensor, uniforms: torch.Tensor, grads: Sequence[torch.Tensor | None],
                    out: torch.Tensor, tau: float, accumulate: bool, kernels: SamplerKernels | None = None) -> None:
@@ -295,12 +309,17 @@ class StepBuffers:
         rows = self._rows[: G * self.total].view(G, 1, self.total)
         if tau == 1.0 and not compiled:  # e = exp(−l), reused by every block
             torch.exp(torch.neg(torch.clamp(logits[:, None], -_LOGIT_CLAMP, _LOGIT_CLAMP, out=rows), out=rows), out=rows)
+        fast = self._native(uniforms, rows, out) if tau == 1.0 and not compiled else None
         for w, a, g in zip(self.weights, self.offsets, grads):
             n = w.numel()
             target = out[:, a : a + n]
             if g is None:
                 if not accumulate:
                     target.zero_()
+                continue
+            matrix = _as_matrix(g, w) if fast is not None else None
+            if fast is not None and matrix is not None:
+                fast.logit_grad(uniforms[..., a : a + n], matrix, w.reshape(-1), rows[..., a : a + n], target, accumulate)
                 continue
             if compiled:
                 part = kernels.call("grad", logits[:, None, a : a + n], uniforms[..., a : a + n], g.reshape(G, s, n), w.reshape(-1), tau)  # type: ignore[union-attr]

@@ -34,6 +34,7 @@ from ..devices import resolve_device
 from ..errors import InvalidParameterError, ModscopeWarning, OutOfMemoryPlanError, ShapeError
 from ..model import Model, WeightInfo
 from ..tasks import Task
+from . import native
 from .checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from .config import MaskConfig
 from .convergence import warn_if_unconverged
@@ -356,6 +357,7 @@ class MaskTrainer:
         for w, offset in zip(self.weights, self.layout.offsets):
             if w.name in frozen:
                 self.trainable[offset : offset + w.numel] = False
+        self._frozen_any = bool(frozen)
         self.optimizer = torch.optim.Adam([self.logits], lr=config.lr)
         self.gens = _TaskGenerators(self.tasks, config.seed)
         self.runner = _StepRunner(model, module, self.tasks, self.layout, config, device)
@@ -385,10 +387,14 @@ class MaskTrainer:
         """Plan the passes from one probe pass on the first task's examples ``xs`` and allocate the step buffers."""
         xs = tuple(x[: self.config.batch_size // self.config.n_samples] for x in xs)
         activations = self._probe_activations(xs)
+        # draw the next pass's noise while this one computes, unless the native kernel draws it: that takes about
+        # 1 ms per task, and in a thread of its own it would stall the step's parallel work on the core it takes
+        fast_noise = self.device.type == "cpu" and native.kernels() is not None
+        ahead = self._draw_pool is not None and not fast_noise
 
         def plan(fused: bool) -> MemoryPlan:
             return plan_run(len(self.tasks), self.config, self.layout.total, activations, self.device,
-                            prefer=self._preferred_replicas(), ahead=self._draw_pool is not None, fused_optimizer=fused)
+                            prefer=self._preferred_replicas(), ahead=ahead, fused_optimizer=fused)
 
         # bound by memory: Adam's fused kernel needs no temporaries (float-noise differences in the logits only)
         fusable = self.distributed is None and fused_adam_supported(self.device)  # sharded Adam: its own kernel
@@ -409,7 +415,7 @@ class MaskTrainer:
             self._heap.__enter__()
         most_tasks = max(len(p.tasks) for p in self._plan.passes)
         whole = all(p.samples == (0, self.config.n_samples) for p in self._plan.passes)
-        self._ahead = self._draw_pool is not None and whole  # draw the next pass's noise while this one computes
+        self._ahead = ahead and whole
         self.buffers = StepBuffers(self._masked, self.layout.offsets, self._plan.replicas, most_tasks, slots=2 if self._ahead else 1)
 
     def _preferred_replicas(self) -> int | None:
@@ -472,7 +478,8 @@ class MaskTrainer:
         gradient ``grad`` (K, N)."""
         config = self.config
         grad.add_(config.alpha)  # the gradient of the penalty (β/b)·Σ l
-        grad.mul_(self.trainable)
+        if self._frozen_any:  # (times 1 changes nothing: skipped when every weight trains)
+            grad.mul_(self.trainable)
         if config.grad_clip is not None:
             _clip_per_task(grad, config.grad_clip, self.distributed.sharded.norms(grad) if self.distributed else None)
         self.optimizer.step()

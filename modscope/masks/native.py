@@ -1,0 +1,247 @@
+"""Native CPU kernels of the mask step, built on first use with the system's C compiler.
+
+On a CPU most of a mask step is element-wise work over K x S x N values: drawing the noise, the effective weights
+and the logit gradient. torch draws its Mersenne-Twister uniforms through a general per-element loop (about 2.5 ns
+each on the benchmark machine) and runs the logit gradient as nine separate passes. ``native.c`` does each in one pass,
+with the same floating-point operations in the same order, so the masks and logits stay bit for bit those of the
+torch operations (the uniforms are those of ``torch.rand`` on the same `torch.Generator`, whose state is advanced
+as ``torch.rand`` would).
+
+The library is compiled once per machine with ``$CC`` (else ``cc``; about 0.2 s) into ``$XDG_CACHE_HOME/modscope``
+(else ``~/.cache/modscope``), and checked against the torch operations on a small input before it is used. Where
+that fails (no compiler, a non-POSIX system, a torch whose generator state changed layout, a result that differs)
+the step runs the torch operations, with the same results, more slowly; `status` says which and why.
+``MODSCOPE_NATIVE=0`` turns the kernels off.
+
+Example:
+    >>> import torch
+    >>> from modscope.masks import native
+    >>> out = torch.empty(5)
+    >>> if native.kernels() is not None:  # the compiler may be missing
+    ...     native.kernels().uniforms(torch.Generator().manual_seed(0), out)
+    ...     assert torch.equal(out, torch.rand(5, generator=torch.Generator().manual_seed(0)))
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import stat
+import subprocess
+import tempfile
+import threading
+import time
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .elementwise import LOGIT_CLAMP, keep_weights, logit_grad
+
+_ABI = 1
+_FLAGS = ["-O3", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math"]
+_TUNED = ["-march=native"]  # tried first; the library is then keyed by this machine's CPU features
+_OPENMP = ["-fopenmp"]  # where torch runs on OpenMP: the kernels then share torch's threads (see native.c)
+_STATE_BYTES = 5056  # torch's CPU generator state: seed, left, seeded, next, 624 words (uint64), normal-sample cache
+_LEFT, _NEXT, _WORDS = 8, 16, 24
+
+_lock = threading.Lock()
+_loaded: tuple[Kernels | None, str] | None = None
+
+
+def kernels() -> Kernels | None:
+    """The native kernels, built and checked on the first call; None where they cannot be used (`status` says why)."""
+    global _loaded
+    with _lock:
+        if _loaded is None:
+            _loaded = _load()
+        return _loaded[0]
+
+
+def status() -> str:
+    """One line: the kernels in use and where they came from, or why the torch operations run instead."""
+    kernels()
+    assert _loaded is not None
+    return _loaded[1]
+
+
+class Kernels:
+    """The loaded library's kernels over torch tensors (float32, CPU)."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.modscope_uniforms.argtypes = [ptr, ptr, ptr, i64]
+        lib.modscope_keep.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, i64, i64, i64]
+        lib.modscope_logit_grad.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, i64, ptr, ptr, i64, ptr, i64, i64, i64,
+                                            i64, i64, ctypes.c_int]
+        for f in (lib.modscope_uniforms, lib.modscope_keep, lib.modscope_logit_grad):
+            f.restype = None
+        self._lib = lib
+        self.build_seconds = 0.0
+        """Time it took to compile the library in this process (0 when it came from the cache)."""
+
+    def uniforms(self, generator: torch.Generator, out: torch.Tensor) -> None:
+        """Fill the contiguous float32 ``out`` as ``torch.rand(out.shape, generator=generator, out=out)`` would, and
+        advance ``generator`` the same way."""
+        state = generator.get_state()
+        raw = state.numpy()
+        left = int(raw[_LEFT : _LEFT + 4].view("int32")[0])
+        pos = ctypes.c_int64(625 - left)  # torch counts the words left (+1); 624 means "twist first"
+        words = raw[_WORDS : _WORDS + 624 * 8]
+        self._lib.modscope_uniforms(words.ctypes.data, ctypes.addressof(pos), out.data_ptr(), out.numel())
+        raw[_LEFT : _LEFT + 4].view("int32")[0] = 625 - pos.value
+        raw[_NEXT : _NEXT + 8].view("uint64")[0] = pos.value
+        generator.set_state(state)
+
+    def keep(self, u: torch.Tensor, p: torch.Tensor, w: torch.Tensor, eff: torch.Tensor) -> None:
+        """``eff`` (G, S, n) = 0 + [u > p] · w: ``u`` (G, S, n) with unit element stride, ``p`` (G, 1, n), ``w``
+        (n,) and ``eff`` contiguous."""
+        G, S, n = u.shape
+        self._lib.modscope_keep(u.data_ptr(), u.stride(0), u.stride(1), p.data_ptr(), p.stride(0), w.data_ptr(),
+                                eff.data_ptr(), G, S, n)
+
+    def logit_grad(self, u: torch.Tensor, g: torch.Tensor, w: torch.Tensor, e: torch.Tensor, out: torch.Tensor,
+                   accumulate: bool) -> None:
+        """``out`` (G, rows·cols) (+)= Σ_s (1 − u)·e·u / ((1 − u)·e + u)² · g · w for a (rows, cols) weight: ``u``
+        (G, S, rows·cols), ``e`` (G, 1, rows·cols), ``w`` and ``out`` with unit element stride, ``g`` (G, S, rows, cols)
+        of any strides."""
+        G, S, rows, cols = g.shape
+        self._lib.modscope_logit_grad(u.data_ptr(), u.stride(0), u.stride(1), g.data_ptr(), *g.stride(), w.data_ptr(),
+                                      e.data_ptr(), e.stride(0), out.data_ptr(), out.stride(0), G, S, rows, cols,
+                                      int(accumulate))
+
+
+# -- building, caching and checking the library ------------------------------------------------------------------
+def _load() -> tuple[Kernels | None, str]:
+    if os.environ.get("MODSCOPE_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None, "native kernels off (MODSCOPE_NATIVE=0): the mask step runs torch operations"
+    if os.name != "posix":
+        return None, f"no native kernels on {platform.system()}: the mask step runs torch operations"
+    try:
+        lib, built = _library()
+        found = Kernels(ctypes.CDLL(str(lib)))
+        found.build_seconds = built
+        problem = _check(found)
+    except _NotBuilt as exc:
+        return None, f"native kernels not built ({exc}): the mask step runs torch operations (same results, slower)"
+    except OSError as exc:
+        return None, f"native kernels not loaded ({exc}): the mask step runs torch operations (same results, slower)"
+    if problem:
+        return None, f"native kernels not used ({problem}): the mask step runs torch operations"
+    how = f"built in {built:.1f} s" if built else "from the cache"
+    return found, f"native CPU kernels ({how}: {lib})"
+
+
+class _NotBuilt(Exception):
+    pass
+
+
+def _library() -> tuple[Path, float]:
+    """The cached library for this source, compiler and CPU (compiled now if missing), and the seconds compiling took."""
+    source = resources.files("modscope.masks").joinpath("native.c").read_bytes()
+    compiler = os.environ.get("CC", "cc")
+    if shutil.which(compiler) is None:
+        raise _NotBuilt(f"no C compiler {compiler!r} on the PATH; set CC to one")
+    folder = _cache_folder()
+    key = hashlib.sha256(b"\0".join([source, compiler.encode(), _compiler_version(compiler), _cpu_signature(),
+                                     str(_torch_uses_openmp()).encode()]))
+    lib = folder / f"native-{_ABI}-{key.hexdigest()[:20]}.so"
+    if lib.exists():
+        _require_own(lib)
+        return lib, 0.0
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=folder) as scratch:
+        src = Path(scratch) / "native.c"
+        src.write_bytes(source)
+        out = Path(scratch) / "native.so"
+        openmp = _OPENMP if _torch_uses_openmp() else []
+        for extra in ([*openmp, *_TUNED], openmp, _TUNED, []):
+            try:
+                done = subprocess.run([compiler, *_FLAGS, *extra, str(src), "-o", str(out)], capture_output=True,
+                                      timeout=120, check=False)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                raise _NotBuilt(f"{compiler} failed to run: {exc}") from exc
+            if done.returncode == 0:
+                break
+        else:
+            first = (done.stderr.decode(errors="replace").strip().splitlines() or ["no message"])[0][:200]
+            raise _NotBuilt(f"{compiler} failed: {first}")
+        os.chmod(out, 0o700)
+        os.replace(out, lib)  # atomic: another process building at once finds a whole file or none
+    return lib, time.perf_counter() - start
+
+
+def _cache_folder() -> Path:
+    """``$XDG_CACHE_HOME/modscope`` (else ``~/.cache/modscope``), made ``0700``; a folder another user owns or others
+    can write to is not used (a library there could have been put there by someone else)."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "modscope"
+    try:
+        base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _NotBuilt(f"cannot create the cache folder {base}: {exc.strerror}") from exc
+    _require_own(base)
+    return base
+
+
+def _require_own(path: Path) -> None:
+    info = os.lstat(path)
+    if info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or stat.S_ISLNK(info.st_mode):
+        raise _NotBuilt(f"{path} is not private to this user (another owner, a link, or writable by others)")
+
+
+def _torch_uses_openmp() -> bool:
+    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
+def _compiler_version(compiler: str) -> bytes:
+    try:
+        return subprocess.run([compiler, "--version"], capture_output=True, timeout=30, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return b""
+
+
+def _cpu_signature() -> bytes:
+    """What ``-march=native`` depends on: the machine and, on Linux, the CPU's feature flags."""
+    flags = b""
+    try:
+        with open("/proc/cpuinfo", "rb") as f:
+            flags = next((line for line in f if line.startswith((b"flags", b"Features"))), b"")
+    except OSError:
+        pass
+    return platform.machine().encode() + b"\0" + flags
+
+
+def _check(found: Kernels) -> str | None:
+    """Compare every kernel with the torch operations it replaces on a small input; the first difference, if any."""
+    if torch.Generator().get_state().numel() != _STATE_BYTES:
+        return "this torch's generator state has an unknown layout"
+    g, ref = torch.Generator().manual_seed(1234), torch.Generator().manual_seed(1234)
+    for n in (1001, 3000, 1):  # starts mid-block, crosses several twists, then one value
+        out = torch.empty(n)
+        found.uniforms(g, out)
+        if not torch.equal(out, torch.rand(n, generator=ref)):
+            return "its uniforms differ from torch.rand's"
+    if not torch.equal(g.get_state(), ref.get_state()):
+        return "it leaves the generator in another state than torch.rand"
+    G, S, rows, cols = 2, 3, 70, 170  # over the size at which the kernels go parallel
+    u = torch.rand(G, S, rows * cols, generator=ref)
+    logits = torch.randn(G, 1, rows * cols, generator=ref) * 4
+    w = torch.randn(rows * cols, generator=ref)
+    eff = torch.empty(G, S, rows * cols)
+    found.keep(u, torch.sigmoid(-logits), w, eff)
+    if not torch.equal(eff, keep_weights(logits, u, w)):
+        return "its effective weights differ from torch's"
+    e = torch.exp(-logits.clamp(-LOGIT_CLAMP, LOGIT_CLAMP))
+    for g_layout in (torch.randn(G, S, rows, cols, generator=ref), torch.randn(G, S, cols, rows, generator=ref).transpose(2, 3)):
+        expected = logit_grad(logits, u, g_layout.reshape(G, S, -1), w, 1.0)
+        out = torch.full((G, rows * cols), 0.25)
+        found.logit_grad(u, g_layout, w, e, out, accumulate=False)
+        if not torch.equal(out, expected):
+            return "its logit gradient differs from torch's"
+        found.logit_grad(u, g_layout, w, e, out, accumulate=True)
+        if not torch.equal(out, expected + expected):
+            return "its accumulated logit gradient differs from torch's"
+    return None
