@@ -5,7 +5,8 @@
  * result is bit-identical to the torch path (native.py checks this on a small input before it uses a kernel).
  *
  * - modscope_uniforms: the uniforms torch.rand draws from a CPU torch.Generator, from the same Mersenne-Twister
- *   state (MT19937: Matsumoto and Nishimura, 1998), about ten times faster than torch's per-element loop.
+ *   state (MT19937: Matsumoto and Nishimura, 1998), about ten times faster than torch's per-element loop;
+ *   modscope_uniforms_many: the same for several generators, in parallel.
  * - modscope_keep: the effective weights 0 + [u > sigmoid(-l)] * W of every (task, sample).
  * - modscope_logit_grad: the straight-through gradient of the logits at temperature 1,
  *   sum over samples of (1 - u) e u / ((1 - u) e + u)^2 * g * W with e = exp(-l), computed over tiles so that a
@@ -64,6 +65,12 @@ void modscope_uniforms(uint64_t *words, int64_t *pos, float *out, int64_t n) {
     *pos = p;
 }
 
+/* modscope_uniforms for several generators at once, one per thread (each stream is serial, different streams not). */
+void modscope_uniforms_many(uint64_t *const *words, int64_t *pos, float *const *out, int64_t n, int64_t count) {
+#pragma omp parallel for schedule(dynamic, 1) if (count > 1)
+    for (int64_t t = 0; t < count; t++) modscope_uniforms(words[t], pos + t, out[t], n);
+}
+
 /* Below this many elements a kernel runs in the calling thread alone (forking the OpenMP team costs more). */
 #define PARALLEL_MIN 32768
 #define CHUNK 16384
@@ -83,6 +90,33 @@ void modscope_keep(const float *u, int64_t u_task, int64_t u_sample, const float
 }
 
 #define TILE 64
+
+#ifdef __AVX__
+#include <immintrin.h>
+/* dst[i * dst_stride + j] = src[j * src_stride + i] for an 8 x 8 block. */
+static void transpose8(const float *src, int64_t src_stride, float *dst, int64_t dst_stride) {
+    __m256 r0 = _mm256_loadu_ps(src), r1 = _mm256_loadu_ps(src + src_stride);
+    __m256 r2 = _mm256_loadu_ps(src + 2 * src_stride), r3 = _mm256_loadu_ps(src + 3 * src_stride);
+    __m256 r4 = _mm256_loadu_ps(src + 4 * src_stride), r5 = _mm256_loadu_ps(src + 5 * src_stride);
+    __m256 r6 = _mm256_loadu_ps(src + 6 * src_stride), r7 = _mm256_loadu_ps(src + 7 * src_stride);
+    __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+    __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+    __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+    __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+    __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    _mm256_storeu_ps(dst, _mm256_permute2f128_ps(s0, s4, 0x20));
+    _mm256_storeu_ps(dst + dst_stride, _mm256_permute2f128_ps(s1, s5, 0x20));
+    _mm256_storeu_ps(dst + 2 * dst_stride, _mm256_permute2f128_ps(s2, s6, 0x20));
+    _mm256_storeu_ps(dst + 3 * dst_stride, _mm256_permute2f128_ps(s3, s7, 0x20));
+    _mm256_storeu_ps(dst + 4 * dst_stride, _mm256_permute2f128_ps(s0, s4, 0x31));
+    _mm256_storeu_ps(dst + 5 * dst_stride, _mm256_permute2f128_ps(s1, s5, 0x31));
+    _mm256_storeu_ps(dst + 6 * dst_stride, _mm256_permute2f128_ps(s2, s6, 0x31));
+    _mm256_storeu_ps(dst + 7 * dst_stride, _mm256_permute2f128_ps(s3, s7, 0x31));
+}
+#endif
 
 /* out[k, i, j] = (out[k, i, j] +) sum_s local(u, e) * g * w for a (rows, cols) weight.
  * u: (G, S, rows * cols) with the given task and sample strides; e: exp(-l), (G, rows * cols); w: (rows * cols);
@@ -107,6 +141,12 @@ void modscope_logit_grad(const float *u, int64_t u_task, int64_t u_sample, const
                 for (int64_t jb = 0; jb < nj; jb += 8)
                     for (int64_t ib = 0; ib < ni; ib += 8) {
                         int64_t je = jb + 8 < nj ? jb + 8 : nj, ie = ib + 8 < ni ? ib + 8 : ni;
+#ifdef __AVX__
+                        if (g_row == 1 && je - jb == 8 && ie - ib == 8) {
+                            transpose8(gs + ib + jb * g_col, g_col, tile + ib * TILE + jb, TILE);
+                            continue;
+                        }
+#endif
                         for (int64_t i = ib; i < ie; i++)
                             for (int64_t j = jb; j < je; j++) tile[i * TILE + j] = gs[i * g_row + j * g_col];
                     }

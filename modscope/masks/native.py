@@ -34,6 +34,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -74,10 +75,11 @@ class Kernels:
     def __init__(self, lib: ctypes.CDLL):
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         lib.modscope_uniforms.argtypes = [ptr, ptr, ptr, i64]
+        lib.modscope_uniforms_many.argtypes = [ptr, ptr, ptr, i64, i64]
         lib.modscope_keep.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, i64, i64, i64]
         lib.modscope_logit_grad.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, i64, ptr, ptr, i64, ptr, i64, i64, i64,
                                             i64, i64, ctypes.c_int]
-        for f in (lib.modscope_uniforms, lib.modscope_keep, lib.modscope_logit_grad):
+        for f in (lib.modscope_uniforms, lib.modscope_uniforms_many, lib.modscope_keep, lib.modscope_logit_grad):
             f.restype = None
         self._lib = lib
         self.build_seconds = 0.0
@@ -86,15 +88,23 @@ class Kernels:
     def uniforms(self, generator: torch.Generator, out: torch.Tensor) -> None:
         """Fill the contiguous float32 ``out`` as ``torch.rand(out.shape, generator=generator, out=out)`` would, and
         advance ``generator`` the same way."""
-        state = generator.get_state()
-        raw = state.numpy()
-        left = int(raw[_LEFT : _LEFT + 4].view("int32")[0])
-        pos = ctypes.c_int64(625 - left)  # torch counts the words left (+1); 624 means "twist first"
-        words = raw[_WORDS : _WORDS + 624 * 8]
-        self._lib.modscope_uniforms(words.ctypes.data, ctypes.addressof(pos), out.data_ptr(), out.numel())
-        raw[_LEFT : _LEFT + 4].view("int32")[0] = 625 - pos.value
-        raw[_NEXT : _NEXT + 8].view("uint64")[0] = pos.value
-        generator.set_state(state)
+        self.uniforms_many([generator], [out])
+
+    def uniforms_many(self, generators: Sequence[torch.Generator], outs: Sequence[torch.Tensor]) -> None:
+        """`uniforms` for each generator and its ``out`` (all of one size), on torch's threads in parallel."""
+        count, n = len(generators), outs[0].numel()
+        if any(out.numel() != n for out in outs):
+            raise ValueError("uniforms_many draws the same number of values from each generator")
+        states = [g.get_state() for g in generators]
+        raw = [s.numpy() for s in states]
+        positions = (ctypes.c_int64 * count)(*(625 - int(r[_LEFT : _LEFT + 4].view("int32")[0]) for r in raw))
+        words = (ctypes.c_void_p * count)(*(r[_WORDS:].ctypes.data for r in raw))
+        pointers = (ctypes.c_void_p * count)(*(out.data_ptr() for out in outs))
+        self._lib.modscope_uniforms_many(words, positions, pointers, n, count)
+        for g, state, r, pos in zip(generators, states, raw, positions):
+            r[_LEFT : _LEFT + 4].view("int32")[0] = 625 - pos  # torch counts the words left (+1); 624: twist first
+            r[_NEXT : _NEXT + 8].view("uint64")[0] = pos
+            g.set_state(state)
 
     def keep(self, u: torch.Tensor, p: torch.Tensor, w: torch.Tensor, eff: torch.Tensor) -> None:
         """``eff`` (G, S, n) = 0 + [u > p] · w: ``u`` (G, S, n) with unit element stride, ``p`` (G, 1, n), ``w``
@@ -226,6 +236,11 @@ def _check(found: Kernels) -> str | None:
             return "its uniforms differ from torch.rand's"
     if not torch.equal(g.get_state(), ref.get_state()):
         return "it leaves the generator in another state than torch.rand"
+    many = [torch.Generator().manual_seed(s) for s in range(3)]
+    outs = torch.empty(3, 700)
+    found.uniforms_many(many, list(outs))
+    if not all(torch.equal(o, torch.rand(700, generator=torch.Generator().manual_seed(s))) for s, o in enumerate(outs)):
+        return "its uniforms of several generators differ from torch.rand's"
     G, S, rows, cols = 2, 3, 70, 170  # over the size at which the kernels go parallel
     u = torch.rand(G, S, rows * cols, generator=ref)
     logits = torch.randn(G, 1, rows * cols, generator=ref) * 4

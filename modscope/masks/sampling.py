@@ -197,6 +197,17 @@ def draw_uniforms(shape: tuple[int, ...], generator: torch.Generator, device: to
     return u.to(device, non_blocking=True) if u.device != torch.device(device) else u
 
 
+def draw_uniforms_many(generators: Sequence[torch.Generator], outs: Sequence[torch.Tensor]) -> None:
+    """`draw_uniforms` into each ``out`` from its generator: in parallel where the native kernels can, else one by
+    one. The values are those of one `draw_uniforms` per generator."""
+    fast = native.kernels() if _native_fits(*outs) and all(g.device.type == "cpu" for g in generators) else None
+    if fast is not None and all(o.is_contiguous() and o.numel() == outs[0].numel() for o in outs):
+        fast.uniforms_many(generators, outs)
+        return
+    for g, out in zip(generators, outs):
+        draw_uniforms(tuple(out.shape), g, out.device, out=out)
+
+
 def _native_fits(*tensors: torch.Tensor) -> bool:
     """Whether the native kernels can take these tensors: float32 on the CPU, the last dimension dense."""
     return all(t.device.type == "cpu" and t.dtype == torch.float32 and (t.dim() == 0 or t.stride(-1) == 1) for t in tensors)

@@ -55,7 +55,7 @@ from .memory import (
     strict_heap,
 )
 from .progress import Progress
-from .sampling import SamplerKernels, StepBuffers, draw_uniforms
+from .sampling import SamplerKernels, StepBuffers, draw_uniforms, draw_uniforms_many
 from .selection import frozen_weights, select_weights
 
 _NO_BATCHING_RULE = "not yet implemented the batching rule"
@@ -367,6 +367,7 @@ class MaskTrainer:
         threads = torch.get_num_threads() if device.type == "cpu" else 1
         self._draw_pool = ThreadPoolExecutor(min(threads, len(self.tasks) + 1)) if threads > 1 else None
         self._ahead = False
+        self._fast_noise = False  # the native kernel draws the noise (set with the plan)
         self._next: tuple[Future, dict[int, torch.Tensor]] | None = None  # the pass drawn ahead, the states before it
         self._drawn = 0  # passes drawn so far (their slot alternates)
         self.identity = {"tasks": [t.name for t in self.tasks], "config": _identity_config(config), "model": model.checksum, "n_masked": N}
@@ -389,8 +390,9 @@ class MaskTrainer:
         activations = self._probe_activations(xs)
         # draw the next pass's noise while this one computes, unless the native kernel draws it: that takes about
         # 1 ms per task, and in a thread of its own it would stall the step's parallel work on the core it takes
-        fast_noise = self.device.type == "cpu" and native.kernels() is not None
-        ahead = self._draw_pool is not None and not fast_noise
+        float32 = not self._masked or self._masked[0].dtype == torch.float32  # the noise buffers' dtype
+        self._fast_noise = self.device.type == "cpu" and float32 and native.kernels() is not None
+        ahead = self._draw_pool is not None and not self._fast_noise
 
         def plan(fused: bool) -> MemoryPlan:
             return plan_run(len(self.tasks), self.config, self.layout.total, activations, self.device,
@@ -501,7 +503,9 @@ class MaskTrainer:
         def draw(g: int) -> None:
             draw_uniforms((n, N), self.gens.noise[tasks[g]], self.device, out=uniforms[g])
 
-        if parallel and len(tasks) > 1 and self._draw_pool is not None:  # each stream is serial, different tasks' not
+        if self._fast_noise:  # all tasks in one call, on torch's threads
+            draw_uniforms_many([self.gens.noise[k] for k in tasks], list(uniforms[: len(tasks)]))
+        elif parallel and len(tasks) > 1 and self._draw_pool is not None:  # each stream is serial, different tasks' not
             list(self._draw_pool.map(draw, range(len(tasks))))
         else:
             for g in range(len(tasks)):
