@@ -11,11 +11,16 @@
  * - modscope_logit_grad: the straight-through gradient of the logits at temperature 1,
  *   sum over samples of (1 - u) e u / ((1 - u) e + u)^2 * g * W with e = exp(-l), computed over tiles so that a
  *   transposed g (a linear layer's weight gradient) is read in cache-sized pieces.
+ * - modscope_adam_moments and modscope_adam_apply: torch.optim.Adam's single-tensor step (no weight decay, no
+ *   AMSGrad) in two passes instead of seven, around torch's own square root of the second moment (torch's
+ *   vectorized sqrt is not the correctly rounded one, so it stays torch's). The fused multiply-adds are where
+ *   torch's vectorized lerp and addcmul have theirs.
  *
  * Built with -fopenmp where torch's own parallel backend is OpenMP: the library then uses the OpenMP runtime torch
  * has loaded (the same library name), so its loops run on torch's threads, as many as torch.get_num_threads() in the
  * calling thread. Every element's arithmetic is the same whatever the split, so the results do not depend on it.
  */
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -179,5 +184,26 @@ void modscope_logit_grad(const float *u, int64_t u_task, int64_t u_sample, const
             else
                 for (int64_t j = 0; j < nj; j++) o[j] = ai[j];
         }
+    }
+}
+
+/* Adam's moments, as exp_avg.lerp_(g, w1) and exp_avg_sq.mul_(beta2).addcmul_(g, g, value=c2) compute them. */
+void modscope_adam_moments(const float *g, float *m, float *v, int64_t n, float w1, float beta2, float c2) {
+#pragma omp parallel for schedule(static) if (n >= PARALLEL_MIN)
+    for (int64_t i = 0; i < n; i++) {
+        float gi = g[i];
+        m[i] = fmaf(w1, gi - m[i], m[i]);
+        v[i] = fmaf(c2 * gi, gi, v[i] * beta2);
+    }
+}
+
+/* Adam's update from root = sqrt(exp_avg_sq), as param.addcdiv_(exp_avg, root / bc2_root + eps, value=neg_step). */
+void modscope_adam_apply(float *p, const float *m, const float *root, int64_t n, float bc2_root, float eps,
+                         float neg_step) {
+#pragma omp parallel for schedule(static) if (n >= PARALLEL_MIN)
+    for (int64_t i = 0; i < n; i++) {
+        float d = root[i] / bc2_root;
+        d = d + eps;
+        p[i] = p[i] + neg_step * m[i] / d;
     }
 }

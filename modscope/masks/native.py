@@ -79,9 +79,15 @@ class Kernels:
         lib.modscope_keep.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, i64, i64, i64]
         lib.modscope_logit_grad.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, i64, ptr, ptr, i64, ptr, i64, i64, i64,
                                             i64, i64, ctypes.c_int]
-        for f in (lib.modscope_uniforms, lib.modscope_uniforms_many, lib.modscope_keep, lib.modscope_logit_grad):
+        f32 = ctypes.c_float
+        lib.modscope_adam_moments.argtypes = [ptr, ptr, ptr, i64, f32, f32, f32]
+        lib.modscope_adam_apply.argtypes = [ptr, ptr, ptr, i64, f32, f32, f32]
+        for f in (lib.modscope_uniforms, lib.modscope_uniforms_many, lib.modscope_keep, lib.modscope_logit_grad,
+                  lib.modscope_adam_moments, lib.modscope_adam_apply):
             f.restype = None
         self._lib = lib
+        self.adam_exact = False
+        """Whether `adam_step` gave torch's Adam bit for bit in the check (else the trainer keeps torch's)."""
         self.build_seconds = 0.0
         """Time it took to compile the library in this process (0 when it came from the cache)."""
 
@@ -123,6 +129,34 @@ class Kernels:
                                       e.data_ptr(), e.stride(0), out.data_ptr(), out.stride(0), G, S, rows, cols,
                                       int(accumulate))
 
+    def adam_step(self, optimizer: torch.optim.Optimizer, root: torch.Tensor) -> bool:
+        """One step of ``optimizer``, a `torch.optim.Adam` over one float32 CPU tensor whose state exists, with the
+        arithmetic of torch's single-tensor step; ``root`` is a scratch tensor of the parameter's size. Returns False
+        (doing nothing) where the optimizer is not such an Adam: then step it as usual."""
+        (group,) = optimizer.param_groups
+        (param,) = group["params"]
+        state = optimizer.state.get(param)
+        options = (group["amsgrad"], group["maximize"], group.get("fused"), group.get("foreach"), group["capturable"],
+                   group["differentiable"], group["weight_decay"])
+        if not state or options != (False, False, None, None, False, False, 0) or not isinstance(group["lr"], float):
+            return False
+        grad, m, v = param.grad, state["exp_avg"], state["exp_avg_sq"]
+        tensors = (param, grad, m, v, root)
+        if any(t is None or t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() or t.shape != param.shape
+               for t in tensors):
+            return False
+        beta1, beta2 = group["betas"]
+        state["step"] += 1
+        step = float(state["step"].item())
+        bias_correction1, bias_correction2 = 1 - beta1**step, 1 - beta2**step
+        n = param.numel()
+        with torch.no_grad():
+            self._lib.modscope_adam_moments(grad.data_ptr(), m.data_ptr(), v.data_ptr(), n, 1 - beta1, beta2, 1 - beta2)
+            torch.sqrt(v, out=root)
+            self._lib.modscope_adam_apply(param.data_ptr(), m.data_ptr(), root.data_ptr(), n, bias_correction2**0.5,
+                                          group["eps"], -(group["lr"] / bias_correction1))
+        return True
+
 
 # -- building, caching and checking the library ------------------------------------------------------------------
 def _load() -> tuple[Kernels | None, str]:
@@ -141,8 +175,10 @@ def _load() -> tuple[Kernels | None, str]:
         return None, f"native kernels not loaded ({exc}): the mask step runs torch operations (same results, slower)"
     if problem:
         return None, f"native kernels not used ({problem}): the mask step runs torch operations"
+    found.adam_exact = _check_adam(found)
     how = f"built in {built:.1f} s" if built else "from the cache"
-    return found, f"native CPU kernels ({how}: {lib})"
+    adam = "" if found.adam_exact else "; Adam stays torch's (its bits differ here)"
+    return found, f"native CPU kernels ({how}: {lib}{adam})"
 
 
 class _NotBuilt(Exception):
@@ -247,16 +283,43 @@ def _check(found: Kernels) -> str | None:
     w = torch.randn(rows * cols, generator=ref)
     eff = torch.empty(G, S, rows * cols)
     found.keep(u, torch.sigmoid(-logits), w, eff)
-    if not torch.equal(eff, keep_weights(logits, u, w)):
+    if not _same_bits(eff, keep_weights(logits, u, w)):
         return "its effective weights differ from torch's"
     e = torch.exp(-logits.clamp(-LOGIT_CLAMP, LOGIT_CLAMP))
     for g_layout in (torch.randn(G, S, rows, cols, generator=ref), torch.randn(G, S, cols, rows, generator=ref).transpose(2, 3)):
         expected = logit_grad(logits, u, g_layout.reshape(G, S, -1), w, 1.0)
         out = torch.full((G, rows * cols), 0.25)
         found.logit_grad(u, g_layout, w, e, out, accumulate=False)
-        if not torch.equal(out, expected):
+        if not _same_bits(out, expected):
             return "its logit gradient differs from torch's"
         found.logit_grad(u, g_layout, w, e, out, accumulate=True)
-        if not torch.equal(out, expected + expected):
+        if not _same_bits(out, expected + expected):
             return "its accumulated logit gradient differs from torch's"
     return None
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit (a NaN equals the same NaN, unlike torch.equal)."""
+    return a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+def _check_adam(found: Kernels) -> bool:
+    """Whether `Kernels.adam_step` gives torch's Adam bit for bit over a few steps (sizes with vector tails)."""
+    ref = torch.Generator().manual_seed(4321)
+    for shape in ((2, 20011), (1, 37)):
+        start = torch.randn(shape, generator=ref)
+        torch_param, native_param = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+        optimizers = [torch.optim.Adam([p], lr=0.05) for p in (torch_param, native_param)]
+        root = torch.empty(shape)
+        for step in range(4):
+            grad = torch.randn(shape, generator=ref) * 10.0 ** (step - 2)
+            torch_param.grad, native_param.grad = grad.clone(), grad.clone()
+            optimizers[0].step()
+            if step == 0:  # the first step makes the state
+                optimizers[1].step()
+            elif not found.adam_step(optimizers[1], root):
+                return False
+        states = [opt.state[p] for opt, p in zip(optimizers, (torch_param, native_param))]
+        if not (torch.equal(torch_param, native_param) and all(torch.equal(states[0][k], states[1][k]) for k in states[0])):
+            return False
+    return True

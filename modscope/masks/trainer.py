@@ -368,6 +368,7 @@ class MaskTrainer:
         self._draw_pool = ThreadPoolExecutor(min(threads, len(self.tasks) + 1)) if threads > 1 else None
         self._ahead = False
         self._fast_noise = False  # the native kernel draws the noise (set with the plan)
+        self._adam_root: torch.Tensor | None = None
         self._next: tuple[Future, dict[int, torch.Tensor]] | None = None  # the pass drawn ahead, the states before it
         self._drawn = 0  # passes drawn so far (their slot alternates)
         self.identity = {"tasks": [t.name for t in self.tasks], "config": _identity_config(config), "model": model.checksum, "n_masked": N}
@@ -484,7 +485,18 @@ class MaskTrainer:
             grad.mul_(self.trainable)
         if config.grad_clip is not None:
             _clip_per_task(grad, config.grad_clip, self.distributed.sharded.norms(grad) if self.distributed else None)
-        self.optimizer.step()
+        if not self._native_adam():
+            self.optimizer.step()
+
+    def _native_adam(self) -> bool:
+        """Adam's step in the native kernels (torch's arithmetic in 3 passes instead of 7), where they give torch's
+        bits here and the optimizer is the plain single-tensor Adam; False where it is left to torch."""
+        fast = native.kernels() if self.distributed is None and self.device.type == "cpu" else None
+        if fast is None or not fast.adam_exact or self.optimizer.param_groups[0].get("fused"):
+            return False
+        if self._adam_root is None:  # the square root of the second moment, kept between steps
+            self._adam_root = torch.empty_like(self.logits.detach())
+        return fast.adam_step(self.optimizer, self._adam_root)
 
     def _sample(self, tasks: range, samples: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """Draw the pass's noise (each task from its own stream, in sample order) and its effective weights."""
