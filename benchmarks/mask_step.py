@@ -8,8 +8,8 @@ The paper's FNN (42 → 800 → 800 → 256 → 20, ReLU), batch 128, 4 mask sam
   the backward pass, one forward/backward per sample: the authors' implementation, measured as before);
 - for the default step: the system-time share and page faults per step (``resource.getrusage``), the matmul share
   (torch profiler), the element-wise bytes one step moves (noise written and read, effective weights written, their
-  gradients and the noise read again: 7 passes of 4 bytes over K x S x N values) and the bandwidth that achieves
-  (those bytes over the time of the element-wise work alone);
+  gradients and the noise read again: 5 passes of 4 bytes over K x S x N values with the native kernels, 7 as torch
+  operations) and the bandwidth that achieves (those bytes over the time of the element-wise work alone);
 - K = 1, 4, 10 tasks: one ``train_masks`` call of K tasks against K calls of one task (set-up included).
 
 Every time is given as wall time and, in brackets, as the process's CPU time: on a shared machine the CPU time is the
@@ -35,13 +35,16 @@ import torch
 from torch import nn
 
 import modscope
+from modscope.masks import native
 from modscope.masks.trainer import MaskTrainer
 
 SIZES = (42, 800, 800, 256, 20)
 MATMUL_OPS = {"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::addbmm", "aten::convolution",
               "aten::_convolution", "aten::mkldnn_convolution", "aten::convolution_backward"}
-ELEMENTWISE_PASSES = 7  # noise written, read for the keep test, effective weight written (twice: 0/1 then W), the
-# gradient of the effective weights read, the noise read again in the backward pass; 4 bytes each
+ELEMENTWISE_PASSES = 7  # torch operations: noise written, read for the keep test, effective weight written (twice:
+# 0/1 then W), the gradient of the effective weights read, the noise read again in the backward pass; 4 bytes each
+NATIVE_PASSES = 5  # native kernels: noise written, read and effective weight written in one pass, noise and gradient
+# read in one pass
 
 
 def make_net(sizes: Sequence[int] = SIZES) -> nn.Sequential:
@@ -205,7 +208,7 @@ def fnn_section(args: argparse.Namespace, threads: int) -> dict[str, tuple[float
     system, faults, _ = usage_per_step(default.step, args.steps)
     share = matmul_share(default.step)
     n_values = len(default.tasks) * default.config.n_samples * default.layout.total
-    moved = ELEMENTWISE_PASSES * 4 * n_values
+    moved = (NATIVE_PASSES if native.kernels() is not None else ELEMENTWISE_PASSES) * 4 * n_values
     elementwise = elementwise_time(default, args.steps, args.warmup, device)
     step = results["modscope mask step, default"][0]
     print(f"  default step: system time {system:.1%} of CPU time, {faults:.0f} page faults/step, matmul share "
@@ -275,6 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sizes", type=lambda s: [v for v in s.split(",") if v], default=["0.1M", "1M", "10M", "100M"],
                         help="model sizes for the scaling table (default 0.1M,1M,10M,100M; empty to skip)")
     args = parser.parse_args(argv)
+    print(native.status())
     for threads in args.threads:
         torch.set_num_threads(threads)
         fnn_section(args, threads)

@@ -81,3 +81,14 @@ def test_without_kernels_the_reason_is_said_and_the_torch_operations_run(tmp_pat
     out = torch.empty(10)
     draw_uniforms((10,), torch.Generator().manual_seed(1), out=out)
     assert torch.equal(out, torch.rand(10, generator=torch.Generator().manual_seed(1)))
+
+
+def test_training_notes_say_whether_the_native_kernels_run(torch_kernels):
+    import modscope
+
+    notes: list[str] = []
+    x = torch.randn(32, 4)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    modscope.train_masks(net, modscope.Task("t", x, (x[:, 0] > 0).long()), modscope.MaskConfig(n_steps=2, batch_size=8),
+                         progress=False, notes=notes.append)
+    assert "mask step: native kernels off for this test" in notes, notes

@@ -252,8 +252,9 @@ def train_masks(
             the same as that of an uninterrupted run.
         initial_logits: ``{weight name: logits}`` to start from instead of ``config.init`` (for every task), e.g. the
             control mask's logits of layers listed in ``config.freeze``.
-        notes: called with one-line notes: before training the memory plan's estimate (`memory.MemoryPlan`), after
-            it the sampler's compilation time when it was compiled.
+        notes: called with one-line notes: before training the memory plan's estimate (`memory.MemoryPlan`) and, on a
+            CPU, whether the `native` kernels run the step's element-wise work; after it the sampler's compilation
+            time when it was compiled.
 
     Returns:
         A `MaskSet` with one mask per task, the logits, the config and the training curves.
@@ -292,6 +293,8 @@ def train_masks(
             state = trainer.load(ckpt_path)
         if notes:
             notes(trainer.distributed.summary() if trainer.distributed else trainer.plan.summary())
+            if device.type == "cpu":
+                notes(f"mask step: {native.status()}")
         bar.start(state.step)
         saved = state.step if resuming else None
         stop = (lambda flag: ranks.any(flag)) if ranks is not None else (lambda flag: flag)
