@@ -92,3 +92,13 @@ def test_training_notes_say_whether_the_native_kernels_run(torch_kernels):
     modscope.train_masks(net, modscope.Task("t", x, (x[:, 0] > 0).long()), modscope.MaskConfig(n_steps=2, batch_size=8),
                          progress=False, notes=notes.append)
     assert "mask step: native kernels off for this test" in notes, notes
+
+
+@needs_kernels
+def test_a_cache_folder_that_cannot_be_made_falls_back_to_a_private_temporary_one(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setattr(native.tempfile, "tempdir", str(tmp_path))
+    found, why = _fresh_load(monkeypatch, XDG_CACHE_HOME=str(blocker))
+    assert found is not None, why
+    assert str(tmp_path / f"modscope-native-{os.getuid()}") in why

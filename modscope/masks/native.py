@@ -1,17 +1,17 @@
 """Native CPU kernels of the mask step, built on first use with the system's C compiler.
 
-On a CPU most of a mask step is element-wise work over K x S x N values: drawing the noise, the effective weights
-and the logit gradient. torch draws its Mersenne-Twister uniforms through a general per-element loop (about 2.5 ns
-each on the benchmark machine) and runs the logit gradient as nine separate passes. ``native.c`` does each in one pass,
-with the same floating-point operations in the same order, so the masks and logits stay bit for bit those of the
-torch operations (the uniforms are those of ``torch.rand`` on the same `torch.Generator`, whose state is advanced
-as ``torch.rand`` would).
+On a CPU most of a mask step is element-wise work over K x S x N values: drawing the noise, the effective weights,
+the logit gradient and Adam's step. torch draws its Mersenne-Twister uniforms through a general per-element loop
+(about 2.5 ns each on the benchmark machine) and runs the logit gradient as nine separate passes and Adam as seven.
+``native.c`` does each in one or two passes, with the same floating-point operations in the same order, so the masks
+and logits stay bit for bit those of the torch operations (the uniforms are those of ``torch.rand`` on the same
+`torch.Generator`, whose state is advanced as ``torch.rand`` would). The loops run on torch's own OpenMP threads.
 
-The library is compiled once per machine with ``$CC`` (else ``cc``; about 0.2 s) into ``$XDG_CACHE_HOME/modscope``
-(else ``~/.cache/modscope``), and checked against the torch operations on a small input before it is used. Where
-that fails (no compiler, a non-POSIX system, a torch whose generator state changed layout, a result that differs)
-the step runs the torch operations, with the same results, more slowly; `status` says which and why.
-``MODSCOPE_NATIVE=0`` turns the kernels off.
+The library is compiled once per machine with ``$CC`` (else ``cc``; about 0.3 s) into ``$XDG_CACHE_HOME/modscope``
+(else ``~/.cache/modscope``; a private folder in the temporary directory where neither can be made) and checked
+against the torch operations on a small input each time it is loaded. Where that fails (no compiler, a non-POSIX
+system, a torch whose generator state changed layout, a result that differs) the step runs the torch operations,
+with the same results, more slowly; `status` says which and why. ``MODSCOPE_NATIVE=0`` turns the kernels off.
 
 Example:
     >>> import torch
@@ -221,13 +221,18 @@ def _library() -> tuple[Path, float]:
 
 
 def _cache_folder() -> Path:
-    """``$XDG_CACHE_HOME/modscope`` (else ``~/.cache/modscope``), made ``0700``; a folder another user owns or others
-    can write to is not used (a library there could have been put there by someone else)."""
+    """``$XDG_CACHE_HOME/modscope`` (else ``~/.cache/modscope``), made ``0700``, or where that cannot be made (a
+    read-only home) ``modscope-native-UID`` in the temporary directory. A folder another user owns or others can
+    write to is not used: a library in it could have been put there by someone else."""
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "modscope"
     try:
         base.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
-        raise _NotBuilt(f"cannot create the cache folder {base}: {exc.strerror}") from exc
+        base = Path(tempfile.gettempdir()) / f"modscope-native-{os.getuid()}"
+        try:
+            base.mkdir(mode=0o700, exist_ok=True)
+        except OSError:
+            raise _NotBuilt(f"cannot create a cache folder ({exc.filename}: {exc.strerror})") from exc
     _require_own(base)
     return base
 
