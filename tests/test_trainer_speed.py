@@ -200,3 +200,28 @@ def test_step_buffers_give_the_same_bits_whatever_the_block_size_and_with_the_na
     for eff, out in others:
         assert all(torch.equal(a, b) for a, b in zip(eff1, eff))
         assert torch.equal(out1, out) and out1.abs().sum() > 0  # τ = 1: + − × ÷ only, exact whatever the blocks
+
+
+@pytest.mark.parametrize("kernels,threads", [("native", 1), ("torch", 2)])  # torch, 2 threads: noise drawn ahead
+def test_timing_the_pass_groupings_changes_no_bit_of_the_masks(monkeypatch, request, kernels, threads):
+    if kernels == "torch":
+        request.getfixturevalue("torch_kernels")
+    elif native.kernels() is None:
+        pytest.skip(native.status())
+    monkeypatch.setattr(trainer_module, "TUNE_MIN_STEPS", 0)
+    switches: list[int] = []
+    use_plan = MaskTrainer._use_plan
+    monkeypatch.setattr(MaskTrainer, "_use_plan", lambda self, plan, ahead: switches.append(plan.replicas) or use_plan(self, plan, ahead))
+    notes: list[str] = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        masks = modscope.train_masks(reference_net(), reference_tasks(),
+                                     modscope.MaskConfig(**{**CONFIG, "compile": False, "threads": threads}),
+                                     progress=False, notes=notes.append)
+    finally:
+        torch.set_num_threads(before)
+    assert switches[:2] == [4 * threads, 4 * (3 - threads)], switches  # the default first, then the other grouping
+    assert any(n.startswith("pass grouping of the 2 tasks timed over the first steps: ") for n in notes), notes
+    for task, expected in REFERENCE.items():
+        assert fingerprint(masks, task) == expected

@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import statistics
 import threading
+import time
 import warnings
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -59,6 +61,7 @@ from .sampling import SamplerKernels, StepBuffers, draw_uniforms, draw_uniforms_
 from .selection import frozen_weights, select_weights
 
 _NO_BATCHING_RULE = "not yet implemented the batching rule"
+TUNE_MIN_STEPS = 100  # runs this long or longer time the candidate pass groupings over their first steps
 
 
 @dataclass
@@ -324,6 +327,8 @@ def train_masks(
             trainer.close()
     if notes and trainer.runner.kernels.compiled:
         notes(f"compiling the mask sampler took {trainer.runner.kernels.compile_seconds:.1f} s")
+    if notes and trainer.tuned:
+        notes(trainer.tuned)
     if ranks is None or ranks.leader:  # one warning per run, not per rank
         warn_if_unconverged(state.curves)
     return trainer.result(state.curves)
@@ -372,6 +377,9 @@ class MaskTrainer:
         self._ahead = False
         self._fast_noise = False  # the native kernel draws the noise (set with the plan)
         self._adam_root: torch.Tensor | None = None
+        self._tuner: _PassTuner | None = None
+        self.tuned = ""
+        """After the pass groupings were timed: one line on what was measured and chosen."""
         self._next: tuple[Future, dict[int, torch.Tensor]] | None = None  # the pass drawn ahead, the states before it
         self._drawn = 0  # passes drawn so far (their slot alternates)
         self.identity = {"tasks": [t.name for t in self.tasks], "config": _identity_config(config), "model": model.checksum, "n_masked": N}
@@ -419,10 +427,41 @@ class MaskTrainer:
         if self.device.type == "cpu":  # keep freed memory when there is room, else return it at once (see memory)
             self._heap = retained_heap() if self._plan.estimate * HEAP_HEADROOM <= self._plan.limit else strict_heap()
             self._heap.__enter__()
-        most_tasks = max(len(p.tasks) for p in self._plan.passes)
-        whole = all(p.samples == (0, self.config.n_samples) for p in self._plan.passes)
-        self._ahead = ahead and whole
-        self.buffers = StepBuffers(self._masked, self.layout.offsets, self._plan.replicas, most_tasks, slots=2 if self._ahead else 1)
+        self._use_plan(self._plan, ahead)
+        if not fused and self._tunable():
+            plans = [self._plan]
+            for prefer in self._candidate_replicas():
+                candidate = plan_run(len(self.tasks), self.config, self.layout.total, activations, self.device,
+                                     prefer=prefer, ahead=ahead)
+                fits = candidate.estimate * HEAP_HEADROOM <= candidate.limit and _whole(candidate, self.config.n_samples)
+                if fits and candidate.replicas not in [p.replicas for p in plans]:
+                    plans.append(candidate)
+            if len(plans) > 1:
+                self._tuner = _PassTuner(plans, ahead)
+
+    def _use_plan(self, plan: MemoryPlan, ahead: bool) -> None:
+        """Run the steps from now on in the passes of ``plan``, with step buffers sized for it."""
+        if self._next is not None:  # noise drawn ahead for the old plan's next pass: put its streams back
+            self._next[0].result()
+            for k, state in self._next[1].items():
+                self.gens.noise[k].set_state(state)
+            self._next, self._drawn = None, 0
+        self._plan = plan
+        most_tasks = max(len(p.tasks) for p in plan.passes)
+        self._ahead = ahead and _whole(plan, self.config.n_samples)
+        self.buffers = StepBuffers(self._masked, self.layout.offsets, plan.replicas, most_tasks, slots=2 if self._ahead else 1)
+
+    def _tunable(self) -> bool:
+        """Whether to time the pass groupings: several tasks, whole-task passes (any grouping then gives the same
+        bits), no pass size set by the user, one process, and a run long enough to repay the timing steps."""
+        assert self._plan is not None
+        return (len(self.tasks) > 1 and self.config.pass_size is None and self.distributed is None
+                and self.config.n_steps >= TUNE_MIN_STEPS and _whole(self._plan, self.config.n_samples))
+
+    def _candidate_replicas(self) -> list[int]:
+        """Pass sizes to time besides the default: one task per pass, as many tasks as threads, all tasks at once."""
+        S, K = self.config.n_samples, len(self.tasks)
+        return [S, S * max(1, min(K, torch.get_num_threads())), S * K]
 
     def _preferred_replicas(self) -> int | None:
         """The pass size the step's speed favours when memory allows any: on a GPU all tasks at once; on a CPU as many
@@ -460,6 +499,7 @@ class MaskTrainer:
         if self.distributed is not None:
             return self.distributed.step()
         config, S = self.config, self.config.n_samples
+        start = time.perf_counter()
         batches = [t.batch(torch.randint(len(t), (config.batch_size,), generator=g), self.device) for t, g in zip(self.tasks, self.gens.data)]
         if self._plan is None:
             self._make_plan(batches[0][0])
@@ -477,7 +517,19 @@ class MaskTrainer:
                 losses[tasks.start] = self._split_task(tasks, ranges, batches, grad)
                 i += len(ranges)
         self._update(grad)
+        if self._tuner is not None:
+            self._next_plan(time.perf_counter() - start)
         return losses
+
+    def _next_plan(self, seconds: float) -> None:
+        """Give the tuner this step's time; switch to the plan it names (the next candidate, then the fastest)."""
+        assert self._tuner is not None
+        switch = self._tuner.record(seconds)
+        if switch is not None and switch is not self._plan:
+            self._use_plan(switch, self._tuner.ahead)
+        if self._tuner.done:
+            self.tuned = self._tuner.summary(len(self.tasks))
+            self._tuner = None
 
     def _update(self, grad: torch.Tensor) -> None:
         """The penalty's gradient, the frozen weights, the per-task clipping and the Adam step, on the summed loss
@@ -644,6 +696,61 @@ class MaskTrainer:
         logits = {t.name: {w.name: per_weight[w.name][k] for w in self.weights} for k, t in enumerate(self.tasks)}
         return MaskSet(logits, self.weights, config=self.config, curves=curves, model_checksum=self.model.checksum,
                        extra={"vectorize": self.runner.mode})
+
+
+def _whole(plan: MemoryPlan, n_samples: int) -> bool:
+    return all(p.samples == (0, n_samples) for p in plan.passes)
+
+
+class _PassTuner:
+    """Times each candidate grouping of the tasks into passes over a few steps and settles on the fastest.
+
+    In whole-task passes each task's arithmetic is its own, so every grouping gives the same bits and the steps spent
+    timing are ordinary training steps. Each candidate gets one step to settle (its buffers are new) and two timed
+    steps; the fastest median wins.
+
+    Example:
+        >>> from modscope.masks.memory import MemoryPlan, Pass
+        >>> plans = [MemoryPlan([Pass(range(k, k + n), (0, 4)) for k in range(0, 4, n)], 4 * n, 0, 0, 1) for n in (1, 2)]
+        >>> tuner = _PassTuner(plans, ahead=False)
+        >>> [tuner.record(t) is not None for t in (1.0, 0.5, 0.5, 1.0, 0.3, 0.3)]
+        [False, False, True, False, False, True]
+        >>> tuner.done, tuner.choice is plans[1]
+        (True, True)
+    """
+
+    SETTLE, TIMED = 1, 2
+
+    def __init__(self, plans: list[MemoryPlan], ahead: bool):
+        self.plans, self.ahead = plans, ahead
+        self.times: list[list[float]] = [[] for _ in plans]
+        self.index, self.seen = 0, 0
+        self.choice: MemoryPlan | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.choice is not None
+
+    def record(self, seconds: float) -> MemoryPlan | None:
+        """Note one step's time; returns the plan for the next steps when it changes (None: keep the current one)."""
+        self.seen += 1
+        if self.seen > self.SETTLE:
+            self.times[self.index].append(seconds)
+        if len(self.times[self.index]) < self.TIMED:
+            return None
+        self.index, self.seen = self.index + 1, 0
+        if self.index < len(self.plans):
+            return self.plans[self.index]
+        self.choice = min(self.plans, key=lambda p: statistics.median(self.times[self.plans.index(p)]))
+        return self.choice
+
+    def summary(self, tasks: int) -> str:
+        """One line: the step time of each grouping and the one kept."""
+        assert self.choice is not None
+        timed = ", ".join(f"{len(p.passes)} pass{'es' if len(p.passes) > 1 else ''} of up to {p.replicas} (task, sample) "
+                          f"pairs {statistics.median(t) * 1e3:.1f} ms" for p, t in zip(self.plans, self.times))
+        return f"pass grouping of the {tasks} tasks timed over the first steps: {timed}; kept {len(self.choice.passes)} " \
+               f"pass{'es' if len(self.choice.passes) > 1 else ''} of up to {self.choice.replicas}"
 
 
 def _last_point(state: TrainingState) -> tuple[dict[str, float], dict[str, float]]:
