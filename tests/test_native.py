@@ -102,3 +102,26 @@ def test_a_cache_folder_that_cannot_be_made_falls_back_to_a_private_temporary_on
     found, why = _fresh_load(monkeypatch, XDG_CACHE_HOME=str(blocker))
     assert found is not None, why
     assert str(tmp_path / f"modscope-native-{os.getuid()}") in why
+
+
+def test_a_missing_compiler_is_warned_about_once_and_a_turned_off_one_not_at_all(tmp_path, monkeypatch):
+    import warnings
+
+    from modscope.errors import ModscopeWarning
+
+    monkeypatch.setattr(native, "_warned", False)
+    monkeypatch.setattr(native, "_loaded", _fresh_load(monkeypatch, XDG_CACHE_HOME=str(tmp_path), CC="no-such-cc"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        native.warn_once_if_missing()
+        native.warn_once_if_missing()
+    assert [str(w.message) for w in caught if w.category is ModscopeWarning] == [
+        f"{native.status()}; the native kernels make the mask step about twice as fast"]
+    assert "no C compiler 'no-such-cc' on the PATH; set CC to one" in native.status()
+    monkeypatch.setattr(native, "_warned", False)
+    monkeypatch.setenv("MODSCOPE_NATIVE", "0")
+    monkeypatch.setattr(native, "_loaded", native._load())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        native.warn_once_if_missing()
+    assert not caught

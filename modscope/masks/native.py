@@ -51,6 +51,7 @@ _LEFT, _NEXT, _WORDS = 8, 16, 24
 
 _lock = threading.Lock()
 _loaded: tuple[Kernels | None, str] | None = None
+_warned = False
 
 
 def kernels() -> Kernels | None:
@@ -60,6 +61,23 @@ def kernels() -> Kernels | None:
         if _loaded is None:
             _loaded = _load()
         return _loaded[0]
+
+
+def warn_once_if_missing() -> None:
+    """Warn (once per process) that the step runs the slower torch operations, unless the user turned the kernels off."""
+    global _warned
+    if kernels() is not None or _warned or _turned_off():
+        return
+    _warned = True
+    import warnings
+
+    from ..errors import ModscopeWarning
+
+    warnings.warn(f"{status()}; the native kernels make the mask step about twice as fast", ModscopeWarning, stacklevel=3)
+
+
+def _turned_off() -> bool:
+    return os.environ.get("MODSCOPE_NATIVE", "1").strip().lower() in ("0", "false", "no", "off")
 
 
 def status() -> str:
@@ -160,7 +178,7 @@ class Kernels:
 
 # -- building, caching and checking the library ------------------------------------------------------------------
 def _load() -> tuple[Kernels | None, str]:
-    if os.environ.get("MODSCOPE_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+    if _turned_off():
         return None, "native kernels off (MODSCOPE_NATIVE=0): the mask step runs torch operations"
     if os.name != "posix":
         return None, f"no native kernels on {platform.system()}: the mask step runs torch operations"

@@ -404,6 +404,8 @@ class MaskTrainer:
         # 1 ms per task, and in a thread of its own it would stall the step's parallel work on the core it takes
         float32 = not self._masked or self._masked[0].dtype == torch.float32  # the noise buffers' dtype
         self._fast_noise = self.device.type == "cpu" and float32 and native.kernels() is not None
+        if self.device.type == "cpu" and float32:
+            native.warn_once_if_missing()
         ahead = self._draw_pool is not None and not self._fast_noise
 
         def plan(fused: bool) -> MemoryPlan:
