@@ -116,9 +116,13 @@ class Kernels:
 
     def uniforms_many(self, generators: Sequence[torch.Generator], outs: Sequence[torch.Tensor]) -> None:
         """`uniforms` for each generator and its ``out`` (all of one size), on torch's threads in parallel."""
+        if not generators:
+            return
         count, n = len(generators), outs[0].numel()
-        if any(out.numel() != n for out in outs):
-            raise ValueError("uniforms_many draws the same number of values from each generator")
+        if len(outs) != count or any(out.numel() != n for out in outs):
+            raise ValueError("uniforms_many draws the same number of values from each generator, one out each")
+        if len({id(g) for g in generators}) != count:  # one stream drawn from two threads at once
+            raise ValueError("uniforms_many needs distinct generators")
         states = [g.get_state() for g in generators]
         raw = [s.numpy() for s in states]
         positions = (ctypes.c_int64 * count)(*(625 - int(r[_LEFT : _LEFT + 4].view("int32")[0]) for r in raw))
