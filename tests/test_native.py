@@ -125,3 +125,12 @@ def test_a_missing_compiler_is_warned_about_once_and_a_turned_off_one_not_at_all
         warnings.simplefilter("always")
         native.warn_once_if_missing()
     assert not caught
+
+
+def test_drawing_twice_from_one_generator_gives_its_stream_in_order():
+    from modscope.masks.sampling import draw_uniforms_many
+
+    g = torch.Generator().manual_seed(8)
+    outs = torch.empty(2, 3000)
+    draw_uniforms_many([g, g], list(outs))
+    assert torch.equal(outs.flatten(), torch.rand(6000, generator=torch.Generator().manual_seed(8)))

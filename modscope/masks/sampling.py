@@ -201,7 +201,8 @@ def draw_uniforms_many(generators: Sequence[torch.Generator], outs: Sequence[tor
     """`draw_uniforms` into each ``out`` from its generator: in parallel where the native kernels can, else one by
     one. The values are those of one `draw_uniforms` per generator."""
     fast = native.kernels() if _native_fits(*outs) and all(g.device.type == "cpu" for g in generators) else None
-    if fast is not None and all(o.is_contiguous() and o.numel() == outs[0].numel() for o in outs):
+    distinct = len({id(g) for g in generators}) == len(generators)  # else one stream, drawn in order
+    if fast is not None and distinct and all(o.is_contiguous() and o.numel() == outs[0].numel() for o in outs):
         fast.uniforms_many(generators, outs)
         return
     for g, out in zip(generators, outs):
