@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -34,12 +35,14 @@ import subprocess
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
 import torch
 
+from ..errors import ModscopeWarning
 from .elementwise import LOGIT_CLAMP, keep_weights, logit_grad
 
 _ABI = 1
@@ -48,6 +51,8 @@ _TUNED = ["-march=native"]  # tried first; the library is then keyed by this mac
 _OPENMP = ["-fopenmp"]  # where torch runs on OpenMP: the kernels then share torch's threads (see native.c)
 _STATE_BYTES = 5056  # torch's CPU generator state: seed, left, seeded, next, 624 words (uint64), normal-sample cache
 _LEFT, _NEXT, _WORDS = 8, 16, 24
+
+_FALLBACK = "the mask step runs torch operations (same results, slower)"
 
 _lock = threading.Lock()
 _loaded: tuple[Kernels | None, str] | None = None
@@ -69,10 +74,6 @@ def warn_once_if_missing() -> None:
     if kernels() is not None or _warned or _turned_off():
         return
     _warned = True
-    import warnings
-
-    from ..errors import ModscopeWarning
-
     warnings.warn(f"{status()}; the native kernels make the mask step about twice as fast", ModscopeWarning, stacklevel=3)
 
 
@@ -183,20 +184,20 @@ class Kernels:
 # -- building, caching and checking the library ------------------------------------------------------------------
 def _load() -> tuple[Kernels | None, str]:
     if _turned_off():
-        return None, "native kernels off (MODSCOPE_NATIVE=0): the mask step runs torch operations"
+        return None, f"native kernels off (MODSCOPE_NATIVE=0): {_FALLBACK}"
     if os.name != "posix":
-        return None, f"no native kernels on {platform.system()}: the mask step runs torch operations"
+        return None, f"no native kernels on {platform.system()}: {_FALLBACK}"
     try:
         lib, built = _library()
         found = Kernels(ctypes.CDLL(str(lib)))
         found.build_seconds = built
         problem = _check(found)
     except _NotBuilt as exc:
-        return None, f"native kernels not built ({exc}): the mask step runs torch operations (same results, slower)"
+        return None, f"native kernels not built ({exc}): {_FALLBACK}"
     except OSError as exc:
-        return None, f"native kernels not loaded ({exc}): the mask step runs torch operations (same results, slower)"
+        return None, f"native kernels not loaded ({exc}): {_FALLBACK}"
     if problem:
-        return None, f"native kernels not used ({problem}): the mask step runs torch operations"
+        return None, f"native kernels not used ({problem}): {_FALLBACK}"
     found.adam_exact = _check_adam(found)
     how = f"built in {built:.1f} s" if built else "from the cache"
     adam = "" if found.adam_exact else "; Adam stays torch's (its bits differ here)"
@@ -204,7 +205,7 @@ def _load() -> tuple[Kernels | None, str]:
 
 
 class _NotBuilt(Exception):
-    pass
+    """Why the library could not be built or used here (one clause, for `status`)."""
 
 
 def _library() -> tuple[Path, float]:
@@ -279,11 +280,8 @@ def _compiler_version(compiler: str) -> bytes:
 def _cpu_signature() -> bytes:
     """What ``-march=native`` depends on: the machine and, on Linux, the CPU's feature flags."""
     flags = b""
-    try:
-        with open("/proc/cpuinfo", "rb") as f:
-            flags = next((line for line in f if line.startswith((b"flags", b"Features"))), b"")
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", "rb") as f:
+        flags = next((line for line in f if line.startswith((b"flags", b"Features"))), b"")
     return platform.machine().encode() + b"\0" + flags
 
 

@@ -185,8 +185,7 @@ def draw_uniforms(shape: tuple[int, ...], generator: torch.Generator, device: to
                   out: torch.Tensor | None = None) -> torch.Tensor:
     """Uniforms from ``generator`` (a CPU generator gives the same stream whatever ``device`` is), into ``out`` if
     given. The stream is drawn row by row: two draws of (2, n) give the values of one draw of (4, n)."""
-    here = out if out is not None and out.device == generator.device else None
-    u = here if here is not None else torch.empty(shape, device=generator.device)
+    u = out if out is not None and out.device == generator.device else torch.empty(shape, device=generator.device)
     fast = native.kernels() if generator.device.type == "cpu" and _native_fits(u) and u.is_contiguous() else None
     if fast is not None:  # the same values and generator state as torch.rand, about ten times faster
         fast.uniforms(generator, u)

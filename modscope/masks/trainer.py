@@ -408,9 +408,9 @@ class MaskTrainer:
             native.warn_once_if_missing()
         ahead = self._draw_pool is not None and not self._fast_noise
 
-        def plan(fused: bool) -> MemoryPlan:
+        def plan(fused: bool, prefer: int | None = self._preferred_replicas()) -> MemoryPlan:
             return plan_run(len(self.tasks), self.config, self.layout.total, activations, self.device,
-                            prefer=self._preferred_replicas(), ahead=ahead, fused_optimizer=fused)
+                            prefer=prefer, ahead=ahead, fused_optimizer=fused)
 
         # bound by memory: Adam's fused kernel needs no temporaries (float-noise differences in the logits only)
         fusable = self.distributed is None and fused_adam_supported(self.device)  # sharded Adam: its own kernel
@@ -432,9 +432,9 @@ class MaskTrainer:
         self._use_plan(self._plan, ahead)
         if not fused and self._tunable():
             plans = [self._plan]
-            for prefer in self._candidate_replicas():
-                candidate = plan_run(len(self.tasks), self.config, self.layout.total, activations, self.device,
-                                     prefer=prefer, ahead=ahead)
+            S = self.config.n_samples
+            for prefer in (S, S * len(self.tasks)):  # one task per pass, all tasks at once
+                candidate = plan(False, prefer)
                 fits = candidate.estimate * HEAP_HEADROOM <= candidate.limit and _whole(candidate, self.config.n_samples)
                 if fits and candidate.replicas not in [p.replicas for p in plans]:
                     plans.append(candidate)
@@ -443,15 +443,20 @@ class MaskTrainer:
 
     def _use_plan(self, plan: MemoryPlan, ahead: bool) -> None:
         """Run the steps from now on in the passes of ``plan``, with step buffers sized for it."""
-        if self._next is not None:  # noise drawn ahead for the old plan's next pass: put its streams back
-            self._next[0].result()
-            for k, state in self._next[1].items():
-                self.gens.noise[k].set_state(state)
-            self._next, self._drawn = None, 0
+        self._drop_ahead()  # drawn for the old plan's next pass
         self._plan = plan
         most_tasks = max(len(p.tasks) for p in plan.passes)
         self._ahead = ahead and _whole(plan, self.config.n_samples)
         self.buffers = StepBuffers(self._masked, self.layout.offsets, plan.replicas, most_tasks, slots=2 if self._ahead else 1)
+
+    def _drop_ahead(self) -> None:
+        """Discard the noise drawn ahead (if any) and put its streams back where they were before it: the next pass
+        draws it again, the same values."""
+        if self._next is not None:
+            self._next[0].result()
+            for k, state in self._next[1].items():
+                self.gens.noise[k].set_state(state)
+            self._next, self._drawn = None, 0
 
     def _tunable(self) -> bool:
         """Whether to time the pass groupings: several tasks, whole-task passes (any grouping then gives the same
@@ -459,11 +464,6 @@ class MaskTrainer:
         assert self._plan is not None
         return (len(self.tasks) > 1 and self.config.pass_size is None and self.distributed is None
                 and self.config.n_steps >= TUNE_MIN_STEPS and _whole(self._plan, self.config.n_samples))
-
-    def _candidate_replicas(self) -> list[int]:
-        """Pass sizes to time besides the default: one task per pass, as many tasks as threads, all tasks at once."""
-        S, K = self.config.n_samples, len(self.tasks)
-        return [S, S * max(1, min(K, torch.get_num_threads())), S * K]
 
     def _preferred_replicas(self) -> int | None:
         """The pass size the step's speed favours when memory allows any: on a GPU all tasks at once; on a CPU as many
@@ -662,23 +662,13 @@ class MaskTrainer:
             self._heap = None
 
     def save(self, path: Path, state: TrainingState) -> None:
-        """Save the run; noise drawn ahead for the next step is not part of it (its streams are saved before it).
+        """Save the run at its step boundary: noise drawn ahead for the next step is dropped first (and drawn again).
         In a distributed run every rank calls it and rank 0 writes."""
         if self.distributed is not None:
             self.distributed.save(path, state)
             return
-        ahead: dict[int, torch.Tensor] = {}
-        if self._next is not None:
-            self._next[0].result()
-            ahead = self._next[1]
-        current = {k: self.gens.noise[k].get_state() for k in ahead}
-        for k, before in ahead.items():
-            self.gens.noise[k].set_state(before)
-        try:
-            save_checkpoint(path, self.identity, state, self.logits, self.optimizer, self.gens.all())
-        finally:
-            for k, now in current.items():
-                self.gens.noise[k].set_state(now)
+        self._drop_ahead()
+        save_checkpoint(path, self.identity, state, self.logits, self.optimizer, self.gens.all())
 
     def load(self, path: Path) -> TrainingState:
         """Restore the state saved in ``path`` (in a distributed run: on every rank, each keeping its shards)."""
@@ -743,7 +733,7 @@ class _PassTuner:
         self.index, self.seen = self.index + 1, 0
         if self.index < len(self.plans):
             return self.plans[self.index]
-        self.choice = min(self.plans, key=lambda p: statistics.median(self.times[self.plans.index(p)]))
+        self.choice = self.plans[min(range(len(self.plans)), key=lambda i: statistics.median(self.times[i]))]
         return self.choice
 
     def summary(self, tasks: int) -> str:
