@@ -84,3 +84,23 @@ def torch_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     from modscope.masks import native
 
     monkeypatch.setattr(native, "_loaded", (None, "native kernels off for this test"))
+
+
+@pytest.fixture
+def native_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts of the native kernels' calls by name (skips the test where the kernels cannot be built here)."""
+    from modscope.masks import native
+
+    found = native.kernels()
+    if found is None:
+        pytest.skip(native.status())
+    calls = {name: 0 for name in ("uniforms_many", "keep", "logit_grad", "adam_step")}
+    for name in calls:
+        method = getattr(found, name)
+
+        def counted(*args, _name=name, _method=method, **kwargs):
+            calls[_name] += 1
+            return _method(*args, **kwargs)
+
+        monkeypatch.setattr(found, name, counted)
+    return calls

@@ -23,7 +23,7 @@ def test_the_kernels_build_and_pass_their_check_where_there_is_a_c_compiler():
 
 @needs_kernels
 @pytest.mark.parametrize("skip,sizes", [(0, [1, 623, 624, 625]), (1001, [5000, 3, 100_000]), (624 * 7, [2, 624 * 3])])
-def test_uniforms_are_those_of_torch_rand_and_leave_the_generator_where_torch_rand_would(skip, sizes):
+def test_uniforms_are_those_of_torch_rand_and_leave_the_generator_where_torch_rand_would(skip, sizes, native_calls):
     fast, reference = torch.Generator().manual_seed(99), torch.Generator().manual_seed(99)
     torch.rand(skip, generator=fast), torch.rand(skip, generator=reference)
     for n in sizes:
@@ -32,6 +32,7 @@ def test_uniforms_are_those_of_torch_rand_and_leave_the_generator_where_torch_ra
         assert torch.equal(out, torch.rand(2, n, generator=reference))
     assert torch.equal(fast.get_state(), reference.get_state())
     assert torch.equal(torch.rand(7, generator=fast), torch.rand(7, generator=reference))  # torch goes on from there
+    assert native_calls["uniforms_many"] == len(sizes)  # drawn by the kernel, not by torch
 
 
 def _fresh_load(monkeypatch: pytest.MonkeyPatch, **env: str) -> tuple[native.Kernels | None, str]:

@@ -57,11 +57,12 @@ def train(**overrides) -> modscope.MaskSet:
 
 @pytest.mark.parametrize("kernels", ["native", "torch"])
 def test_masks_and_logits_are_bit_identical_to_the_recorded_reference(kernels, request):
-    if kernels == "torch":
-        request.getfixturevalue("torch_kernels")
-    elif native.kernels() is None:
-        pytest.skip(native.status())
+    calls = request.getfixturevalue("torch_kernels" if kernels == "torch" else "native_calls")
     masks = train()
+    if kernels == "native":  # every kernel ran: per pass one draw and one call per masked tensor (3 weights, 3 biases)
+        assert calls["uniforms_many"] >= CONFIG["n_steps"], calls
+        assert calls["keep"] == calls["logit_grad"] == 6 * calls["uniforms_many"], calls
+        assert calls["adam_step"] == CONFIG["n_steps"], calls  # every step (the first leaves it to torch, which makes the state)
     for task, (bits, digest) in REFERENCE.items():
         assert fingerprint(masks, task) == (bits, digest), f"task {task!r} changed"
 
@@ -171,11 +172,9 @@ def test_a_checkpoint_taken_while_noise_is_drawn_ahead_holds_the_streams_of_the_
         assert torch.equal(ahead, plain)
 
 
-def test_step_buffers_give_the_same_bits_whatever_the_block_size_and_with_the_native_kernels(monkeypatch):
+def test_step_buffers_give_the_same_bits_whatever_the_block_size_and_with_the_native_kernels(monkeypatch, native_calls):
     from modscope.masks.sampling import StepBuffers
 
-    if native.kernels() is None:
-        pytest.skip(native.status())
     loaded = native._loaded
 
     g = torch.Generator().manual_seed(3)
@@ -200,6 +199,7 @@ def test_step_buffers_give_the_same_bits_whatever_the_block_size_and_with_the_na
     for eff, out in others:
         assert all(torch.equal(a, b) for a, b in zip(eff1, eff))
         assert torch.equal(out1, out) and out1.abs().sum() > 0  # τ = 1: + − × ÷ only, exact whatever the blocks
+    assert native_calls["keep"] == 3 and native_calls["logit_grad"] == 6  # the third round ran in the kernels
 
 
 @pytest.mark.parametrize("kernels,threads", [("native", 1), ("torch", 2)])  # torch, 2 threads: noise drawn ahead
